@@ -1,0 +1,3 @@
+"""nnU-Net trainers of nnunet-semi."""
+
+__all__: list[str] = []

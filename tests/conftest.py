@@ -1,0 +1,92 @@
+"""Shared fixtures: nnU-Net folders under tmp_path and a tiny planned synthetic dataset.
+
+Planning a dataset costs tens of seconds on 2 cores, so one dataset is planned per test session and each test gets
+its own copy of the three nnU-Net folders.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+DATASET_ID = 990
+DATASET_NAME = "Dataset990_SemiSynthetic"
+
+
+@dataclass
+class NNUNetFolders:
+    raw: Path
+    preprocessed: Path
+    results: Path
+
+    @property
+    def raw_dataset(self) -> Path:
+        return self.raw / DATASET_NAME
+
+    @property
+    def preprocessed_dataset(self) -> Path:
+        return self.preprocessed / DATASET_NAME
+
+
+def _point_nnunet_at(monkeypatch, root: Path) -> NNUNetFolders:
+    folders = NNUNetFolders(root / "raw", root / "preprocessed", root / "results")
+    for name, path in (("nnUNet_raw", folders.raw), ("nnUNet_preprocessed", folders.preprocessed),
+                       ("nnUNet_results", folders.results)):
+        path.mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv(name, str(path))
+    monkeypatch.setenv("nnUNet_compile", "f")
+    return folders
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def nnunet_env(tmp_path, monkeypatch) -> NNUNetFolders:
+    """Empty nnUNet_raw/preprocessed/results folders, exported for this test."""
+    return _point_nnunet_at(monkeypatch, tmp_path)
+
+
+def plan_and_preprocess(dataset_id: int, configurations=("3d_fullres",)) -> None:
+    """nnU-Net's own fingerprinting, planning and preprocessing, through its Python API."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprints, plan_experiments, preprocess)
+
+    extract_fingerprints([dataset_id], num_processes=1, check_dataset_integrity=True, verbose=False)
+    plan_experiments([dataset_id])
+    preprocess([dataset_id], configurations=list(configurations), num_processes=[1] * len(configurations),
+               verbose=False)
+
+
+@pytest.fixture(scope="session")
+def _planned_dataset_template(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("planned")
+    mp = pytest.MonkeyPatch()
+    try:
+        folders = _point_nnunet_at(mp, root)
+        from nnunet_semi.synthetic import make_synthetic_dataset
+
+        make_synthetic_dataset(str(folders.raw), DATASET_ID, num_labeled=6, num_unlabeled=3, num_test=2,
+                               shape=(24, 24, 24), seed=1)
+        plan_and_preprocess(DATASET_ID)
+    finally:
+        mp.undo()
+    return root
+
+
+@pytest.fixture
+def planned_dataset(_planned_dataset_template, tmp_path, monkeypatch) -> NNUNetFolders:
+    """A planned and preprocessed 3D binary dataset (6 labeled, 3 in imagesUnlabeled, 2 test), private copy."""
+    root = tmp_path / "nnunet"
+    shutil.copytree(_planned_dataset_template, root)
+    return _point_nnunet_at(monkeypatch, root)
