@@ -6,6 +6,7 @@ its own copy of the three nnU-Net folders.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from dataclasses import dataclass
@@ -68,6 +69,20 @@ def plan_and_preprocess(dataset_id: int, configurations=("3d_fullres",)) -> None
                verbose=False)
 
 
+def shrink_network(plans_file: Path, features=(4, 8, 16)) -> None:
+    """A 3-stage 4/8/16-channel U-Net in every configuration, so that CPU training takes seconds."""
+    plans = json.loads(plans_file.read_text())
+    for configuration in plans["configurations"].values():
+        if "architecture" not in configuration:
+            continue
+        kwargs = configuration["architecture"]["arch_kwargs"]
+        n = len(features)
+        kwargs.update(n_stages=n, features_per_stage=list(features), kernel_sizes=kwargs["kernel_sizes"][:n],
+                      strides=kwargs["strides"][:n], n_conv_per_stage=[1] * n, n_conv_per_stage_decoder=[1] * (n - 1))
+        configuration["batch_size"] = 2
+    plans_file.write_text(json.dumps(plans, indent=2))
+
+
 @pytest.fixture(scope="session")
 def _planned_dataset_template(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("planned")
@@ -79,6 +94,7 @@ def _planned_dataset_template(tmp_path_factory) -> Path:
         make_synthetic_dataset(str(folders.raw), DATASET_ID, num_labeled=6, num_unlabeled=3, num_test=2,
                                shape=(24, 24, 24), seed=1)
         plan_and_preprocess(DATASET_ID)
+        shrink_network(folders.preprocessed / DATASET_NAME / "nnUNetPlans.json")
     finally:
         mp.undo()
     return root

@@ -1,0 +1,448 @@
+"""SemiSupervisedTrainerBase: the one nnUNetTrainer subclass that owns the semi-supervised machinery.
+
+It adds, once for every method: the unlabeled case pool and its two-view loader, one optimizer step per iteration
+over named loss terms, the ramp-up of the unsupervised weight, the EMA teacher, per-epoch logging of every term and
+of pseudo-label statistics (training log, nnU-Net's logger, ``progress_semi.png``) and checkpoint state under its
+own key. A method subclasses it and implements ``compute_losses`` (and optionally ``build_auxiliary_modules``).
+
+``self.network`` stays the stock nnU-Net network. The teacher and any other module live in ``self.auxiliary`` and
+are saved under ``checkpoint["semi_state"]``; ``network_weights`` is what ``nnUNetv2_predict`` loads.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from os.path import isdir, isfile, join
+
+import numpy as np
+import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from torch import autocast, nn
+from torch import distributed as dist
+from torch._dynamo import OptimizedModule
+
+from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2.utilities.helpers import dummy_context
+
+from nnunet_semi.data import ImageOnlyDataset, TwoViewUnlabeledLoader, split_spatial_and_photometric
+from nnunet_semi.dataset_io import UNLABELED_SUFFIX, load_json
+from nnunet_semi.ema import ema_momentum, ema_update, make_teacher
+from nnunet_semi.schedules import sigmoid_rampup
+from nnunet_semi.splits import UNLABELED_KEY
+
+SEMI_STATE_KEY = "semi_state"
+
+
+class SemiSupervisedTrainerBase(nnUNetTrainer):
+    """Shared base of all nnunet-semi trainers. Subclasses implement ``compute_losses``.
+
+    Class attributes (the hyperparameters; a variant is a subclass that overrides some):
+        unlabeled_batch_size: unlabeled samples per step and GPU; None = the labeled batch size.
+        unsup_weight: maximum weight of the unsupervised terms.
+        unsup_rampup_fraction: fraction of all training steps over which that weight ramps up (sigmoid).
+        teacher_momentum: EMA momentum of the teacher; None = no teacher.
+        grad_clip_norm: gradient clipping norm (nnU-Net's 12).
+        unsup_uses_deep_supervision: whether the unsupervised terms use every deep-supervision scale (else only the
+            full-resolution output); the contract tests check it.
+        confidence_threshold: teacher probability above which a voxel counts as confident in the statistics.
+        loss_terms: names of the terms ``compute_losses`` returns; terms named ``sup*`` are supervised, the rest are
+            unsupervised and weighted by the ramp.
+        deploy_selection_epochs: epochs at the end of training over which teacher and student validation Dice are
+            averaged to decide which of the two becomes ``network_weights`` in ``checkpoint_final.pth``.
+    """
+
+    unlabeled_batch_size: int | None = None
+    unsup_weight: float = 1.0
+    unsup_rampup_fraction: float = 0.25
+    teacher_momentum: float | None = 0.99
+    grad_clip_norm: float = 12.0
+    unsup_uses_deep_supervision: bool = False
+    confidence_threshold: float = 0.9
+    loss_terms: tuple[str, ...] = ("sup",)
+    deploy_selection_epochs: int = 10
+    statistics: tuple[str, ...] = ()
+
+    # nnU-Net sets its schedule as instance attributes in __init__; these class-level overrides are applied after it
+    # so that a length variant is one line (None keeps nnU-Net's value)
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    val_iterations_per_epoch: int | None = None
+
+    supports_regions: bool = True
+    supports_ignore_label: bool = True
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        for attribute, override in (("num_epochs", self.epochs), ("num_iterations_per_epoch", self.iterations_per_epoch),
+                                    ("num_val_iterations_per_epoch", self.val_iterations_per_epoch)):
+            if override is not None:
+                setattr(self, attribute, override)
+        self.auxiliary = nn.ModuleDict()
+        self.dataloader_unlabeled = None
+        self.unlabeled_pool: ImageOnlyDataset | None = None
+        self.deployed_weights = "student"
+        self._iteration_in_epoch = 0
+        self._teacher_restored = False
+        self._step_statistics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def initialize(self):
+        self._refuse_unsupported_modes()
+        super().initialize()
+        self.auxiliary = self.build_auxiliary_modules().to(self.device)
+        self._register_log_keys()
+
+    def _refuse_unsupported_modes(self) -> None:
+        if self.is_cascaded:
+            raise NotImplementedError(
+                f"{self.__class__.__name__} does not support cascade configurations ({self.configuration_name}): "
+                f"unlabeled cases have no segmentation from the previous stage. Use 3d_fullres, 3d_lowres or 2d.")
+        if self.label_manager.has_regions and not self.supports_regions:
+            raise NotImplementedError(f"{self.__class__.__name__} does not support region-based training.")
+        if self.label_manager.has_ignore_label and not self.supports_ignore_label:
+            raise NotImplementedError(f"{self.__class__.__name__} does not support the ignore label.")
+
+    def unwrapped_network(self) -> nn.Module:
+        """``self.network`` without DDP and torch.compile wrappers."""
+        module = self.network.module if self.is_ddp else self.network
+        return module._orig_mod if isinstance(module, OptimizedModule) else module
+
+    def build_auxiliary_modules(self) -> nn.ModuleDict:
+        """Modules beside ``self.network`` (never inside it). Default: the EMA teacher, if ``teacher_momentum``."""
+        modules = nn.ModuleDict()
+        if self.teacher_momentum is not None:
+            modules["teacher"] = make_teacher(self.unwrapped_network())
+        return modules
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self.auxiliary["teacher"] if "teacher" in self.auxiliary else None
+
+    # --------------------------------------------------------------------------------------- unlabeled data
+    def unlabeled_case_folders(self) -> dict[str, str]:
+        """Case id -> preprocessed folder of every unlabeled case of this fold.
+
+        The fold's ``unlabeled`` split entry (cases of the labeled folder whose labels are never read) plus all
+        preprocessed ``imagesUnlabeled`` cases; in fold ``all``, every labeled case plus ``imagesUnlabeled``.
+        """
+        labeled_folder = self.preprocessed_dataset_folder
+        pool = {}
+        if self.fold == "all":
+            pool.update({c: labeled_folder for c in self.dataset_class.get_identifiers(labeled_folder)})
+        else:
+            splits_file = join(self.preprocessed_dataset_folder_base, "splits_final.json")
+            if isfile(splits_file):
+                splits = load_json(splits_file)
+                if self.fold < len(splits):
+                    pool.update({c: labeled_folder for c in splits[self.fold].get(UNLABELED_KEY, [])})
+        unlabeled_folder = labeled_folder + UNLABELED_SUFFIX
+        raw_unlabeled = join(os.environ.get("nnUNet_raw", ""), self.plans_manager.dataset_name, "imagesUnlabeled")
+        if isdir(unlabeled_folder):
+            pool.update({c: unlabeled_folder for c in self.dataset_class.get_identifiers(unlabeled_folder)})
+        elif isdir(raw_unlabeled):
+            raise RuntimeError(
+                f"{raw_unlabeled} exists but {unlabeled_folder} does not. Run nnUNetv2_semi_preprocess -d "
+                f"{self.plans_manager.dataset_name} -c {self.configuration_name} first.")
+        if not pool:
+            raise RuntimeError(
+                f"{self.__class__.__name__} found no unlabeled cases for fold {self.fold}: add image-only cases to "
+                f"imagesUnlabeled and run nnUNetv2_semi_preprocess, or declare a labeled subset with "
+                f"nnUNetv2_semi_split.")
+        return pool
+
+    def build_weak_transforms(self) -> ComposeTransforms:
+        """Photometric pipeline of the teacher's view. Default: none (the crop after the shared spatial transform)."""
+        return ComposeTransforms([])
+
+    def build_strong_transforms(self, nnunet_photometric: ComposeTransforms) -> ComposeTransforms:
+        """Photometric pipeline of the student's view. Default: nnU-Net's own intensity augmentations."""
+        return nnunet_photometric
+
+    def get_dataloaders(self):
+        total_workers = get_allowed_n_proc_DA()
+        # split the worker budget between labeled and unlabeled loading instead of doubling the processes
+        labeled_workers = (total_workers + 1) // 2 if total_workers > 1 else total_workers
+        with _env("nnUNet_n_proc_DA", str(labeled_workers)):
+            dataloader_train, dataloader_val = super().get_dataloaders()
+        self.dataloader_unlabeled = self._build_unlabeled_dataloader(max(0, total_workers - labeled_workers))
+        return dataloader_train, dataloader_val
+
+    def _build_unlabeled_dataloader(self, num_workers: int):
+        self.unlabeled_pool = ImageOnlyDataset(self.unlabeled_case_folders())
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        nnunet_pipeline = self.get_training_transforms(
+            self.configuration_manager.patch_size, rotation, None, mirror_axes, dummy_2d,
+            use_mask_for_norm=None, is_cascaded=False, foreground_labels=self.label_manager.foreground_labels,
+            regions=None, ignore_label=None)
+        spatial, photometric = split_spatial_and_photometric(nnunet_pipeline)
+        loader = TwoViewUnlabeledLoader(
+            self.unlabeled_pool, self.unlabeled_batch_size or self.batch_size, initial_patch_size,
+            self.configuration_manager.patch_size, self.label_manager, spatial, self.build_weak_transforms(),
+            self.build_strong_transforms(photometric))
+        self.print_to_log_file(
+            f"Unlabeled cases: {len(self.unlabeled_pool)}, unlabeled batch size: {loader.batch_size}, "
+            f"unsupervised weight: {self.unsup_weight} (sigmoid ramp-up over {self._rampup_steps()} steps), "
+            f"teacher momentum: {self.teacher_momentum}")
+        if num_workers == 0:
+            return SingleThreadedAugmenter(loader, None)
+        return NonDetMultiThreadedAugmenter(loader, None, num_workers, max(2, num_workers), seeds=None,
+                                            pin_memory=self.device.type == "cuda", wait_time=0.002)
+
+    # ---------------------------------------------------------------------------------------- training step
+    @property
+    def global_step(self) -> int:
+        """Steps taken so far, derived from the epoch (restored by ``--c``) and the step within the epoch."""
+        return self.current_epoch * self.num_iterations_per_epoch + self._iteration_in_epoch
+
+    def _rampup_steps(self) -> int:
+        return int(self.unsup_rampup_fraction * self.num_epochs * self.num_iterations_per_epoch)
+
+    def unsupervised_ramp(self) -> float:
+        return self.unsup_weight * sigmoid_rampup(self.global_step, self._rampup_steps())
+
+    def compute_losses(self, labeled: dict, unlabeled: dict) -> dict[str, torch.Tensor]:
+        """The method's loss terms for one step; called inside autocast.
+
+        Args:
+            labeled: ``data`` (B, C, *patch) on the device and ``target`` (list of (B, 1, *scale) with deep
+                supervision, else one tensor).
+            unlabeled: ``data_weak`` and ``data_strong``, each (B_u, C, *patch), on the device.
+
+        Returns:
+            term name -> scalar tensor, one entry per name in ``loss_terms``. Terms named ``sup*`` enter the total
+            as they are; every other term is multiplied by ``unsupervised_ramp()``.
+        """
+        raise NotImplementedError
+
+    def combine_losses(self, terms: dict[str, torch.Tensor], ramp: float) -> torch.Tensor:
+        """Supervised terms plus ``ramp`` times the unsupervised ones."""
+        return sum(v if k.startswith("sup") else ramp * v for k, v in terms.items())
+
+    def log_step_statistic(self, name: str, value: torch.Tensor | float) -> None:
+        """Record a per-step statistic (averaged per epoch and plotted); names must be in ``statistics``."""
+        self._step_statistics[name] = float(value)
+
+    def train_step(self, batch: dict) -> dict:
+        unlabeled = next(self.dataloader_unlabeled)
+        labeled = {"data": batch["data"].to(self.device, non_blocking=True),
+                   "target": _to_device(batch["target"], self.device)}
+        unlabeled = {k: v.to(self.device, non_blocking=True) for k, v in unlabeled.items() if k != "keys"}
+        self._step_statistics = {}
+
+        ramp = self.unsupervised_ramp()
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            terms = self.compute_losses(labeled, unlabeled)
+            total = self.combine_losses(terms, ramp)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(total).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
+            self.optimizer.step()
+        self.after_optimizer_step()
+        self._iteration_in_epoch += 1
+
+        out = {"loss": total.detach().cpu().numpy(), "unsup_weight": np.float64(ramp)}
+        out.update({f"loss_{k}": v.detach().float().cpu().numpy() for k, v in terms.items()})
+        out.update({f"stat_{k}": np.float64(v) for k, v in self._step_statistics.items()})
+        return out
+
+    def after_optimizer_step(self) -> None:
+        """Default: one EMA update of the teacher per optimizer step."""
+        if self.teacher is not None:
+            ema_update(self.teacher, self.unwrapped_network(), ema_momentum(self.global_step, self.teacher_momentum))
+
+    @torch.no_grad()
+    def teacher_probabilities(self, data: torch.Tensor) -> torch.Tensor:
+        """Teacher probabilities (B, C, *patch), float32, full resolution only (softmax, or sigmoid for regions)."""
+        logits = self.teacher(data)
+        logits = logits[0] if isinstance(logits, (list, tuple)) else logits
+        return self.probabilities(logits)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()  # entropy/threshold maths in float32, also under autocast
+        return torch.sigmoid(logits) if self.label_manager.has_regions else torch.softmax(logits, 1)
+
+    def supervised_loss(self, output, target) -> torch.Tensor:
+        """nnU-Net's own loss (deep supervision, ignore label, regions) on the labeled part of the output."""
+        return self.loss(output, target)
+
+    # ------------------------------------------------------------------------------- epochs and validation
+    def on_train_start(self):
+        super().on_train_start()
+        if self.teacher is not None and not self._teacher_restored:
+            # created after pretrained weights were loaded into the student (nnUNetv2_train -pretrained_weights)
+            self.teacher.load_state_dict(self.unwrapped_network().state_dict())
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._iteration_in_epoch = 0
+        if self.teacher is not None:
+            self.teacher.eval()
+
+    def _log_keys(self) -> list[str]:
+        keys = [f"semi_loss_{t}" for t in self.loss_terms] + [f"semi_{s}" for s in self.statistics]
+        return keys + ["semi_unsup_weight"] + (["semi_teacher_dice"] if self.teacher is not None else [])
+
+    def _register_log_keys(self) -> None:
+        # nnU-Net's local logger accepts only keys present in its dict and plots the shortest list: register once
+        store = self.logger.local_logger.my_fantastic_logging
+        for key in self._log_keys():
+            store.setdefault(key, [])
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)
+        outputs = collate_outputs(train_outputs)
+        for term in self.loss_terms:
+            self.logger.log(f"semi_loss_{term}", self._mean_over_ranks(outputs[f"loss_{term}"]), self.current_epoch)
+        for stat in self.statistics:
+            self.logger.log(f"semi_{stat}", self._mean_over_ranks(outputs[f"stat_{stat}"]), self.current_epoch)
+        self.logger.log("semi_unsup_weight", self._mean_over_ranks(outputs["unsup_weight"]), self.current_epoch)
+
+    def _mean_over_ranks(self, values) -> float:
+        if self.is_ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, values)
+            values = np.concatenate([np.atleast_1d(v) for v in gathered])
+        return float(np.mean(values))
+
+    def validation_step(self, batch: dict) -> dict:
+        teacher_counts = {}
+        if self.teacher is not None:
+            target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+            teacher_counts = self._teacher_tp_fp_fn(batch["data"].to(self.device), target.to(self.device))
+        return super().validation_step(batch) | teacher_counts
+
+    @torch.no_grad()
+    def _teacher_tp_fp_fn(self, data: torch.Tensor, target: torch.Tensor) -> dict:
+        """Hard tp/fp/fn of the teacher's prediction against the labels of a validation batch, per class."""
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            probs = self.teacher_probabilities(data)
+        mask = None
+        if self.label_manager.has_regions:
+            prediction = (probs > 0.5).long()
+            if self.label_manager.has_ignore_label:
+                mask, target = 1 - target[:, -1:], target[:, :-1]
+        else:
+            prediction = torch.zeros_like(probs).scatter_(1, probs.argmax(1, keepdim=True), 1)
+            if self.label_manager.has_ignore_label:
+                mask = (target != self.label_manager.ignore_label).float()
+                target = torch.where(target == self.label_manager.ignore_label, 0, target)
+        tp, fp, fn, _ = get_tp_fp_fn_tn(prediction, target, axes=[0] + list(range(2, probs.ndim)), mask=mask)
+        first = 0 if self.label_manager.has_regions else 1  # no background Dice
+        return {f"teacher_{n}": v[first:].cpu().numpy() for n, v in (("tp", tp), ("fp", fp), ("fn", fn))}
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]):
+        super().on_validation_epoch_end(val_outputs)
+        if self.teacher is None:
+            return
+        outputs = collate_outputs(val_outputs)
+        tp, fp, fn = (self._sum_over_ranks(np.sum(outputs[f"teacher_{n}"], 0)) for n in ("tp", "fp", "fn"))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            dice = np.nanmean(2 * tp / (2 * tp + fp + fn))
+        self.logger.log("semi_teacher_dice", float(dice), self.current_epoch)
+
+    def _sum_over_ranks(self, value: np.ndarray) -> np.ndarray:
+        if not self.is_ddp:
+            return value
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, value)
+        return np.sum(gathered, 0)
+
+    def on_epoch_end(self):
+        epoch = self.current_epoch
+        line = ", ".join(f"{k.removeprefix('semi_')}: {self.logger.get_value(k, step=-1):.4f}"
+                         for k in self._log_keys())
+        self.print_to_log_file(f"Semi-supervised: {line}")
+        super().on_epoch_end()
+        if self.local_rank == 0:
+            from nnunet_semi.plotting import plot_semi_progress
+
+            plot_semi_progress(self.logger.local_logger.my_fantastic_logging, self._log_keys(), epoch,
+                               join(self.output_folder, "progress_semi.png"))
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def semi_state(self) -> dict:
+        """What ``checkpoint["semi_state"]`` holds: plain tensors and numbers only (no plugin objects)."""
+        return {"auxiliary": self.auxiliary.state_dict(), "deployed_weights": self.deployed_weights}
+
+    def load_semi_state(self, state: dict) -> None:
+        if "student" not in self.auxiliary and any(k.startswith("student.") for k in state["auxiliary"]):
+            self.auxiliary["student"] = make_teacher(self.unwrapped_network())  # final checkpoint deploying the teacher
+        self.auxiliary.load_state_dict(state["auxiliary"])
+        self.deployed_weights = state.get("deployed_weights", "student")
+        self._teacher_restored = True
+
+    def save_checkpoint(self, filename: str) -> None:
+        super().save_checkpoint(filename)
+        if self.local_rank == 0 and not self.disable_checkpointing:
+            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+            checkpoint[SEMI_STATE_KEY] = self.semi_state()
+            torch.save(checkpoint, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
+            torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+        if SEMI_STATE_KEY not in checkpoint:
+            raise RuntimeError(f"checkpoint {filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else ''}"
+                               f" has no '{SEMI_STATE_KEY}': it was not written by a nnunet-semi trainer.")
+        self.load_semi_state(checkpoint[SEMI_STATE_KEY])
+
+    def choose_deployed_weights(self) -> str:
+        """'teacher' if its validation Dice over the last ``deploy_selection_epochs`` epochs is at least the
+        student's, else 'student'."""
+        if self.teacher is None:
+            return "student"
+        n = self.deploy_selection_epochs
+        teacher = np.nanmean(self.logger.get_value("semi_teacher_dice", step=None)[-n:])
+        student = np.nanmean(self.logger.get_value("mean_fg_dice", step=None)[-n:])
+        self.print_to_log_file(f"Validation pseudo Dice over the last {n} epochs: teacher {teacher:.4f}, student "
+                               f"{student:.4f}")
+        return "teacher" if teacher >= student else "student"
+
+    def on_train_end(self):
+        # decide what checkpoint_final.pth deploys before nnU-Net writes it and validates self.network
+        self.deployed_weights = self.choose_deployed_weights()
+        if self.deployed_weights == "teacher":
+            student_weights = {k: v.clone() for k, v in self.unwrapped_network().state_dict().items()}
+            self.unwrapped_network().load_state_dict(self.teacher.state_dict())
+            self.auxiliary["student"] = make_teacher(self.unwrapped_network())
+            self.auxiliary["student"].load_state_dict(student_weights)
+        self.print_to_log_file(f"network_weights in checkpoint_final.pth: the {self.deployed_weights}")
+        super().on_train_end()
+        if self.dataloader_unlabeled is not None and isinstance(self.dataloader_unlabeled,
+                                                                NonDetMultiThreadedAugmenter):
+            self.dataloader_unlabeled._finish()
+
+
+def _to_device(value, device):
+    if isinstance(value, list):
+        return [v.to(device, non_blocking=True) for v in value]
+    return value.to(device, non_blocking=True)
+
+
+@contextmanager
+def _env(name: str, value: str):
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous

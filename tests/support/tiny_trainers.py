@@ -1,0 +1,18 @@
+"""Test-only trainers: the plugin's trainers on a schedule of a few iterations (found through nnUNet_extTrainer)."""
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_semi.training import nnUNetTrainerMeanTeacher
+
+
+class nnUNetTrainerMeanTeacherTiny(nnUNetTrainerMeanTeacher):
+    epochs = 2
+    iterations_per_epoch = 3
+    val_iterations_per_epoch = 1
+    deploy_selection_epochs = 2
+
+
+class nnUNetTrainerTiny(nnUNetTrainer):
+    def __init__(self, plans, configuration, fold, dataset_json, device=None):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 3, 1

@@ -1,0 +1,179 @@
+"""The semi-supervised base and Mean Teacher, driven in-process on the tiny planned dataset (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_semi.ema import ema_momentum, ema_update, make_teacher
+from nnunet_semi.schedules import sigmoid_rampup
+from nnunet_semi.splits import make_labeled_split
+from nnunet_semi.training import nnUNetTrainerMeanTeacher
+from nnunet_semi.unlabeled import preprocess_unlabeled
+
+from conftest import DATASET_ID
+
+
+class _TinyMeanTeacher(nnUNetTrainerMeanTeacher):
+    epochs = 4
+    iterations_per_epoch = 2
+    val_iterations_per_epoch = 1
+
+
+@pytest.fixture
+def semi_dataset(planned_dataset, monkeypatch):
+    """The planned dataset with a 2-labeled split and preprocessed imagesUnlabeled; single-threaded loading."""
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    make_labeled_split(DATASET_ID, 2)
+    preprocess_unlabeled(DATASET_ID, ["3d_fullres"], num_processes=1)
+    return planned_dataset
+
+
+def _make_trainer(env, cls=_TinyMeanTeacher, fold=0):
+    plans = json.loads((env.preprocessed_dataset / "nnUNetPlans.json").read_text()) | {"continue_training": False}
+    dataset_json = json.loads((env.preprocessed_dataset / "dataset.json").read_text())
+    trainer = cls(plans, "3d_fullres", fold, dataset_json, device=torch.device("cpu"))
+    trainer.on_train_start()
+    trainer.on_epoch_start()
+    trainer.on_train_epoch_start()
+    return trainer
+
+
+def test_sigmoid_rampup_endpoints_and_monotonic():
+    values = [sigmoid_rampup(s, 10) for s in range(12)]
+    assert values[0] == pytest.approx(np.exp(-5)) and values[10] == 1.0 and values[11] == 1.0
+    assert all(a <= b for a, b in zip(values, values[1:]))
+    assert sigmoid_rampup(3, 0) == 1.0
+
+
+def test_ema_update_matches_the_formula_and_copies_integer_buffers():
+    student = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    teacher = make_teacher(student)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    student.train()(torch.randn(4, 3))  # moves running stats and the integer counter
+    ema_update(teacher, student, 0.9)
+    for k, v in teacher.state_dict().items():
+        s = student.state_dict()[k]
+        expected = s if not v.dtype.is_floating_point else 0.9 * before[k] + 0.1 * s
+        torch.testing.assert_close(v, expected)
+    assert ema_momentum(0, 0.99) == 0.0 and ema_momentum(9, 0.99) == pytest.approx(0.9)
+    assert ema_momentum(10_000, 0.99) == 0.99
+
+
+def test_unlabeled_views_share_the_crop_and_carry_no_target(semi_dataset):
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+
+    trainer = _make_trainer(semi_dataset)
+    loader = trainer.dataloader_unlabeled.data_loader
+    batch = next(trainer.dataloader_unlabeled)
+    assert set(batch) == {"data_weak", "data_strong", "keys"}
+    assert batch["data_weak"].shape == batch["data_strong"].shape == (2, 1, 24, 24, 24)
+    loader.strong_transforms = ComposeTransforms([])  # without photometric changes the views are identical
+    for _ in range(3):
+        batch = next(trainer.dataloader_unlabeled)
+        torch.testing.assert_close(batch["data_weak"], batch["data_strong"])
+        assert batch["data_weak"].std() > 0  # a real image, not padding
+
+
+def test_unlabeled_pool_is_split_cases_plus_images_unlabeled(semi_dataset):
+    trainer = _make_trainer(semi_dataset)
+    split = json.loads((semi_dataset.preprocessed_dataset / "splits_final.json").read_text())[0]
+    assert trainer.unlabeled_pool.identifiers == sorted(split["unlabeled"] + ["unl_000", "unl_001", "unl_002"])
+    assert not set(trainer.unlabeled_pool.identifiers) & set(split["val"] + split["train"])
+
+
+def test_unlabeled_labels_are_never_read(semi_dataset):
+    """Destroy the segmentation files of the split's unlabeled cases: training must not notice."""
+    split = json.loads((semi_dataset.preprocessed_dataset / "splits_final.json").read_text())[0]
+    for case in split["unlabeled"]:
+        (semi_dataset.preprocessed_dataset / "nnUNetPlans_3d_fullres" / f"{case}_seg.b2nd").write_bytes(b"poison")
+    trainer = _make_trainer(semi_dataset)
+    seen = set()
+    for _ in range(4):
+        seen.update(next(trainer.dataloader_unlabeled)["keys"])
+        out = trainer.train_step(next(trainer.dataloader_train))
+        assert np.isfinite(out["loss"])
+    assert seen & set(split["unlabeled"])
+
+
+def test_consistency_alone_trains_the_student_not_the_teacher(semi_dataset):
+    trainer = _make_trainer(semi_dataset)
+    labeled = next(trainer.dataloader_train)
+    unlabeled = next(trainer.dataloader_unlabeled)
+    labeled = {"data": labeled["data"], "target": labeled["target"]}
+    trainer.optimizer.zero_grad()
+    terms = trainer.compute_losses(labeled, {k: v for k, v in unlabeled.items() if k != "keys"})
+    assert set(terms) == set(trainer.loss_terms)
+    terms["consistency"].backward()
+    no_grad = {n for n, p in trainer.network.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0}
+    # full-resolution consistency: only the low-resolution deep-supervision heads stay without gradient
+    assert no_grad == {n for n, _ in trainer.network.named_parameters()
+                       if n.startswith("decoder.seg_layers.") and not n.startswith("decoder.seg_layers.1.")}
+    assert all(p.grad is None for p in trainer.teacher.parameters())
+    assert not any(p is q for p in trainer.teacher.parameters() for g in trainer.optimizer.param_groups
+                   for q in g["params"])
+
+
+def test_train_step_is_one_optimizer_step_and_one_ema_update(semi_dataset):
+    trainer = _make_trainer(semi_dataset)
+    calls = []
+    original_step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: (calls.append(1), original_step(*a, **k))[1]
+    trainer.train_step(next(trainer.dataloader_train))  # step 0: momentum 0, teacher := student
+    teacher_before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    out = trainer.train_step(next(trainer.dataloader_train))
+    assert len(calls) == 2 and trainer.global_step == 2
+    m = ema_momentum(1, trainer.teacher_momentum)
+    student = trainer.network.state_dict()
+    for k, v in trainer.teacher.state_dict().items():
+        if v.dtype.is_floating_point:
+            torch.testing.assert_close(v, m * teacher_before[k] + (1 - m) * student[k])
+    assert {"loss", "loss_sup", "loss_consistency", "stat_confident_fraction",
+            "stat_teacher_student_agreement"} <= set(out)
+    assert out["unsup_weight"] == pytest.approx(trainer.unsup_weight * sigmoid_rampup(1, trainer._rampup_steps()))
+    expected = out["loss_sup"] + out["unsup_weight"] * out["loss_consistency"]
+    assert out["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_resume_restores_teacher_and_ramp_step(semi_dataset):
+    trainer = _make_trainer(semi_dataset)
+    outputs = [trainer.train_step(next(trainer.dataloader_train)) for _ in range(trainer.num_iterations_per_epoch)]
+    trainer.on_train_epoch_end(outputs)
+    # as nnU-Net's on_epoch_end: the checkpoint written during epoch 0 records epoch 1 as the next one
+    checkpoint = semi_dataset.results / "latest.pth"
+    trainer.save_checkpoint(str(checkpoint))
+    saved = torch.load(checkpoint, weights_only=False)
+    assert set(saved["network_weights"]) == set(trainer.network.state_dict())
+    assert not any(k.startswith("teacher") for k in saved["network_weights"])
+
+    resumed = _make_trainer(semi_dataset)
+    resumed.load_checkpoint(str(checkpoint))
+    resumed.on_train_epoch_start()
+    for k, v in trainer.teacher.state_dict().items():
+        torch.testing.assert_close(resumed.teacher.state_dict()[k], v)
+    # the step (and with it the ramp and the EMA momentum) continues from the 2 steps of the finished epoch
+    assert resumed.current_epoch == 1 and resumed.global_step == trainer.num_iterations_per_epoch == 2
+    assert resumed.unsupervised_ramp() == pytest.approx(trainer.unsup_weight * sigmoid_rampup(2, 2))
+
+
+def test_missing_unlabeled_preprocessing_is_reported(planned_dataset, monkeypatch):
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    with pytest.raises(RuntimeError, match="Run nnUNetv2_semi_preprocess -d Dataset990_SemiSynthetic -c 3d_fullres"):
+        _make_trainer(planned_dataset)
+
+
+def test_cascade_is_refused(semi_dataset):
+    plans = json.loads((semi_dataset.preprocessed_dataset / "nnUNetPlans.json").read_text())
+    plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_fullres"}
+    plans["continue_training"] = False
+    dataset_json = json.loads((semi_dataset.preprocessed_dataset / "dataset.json").read_text())
+    trainer = _TinyMeanTeacher(plans, "3d_cascade_fullres", 0, dataset_json, device=torch.device("cpu"))
+    with pytest.raises(NotImplementedError, match="does not support cascade"):
+        trainer.initialize()
