@@ -1,0 +1,81 @@
+"""The user's path through nnU-Net's own commands: nnUNetv2_train -tr <our trainer>, --c, nnUNetv2_predict."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_semi.discovery import trainer_dir
+from nnunet_semi.splits import make_labeled_split
+from nnunet_semi.unlabeled import preprocess_unlabeled
+
+from conftest import DATASET_ID, DATASET_NAME
+
+SUPPORT = Path(__file__).resolve().parent / "support"
+TRAINER = "nnUNetTrainerMeanTeacherTiny"
+
+
+def _run(args, env):
+    result = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+@pytest.fixture
+def command_env(planned_dataset):
+    make_labeled_split(DATASET_ID, 2)
+    preprocess_unlabeled(DATASET_ID, ["3d_fullres"], num_processes=1)
+    env = dict(os.environ)
+    # the plugin's folder as the README says, plus the test-only tiny-schedule trainers
+    env["nnUNet_extTrainer"] = os.pathsep.join([trainer_dir(), str(SUPPORT / "ext")])
+    env["PYTHONPATH"] = os.pathsep.join([str(SUPPORT), env.get("PYTHONPATH", "")])
+    env.update(nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1", nnUNet_compile="f")
+    return planned_dataset, env
+
+
+@pytest.mark.slow
+def test_train_resume_and_predict_through_nnunet_commands(command_env, tmp_path):
+    env_folders, env = command_env
+    _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"], env)
+    fold = env_folders.results / DATASET_NAME / f"{TRAINER}__nnUNetPlans__3d_fullres" / "fold_0"
+    for name in ("checkpoint_final.pth", "progress.png", "progress_semi.png", "debug.json",
+                 "validation/summary.json"):
+        assert (fold / name).is_file(), name
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    assert "Unlabeled cases: 5, unlabeled batch size: 2" in log
+    assert log.count("Semi-supervised: loss_sup:") == 2 and "teacher_dice:" in log
+
+    checkpoint = torch.load(fold / "checkpoint_final.pth", weights_only=False)
+    assert checkpoint["trainer_name"] == TRAINER
+    assert len(checkpoint["logging"]["semi_loss_consistency"]) == 2
+    assert checkpoint["semi_state"]["deployed_weights"] in ("teacher", "student")
+    # network_weights is exactly the stock network that nnUNetv2_predict builds
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_semi.training import nnUNetTrainerMeanTeacher
+
+    plans = PlansManager(str(fold.parent / "plans.json"))
+    cm = plans.get_configuration("3d_fullres")
+    network = nnUNetTrainerMeanTeacher.build_network_architecture(
+        plans, cm, 1, 2, enable_deep_supervision=False)
+    network.load_state_dict(checkpoint["network_weights"], strict=True)
+
+    # --c on a finished run resumes from checkpoint_final: nothing is retrained, the teacher is restored
+    out = _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu", "--c"], env)
+    assert "Epoch 2" not in out
+
+    predictions = tmp_path / "pred"
+    _run(["nnUNetv2_predict", "-i", str(env_folders.raw_dataset / "imagesTs"), "-o", str(predictions),
+          "-d", str(DATASET_ID), "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "-device", "cpu",
+          "-npp", "1", "-nps", "1", "--disable_tta"], env)
+    for case in ("test_000", "test_001"):
+        prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / f"{case}.nii.gz")))
+        reference = sitk.GetArrayFromImage(sitk.ReadImage(str(env_folders.raw_dataset / "imagesTs" /
+                                                              f"{case}_0000.nii.gz")))
+        assert prediction.shape == reference.shape
+        assert set(np.unique(prediction)) <= {0, 1}
