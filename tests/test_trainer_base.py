@@ -177,3 +177,25 @@ def test_cascade_is_refused(semi_dataset):
     trainer = _TinyMeanTeacher(plans, "3d_cascade_fullres", 0, dataset_json, device=torch.device("cpu"))
     with pytest.raises(NotImplementedError, match="does not support cascade"):
         trainer.initialize()
+
+
+def test_teacher_is_deployed_when_it_validates_better_and_the_student_is_kept(semi_dataset):
+    trainer = _make_trainer(semi_dataset)
+    trainer.train_step(next(trainer.dataloader_train))
+    trainer.train_step(next(trainer.dataloader_train))
+    student = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    teacher = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    store = trainer.logger.local_logger.my_fantastic_logging
+    store["semi_teacher_dice"], store["mean_fg_dice"] = [0.8, 0.9], [0.7, 0.85]
+    for _ in range(2):  # a second call (a finished run resumed with --c) must not overwrite the kept student
+        trainer.finalize_deployed_weights()
+        assert trainer.deployed_weights == "teacher"
+        for k, v in trainer.network.state_dict().items():
+            torch.testing.assert_close(v, teacher[k])
+            torch.testing.assert_close(trainer.auxiliary["student"].state_dict()[k], student[k])
+
+    other = _make_trainer(semi_dataset)
+    store = other.logger.local_logger.my_fantastic_logging
+    store["semi_teacher_dice"], store["mean_fg_dice"] = [0.5], [0.6]
+    other.finalize_deployed_weights()
+    assert other.deployed_weights == "student" and "student" not in other.auxiliary

@@ -414,15 +414,21 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
                                f"{student:.4f}")
         return "teacher" if teacher >= student else "student"
 
+    def finalize_deployed_weights(self) -> None:
+        """Put the teacher into ``self.network`` if it validates better, keeping the student in ``auxiliary``.
+
+        Idempotent: a run resumed from ``checkpoint_final.pth`` that already deploys the teacher is left as it is.
+        """
+        if self.deployed_weights == "student" and self.choose_deployed_weights() == "teacher":
+            student = make_teacher(self.unwrapped_network())
+            self.unwrapped_network().load_state_dict(self.teacher.state_dict())
+            self.auxiliary["student"] = student
+            self.deployed_weights = "teacher"
+        self.print_to_log_file(f"network_weights in checkpoint_final.pth: the {self.deployed_weights}")
+
     def on_train_end(self):
         # decide what checkpoint_final.pth deploys before nnU-Net writes it and validates self.network
-        self.deployed_weights = self.choose_deployed_weights()
-        if self.deployed_weights == "teacher":
-            student_weights = {k: v.clone() for k, v in self.unwrapped_network().state_dict().items()}
-            self.unwrapped_network().load_state_dict(self.teacher.state_dict())
-            self.auxiliary["student"] = make_teacher(self.unwrapped_network())
-            self.auxiliary["student"].load_state_dict(student_weights)
-        self.print_to_log_file(f"network_weights in checkpoint_final.pth: the {self.deployed_weights}")
+        self.finalize_deployed_weights()
         super().on_train_end()
         if self.dataloader_unlabeled is not None and isinstance(self.dataloader_unlabeled,
                                                                 NonDetMultiThreadedAugmenter):
