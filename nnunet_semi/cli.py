@@ -77,3 +77,25 @@ def split_entry(argv=None):
     splits = make_labeled_split(args.d, args.num_labeled, order=args.order, seed=args.seed)
     for k, fold in enumerate(splits):
         print(f"fold {k}: {len(fold['train'])} labeled, {len(fold['unlabeled'])} unlabeled, {len(fold['val'])} val")
+
+
+@_reports_input_errors
+def export_entry(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Copy a trained nnunet-semi model folder as an nnUNetTrainer model that vanilla nnU-Net (without "
+                    "this plugin) predicts with: nnUNetv2_predict_from_modelfolder -m OUT ...")
+    parser.add_argument("-d", required=True, help="dataset id or name")
+    parser.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
+    parser.add_argument("-tr", required=True, help="trainer the model was trained with")
+    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    parser.add_argument("-o", required=True, help="output folder (new or empty)")
+    args = parser.parse_args(argv)
+    from os.path import join
+
+    from nnunet_semi.dataset_io import require_env_folder, resolve_dataset_name
+    from nnunet_semi.export import export_vanilla
+
+    results = require_env_folder("nnUNet_results")
+    model_folder = join(results, resolve_dataset_name(args.d), f"{args.tr}__{args.p}__{args.c}")
+    for path in export_vanilla(model_folder, args.o):
+        print(f"exported {path}")

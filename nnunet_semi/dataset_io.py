@@ -32,8 +32,6 @@ def require_env_folder(name: str) -> str:
 
 def resolve_dataset_name(dataset_name_or_id: int | str) -> str:
     """``DatasetXXX_Name`` for an id or name, with a clear error when nnU-Net cannot find it."""
-    for var in ("nnUNet_raw", "nnUNet_preprocessed"):
-        require_env_folder(var)
     try:
         return maybe_convert_to_dataset_name(dataset_name_or_id)
     except (RuntimeError, ValueError) as e:

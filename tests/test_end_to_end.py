@@ -79,3 +79,18 @@ def test_train_resume_and_predict_through_nnunet_commands(command_env, tmp_path)
                                                               f"{case}_0000.nii.gz")))
         assert prediction.shape == reference.shape
         assert set(np.unique(prediction)) <= {0, 1}
+
+    # export for vanilla nnU-Net: the plugin's trainer lookup is switched off and the predictions are identical
+    exported = tmp_path / "exported"
+    _run(["nnUNetv2_semi_export", "-d", str(DATASET_ID), "-c", "3d_fullres", "-tr", TRAINER, "-o", str(exported)], env)
+    vanilla_checkpoint = torch.load(exported / "fold_0" / "checkpoint_final.pth", weights_only=True)
+    assert vanilla_checkpoint["trainer_name"] == "nnUNetTrainer" and "semi_state" not in vanilla_checkpoint
+    vanilla_env = {k: v for k, v in env.items() if k not in ("nnUNet_extTrainer", "PYTHONPATH")}
+    vanilla_predictions = tmp_path / "pred_vanilla"
+    _run(["nnUNetv2_predict_from_modelfolder", "-i", str(env_folders.raw_dataset / "imagesTs"), "-o",
+          str(vanilla_predictions), "-m", str(exported), "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
+          "--disable_tta"], vanilla_env)
+    for case in ("test_000", "test_001"):
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / f"{case}.nii.gz")))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(vanilla_predictions / f"{case}.nii.gz")))
+        np.testing.assert_array_equal(a, b)
