@@ -1,8 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing), installs nnunet-semi with nnU-Net, and sets up the generated example dataset.
+# Installs nnunet-semi into .venv and sets up the generated example dataset (no training).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || python3 -m venv .venv
-. .venv/bin/activate
-python -m pip install -q -e .
+. "$(dirname "$0")/setup_venv.sh"
 nnUNetv2_semi_example --out "${1:-demo_output}"

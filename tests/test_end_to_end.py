@@ -18,7 +18,6 @@ from nnunet_semi.unlabeled import preprocess_unlabeled
 from conftest import DATASET_ID, DATASET_NAME
 
 SUPPORT = Path(__file__).resolve().parent / "support"
-TRAINER = "nnUNetTrainerMeanTeacherTiny"
 
 
 def _run(args, env):
@@ -40,7 +39,8 @@ def command_env(planned_dataset):
 
 
 @pytest.mark.slow
-def test_train_resume_and_predict_through_nnunet_commands(command_env, tmp_path):
+@pytest.mark.parametrize("TRAINER", ["nnUNetTrainerMeanTeacherTiny", "nnUNetTrainerCPSTiny"])
+def test_train_resume_and_predict_through_nnunet_commands(TRAINER, command_env, tmp_path):
     env_folders, env = command_env
     _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"], env)
     fold = env_folders.results / DATASET_NAME / f"{TRAINER}__nnUNetPlans__3d_fullres" / "fold_0"
@@ -49,11 +49,11 @@ def test_train_resume_and_predict_through_nnunet_commands(command_env, tmp_path)
         assert (fold / name).is_file(), name
     log = next(fold.glob("training_log_*.txt")).read_text()
     assert "Unlabeled cases: 5, unlabeled batch size: 2" in log
-    assert log.count("Semi-supervised: loss_sup:") == 2 and "teacher_dice:" in log
+    assert log.count("Semi-supervised: loss_sup:") == 2
 
     checkpoint = torch.load(fold / "checkpoint_final.pth", weights_only=False)
     assert checkpoint["trainer_name"] == TRAINER
-    assert len(checkpoint["logging"]["semi_loss_consistency"]) == 2
+    assert all(len(v) == 2 for k, v in checkpoint["logging"].items() if k.startswith("semi_"))
     assert checkpoint["semi_state"]["deployed_weights"] in ("teacher", "student")
     # network_weights is exactly the stock network that nnUNetv2_predict builds
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager

@@ -199,3 +199,23 @@ def test_teacher_is_deployed_when_it_validates_better_and_the_student_is_kept(se
     store["semi_teacher_dice"], store["mean_fg_dice"] = [0.5], [0.6]
     other.finalize_deployed_weights()
     assert other.deployed_weights == "student" and "student" not in other.auxiliary
+
+
+def test_cps_trains_both_networks_with_one_optimizer(semi_dataset):
+    from nnunet_semi.training import nnUNetTrainerCPS
+
+    class TinyCPS(nnUNetTrainerCPS):
+        epochs, iterations_per_epoch, val_iterations_per_epoch = 4, 2, 1
+
+    trainer = _make_trainer(semi_dataset, TinyCPS)
+    assert trainer.teacher is None and len(trainer.optimizer.param_groups) == 2
+    peer_before = {k: v.clone() for k, v in trainer.auxiliary["peer"].state_dict().items()}
+    network_before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    # differently initialised networks, as CPS needs
+    assert any(not torch.equal(v, network_before[k]) for k, v in peer_before.items())
+    out = trainer.train_step(next(trainer.dataloader_train))
+    assert {"loss_sup", "loss_sup_peer", "loss_cross_pseudo", "stat_network_agreement"} <= set(out)
+    for before, module in ((peer_before, trainer.auxiliary["peer"]), (network_before, trainer.network)):
+        assert any(not torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    trainer.lr_scheduler.step(3)
+    assert trainer.optimizer.param_groups[0]["lr"] == trainer.optimizer.param_groups[1]["lr"] < trainer.initial_lr

@@ -97,6 +97,10 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         self._refuse_unsupported_modes()
         super().initialize()
         self.auxiliary = self.build_auxiliary_modules().to(self.device)
+        trainable = [p for p in self.auxiliary.parameters() if p.requires_grad]
+        if trainable:
+            # one optimizer, one parameter group per network: nnU-Net's poly LR and GradScaler drive both
+            self.optimizer.add_param_group({"params": trainable})
         self._register_log_keys()
 
     def _refuse_unsupported_modes(self) -> None:
@@ -115,7 +119,9 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         return module._orig_mod if isinstance(module, OptimizedModule) else module
 
     def build_auxiliary_modules(self) -> nn.ModuleDict:
-        """Modules beside ``self.network`` (never inside it). Default: the EMA teacher, if ``teacher_momentum``."""
+        """Modules beside ``self.network`` (never inside it), saved in ``semi_state``. Default: the EMA teacher, if
+        ``teacher_momentum``. Parameters with ``requires_grad`` (a second network, heads) join the optimizer as
+        their own parameter group."""
         modules = nn.ModuleDict()
         if self.teacher_momentum is not None:
             modules["teacher"] = make_teacher(self.unwrapped_network())
@@ -245,12 +251,12 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         if self.grad_scaler is not None:
             self.grad_scaler.scale(total).backward()
             self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
+            self._clip_gradients()
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             total.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
+            self._clip_gradients()
             self.optimizer.step()
         self.after_optimizer_step()
         self._iteration_in_epoch += 1
@@ -260,6 +266,11 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         out.update({f"stat_{k}": np.float64(v) for k, v in self._step_statistics.items()})
         return out
 
+    def _clip_gradients(self) -> None:
+        # per network (parameter group), as nnU-Net clips its single network
+        for group in self.optimizer.param_groups:
+            torch.nn.utils.clip_grad_norm_(group["params"], self.grad_clip_norm)
+
     def after_optimizer_step(self) -> None:
         """Default: one EMA update of the teacher per optimizer step."""
         if self.teacher is not None:
@@ -268,13 +279,24 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
     @torch.no_grad()
     def teacher_probabilities(self, data: torch.Tensor) -> torch.Tensor:
         """Teacher probabilities (B, C, *patch), float32, full resolution only (softmax, or sigmoid for regions)."""
-        logits = self.teacher(data)
-        logits = logits[0] if isinstance(logits, (list, tuple)) else logits
-        return self.probabilities(logits)
+        return self.probabilities(full_resolution(self.teacher(data)))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()  # entropy/threshold maths in float32, also under autocast
         return torch.sigmoid(logits) if self.label_manager.has_regions else torch.softmax(logits, 1)
+
+    @torch.no_grad()
+    def log_confidence_and_agreement(self, reference: torch.Tensor, other: torch.Tensor, agreement_name: str) -> None:
+        """Log ``confident_fraction`` (voxels where ``reference`` exceeds ``confidence_threshold``) and the fraction
+        of voxels where the hard decisions of two probability maps (B, C, *spatial) agree, as ``agreement_name``."""
+        if self.label_manager.has_regions:  # independent sigmoids: per region channel
+            confident = torch.maximum(reference, 1 - reference) > self.confidence_threshold
+            agreement = (reference > 0.5) == (other > 0.5)
+        else:
+            confident = reference.max(1).values > self.confidence_threshold
+            agreement = reference.argmax(1) == other.argmax(1)
+        self.log_step_statistic("confident_fraction", confident.float().mean())
+        self.log_step_statistic(agreement_name, agreement.float().mean())
 
     def supervised_loss(self, output, target) -> torch.Tensor:
         """nnU-Net's own loss (deep supervision, ignore label, regions) on the labeled part of the output."""
@@ -433,6 +455,16 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         if self.dataloader_unlabeled is not None and isinstance(self.dataloader_unlabeled,
                                                                 NonDetMultiThreadedAugmenter):
             self.dataloader_unlabeled._finish()
+
+
+def take_samples(output, n: int):
+    """The first ``n`` samples of a network output (a list of scales under deep supervision, else a tensor)."""
+    return [o[:n] for o in output] if isinstance(output, (list, tuple)) else output[:n]
+
+
+def full_resolution(output) -> torch.Tensor:
+    """The full-resolution output (the first scale under deep supervision)."""
+    return output[0] if isinstance(output, (list, tuple)) else output
 
 
 def _to_device(value, device):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from nnunet_semi.losses import probability_mse
-from nnunet_semi.training.base import SemiSupervisedTrainerBase
+from nnunet_semi.training.base import SemiSupervisedTrainerBase, full_resolution, take_samples
 
 
 class nnUNetTrainerMeanTeacher(SemiSupervisedTrainerBase):
@@ -22,25 +22,11 @@ class nnUNetTrainerMeanTeacher(SemiSupervisedTrainerBase):
     def compute_losses(self, labeled: dict, unlabeled: dict) -> dict[str, torch.Tensor]:
         num_labeled = labeled["data"].shape[0]
         output = self.network(torch.cat([labeled["data"], unlabeled["data_strong"]]))
-        scales = output if isinstance(output, (list, tuple)) else [output]
-        labeled_output = [o[:num_labeled] for o in scales] if isinstance(output, (list, tuple)) else \
-            output[:num_labeled]
-        student = self.probabilities(scales[0][num_labeled:])
+        student = self.probabilities(full_resolution(output)[num_labeled:])
         teacher = self.teacher_probabilities(unlabeled["data_weak"])
-        self._log_pseudo_label_statistics(student, teacher)
-        return {"sup": self.supervised_loss(labeled_output, labeled["target"]),
+        self.log_confidence_and_agreement(teacher, student, "teacher_student_agreement")
+        return {"sup": self.supervised_loss(take_samples(output, num_labeled), labeled["target"]),
                 "consistency": probability_mse(student, teacher)}
-
-    @torch.no_grad()
-    def _log_pseudo_label_statistics(self, student: torch.Tensor, teacher: torch.Tensor) -> None:
-        if self.label_manager.has_regions:  # independent sigmoids: confidence and agreement per region channel
-            confident = torch.maximum(teacher, 1 - teacher) > self.confidence_threshold
-            agreement = (student > 0.5) == (teacher > 0.5)
-        else:
-            confident = teacher.max(1).values > self.confidence_threshold
-            agreement = student.argmax(1) == teacher.argmax(1)
-        self.log_step_statistic("confident_fraction", confident.float().mean())
-        self.log_step_statistic("teacher_student_agreement", agreement.float().mean())
 
 
 class nnUNetTrainerMeanTeacher_50epochs(nnUNetTrainerMeanTeacher):

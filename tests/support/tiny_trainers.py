@@ -2,7 +2,7 @@
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_semi.training import nnUNetTrainerMeanTeacher
+from nnunet_semi.training import nnUNetTrainerCPS, nnUNetTrainerMeanTeacher
 
 
 class nnUNetTrainerMeanTeacherTiny(nnUNetTrainerMeanTeacher):
@@ -16,3 +16,9 @@ class nnUNetTrainerTiny(nnUNetTrainer):
     def __init__(self, plans, configuration, fold, dataset_json, device=None):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 3, 1
+
+
+class nnUNetTrainerCPSTiny(nnUNetTrainerCPS):
+    epochs = 2
+    iterations_per_epoch = 3
+    val_iterations_per_epoch = 1
