@@ -38,3 +38,54 @@ def hard_pseudo_label_loss(logits: torch.Tensor, teacher_probs: torch.Tensor, re
     if regions:
         return torch.nn.functional.binary_cross_entropy_with_logits(logits, (teacher_probs > 0.5).float())
     return torch.nn.functional.cross_entropy(logits, teacher_probs.argmax(1).detach())
+
+
+def _as_index_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(B, 1, *spatial) integer labels -> (B, *spatial) long."""
+    if labels.ndim < 3 or labels.shape[1] != 1:
+        raise ValueError(f"labels must be (B, 1, *spatial), got shape {tuple(labels.shape)}")
+    return labels[:, 0].long()
+
+
+def voxel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-voxel (optionally label-smoothed) cross-entropy, no reduction.
+
+    Args:
+        logits: (B, C, *spatial).
+        labels: hard labels (B, 1, *spatial), values in [0, C).
+        label_smoothing: epsilon; the target is (1 - eps) on the label plus eps / C on every class (PyTorch's
+            definition: for C = 2 and eps = 0.2, targets 0.9 / 0.1).
+
+    Returns:
+        (B, 1, *spatial) loss map, float32.
+    """
+    return torch.nn.functional.cross_entropy(logits.float(), _as_index_labels(labels), reduction="none",
+                                             label_smoothing=label_smoothing)[:, None]
+
+
+def masked_soft_dice_loss(probs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, smooth: float = 1.0,
+                          include_background: bool = True) -> torch.Tensor:
+    """1 - mean over samples and classes of (2 TP + s) / (2 TP + FP + FN + s), counted inside ``mask`` only.
+
+    Args:
+        probs: probabilities (B, C, *spatial).
+        labels: hard labels (B, 1, *spatial).
+        mask: voxels that count, (B, 1, *spatial) bool or float.
+        smooth: s; larger values soften the Dice of small regions. With s > 0 an empty mask gives 0 loss.
+        include_background: keep class 0 in the mean.
+
+    Returns:
+        Scalar loss in [0, 1].
+    """
+    num_classes = probs.shape[1]
+    onehot = torch.nn.functional.one_hot(_as_index_labels(labels), num_classes).movedim(-1, 1).float()
+    weight = mask.float()
+    axes = tuple(range(2, probs.ndim))
+    probs = probs.float()
+    tp = (probs * onehot * weight).sum(axes)
+    fp = (probs * (1 - onehot) * weight).sum(axes)
+    fn = ((1 - probs) * onehot * weight).sum(axes)
+    dice = (2 * tp + smooth) / (2 * tp + fp + fn + smooth).clamp_min(1e-8)
+    if not include_background:
+        dice = dice[:, 1:]
+    return 1 - dice.mean()

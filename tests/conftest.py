@@ -106,3 +106,26 @@ def planned_dataset(_planned_dataset_template, tmp_path, monkeypatch) -> NNUNetF
     root = tmp_path / "nnunet"
     shutil.copytree(_planned_dataset_template, root)
     return _point_nnunet_at(monkeypatch, root)
+
+
+@pytest.fixture
+def semi_dataset(planned_dataset, monkeypatch) -> NNUNetFolders:
+    """The planned dataset with a 2-labeled split and preprocessed imagesUnlabeled; single-threaded loading."""
+    from nnunet_semi.splits import make_labeled_split
+    from nnunet_semi.unlabeled import preprocess_unlabeled
+
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    make_labeled_split(DATASET_ID, 2)
+    preprocess_unlabeled(DATASET_ID, ["3d_fullres"], num_processes=1)
+    return planned_dataset
+
+
+def make_trainer(env: NNUNetFolders, cls, fold=0, configuration="3d_fullres"):
+    """A trainer of ``cls`` on CPU, started and inside its first training epoch."""
+    plans = json.loads((env.preprocessed_dataset / "nnUNetPlans.json").read_text()) | {"continue_training": False}
+    dataset_json = json.loads((env.preprocessed_dataset / "dataset.json").read_text())
+    trainer = cls(plans, configuration, fold, dataset_json, device=torch.device("cpu"))
+    trainer.on_train_start()
+    trainer.on_epoch_start()
+    trainer.on_train_epoch_start()
+    return trainer

@@ -10,11 +10,9 @@ import torch
 
 from nnunet_semi.ema import ema_momentum, ema_update, make_teacher
 from nnunet_semi.schedules import sigmoid_rampup
-from nnunet_semi.splits import make_labeled_split
 from nnunet_semi.training import nnUNetTrainerMeanTeacher
-from nnunet_semi.unlabeled import preprocess_unlabeled
 
-from conftest import DATASET_ID
+from conftest import make_trainer
 
 
 class _TinyMeanTeacher(nnUNetTrainerMeanTeacher):
@@ -23,23 +21,8 @@ class _TinyMeanTeacher(nnUNetTrainerMeanTeacher):
     val_iterations_per_epoch = 1
 
 
-@pytest.fixture
-def semi_dataset(planned_dataset, monkeypatch):
-    """The planned dataset with a 2-labeled split and preprocessed imagesUnlabeled; single-threaded loading."""
-    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    make_labeled_split(DATASET_ID, 2)
-    preprocess_unlabeled(DATASET_ID, ["3d_fullres"], num_processes=1)
-    return planned_dataset
-
-
-def _make_trainer(env, cls=_TinyMeanTeacher, fold=0):
-    plans = json.loads((env.preprocessed_dataset / "nnUNetPlans.json").read_text()) | {"continue_training": False}
-    dataset_json = json.loads((env.preprocessed_dataset / "dataset.json").read_text())
-    trainer = cls(plans, "3d_fullres", fold, dataset_json, device=torch.device("cpu"))
-    trainer.on_train_start()
-    trainer.on_epoch_start()
-    trainer.on_train_epoch_start()
-    return trainer
+def _make_trainer(env, cls=_TinyMeanTeacher):
+    return make_trainer(env, cls)
 
 
 def test_sigmoid_rampup_endpoints_and_monotonic():

@@ -84,6 +84,10 @@ def _build(trainer_cls, template, tmp_path, monkeypatch, configuration):
 @pytest.mark.parametrize("trainer_cls", TRAINERS, ids=lambda c: c.__name__)
 def test_trainer_contract(trainer_cls, setting, _contract_templates, tmp_path, monkeypatch):
     shape, classes, configuration, _ = SETTINGS[setting]
+    if setting == "3d_regions" and not trainer_cls.supports_regions:
+        with pytest.raises(NotImplementedError, match="does not support region-based training"):
+            _build(trainer_cls, _contract_templates[setting], tmp_path, monkeypatch, configuration)
+        return
     trainer, folders = _build(trainer_cls, _contract_templates[setting], tmp_path, monkeypatch, configuration)
     outputs = trainer.label_manager.num_segmentation_heads
     assert outputs == OUTPUT_CHANNELS[setting]

@@ -15,8 +15,30 @@ from nnunet_semi.training.mean_teacher import (
     nnUNetTrainerMeanTeacher_250epochs,
     nnUNetTrainerMeanTeacher_500epochs,
 )
+from nnunet_semi.training.sgrs import (
+    nnUNetTrainerSGRS,
+    nnUNetTrainerSGRS_50epochs,
+    nnUNetTrainerSGRS_100epochs,
+    nnUNetTrainerSGRS_250epochs,
+    nnUNetTrainerSGRS_500epochs,
+    nnUNetTrainerSGRS_ceOnAmbiguousAgree,
+    nnUNetTrainerSGRS_doubleEMA,
+    nnUNetTrainerSGRS_maxProbAmbiguity,
+    nnUNetTrainerSGRS_plainViewAmbiguity,
+    nnUNetTrainerSGRS_strongView,
+)
 
 __all__ = [
+    "nnUNetTrainerSGRS",
+    "nnUNetTrainerSGRS_50epochs",
+    "nnUNetTrainerSGRS_100epochs",
+    "nnUNetTrainerSGRS_250epochs",
+    "nnUNetTrainerSGRS_500epochs",
+    "nnUNetTrainerSGRS_ceOnAmbiguousAgree",
+    "nnUNetTrainerSGRS_doubleEMA",
+    "nnUNetTrainerSGRS_maxProbAmbiguity",
+    "nnUNetTrainerSGRS_plainViewAmbiguity",
+    "nnUNetTrainerSGRS_strongView",
     "nnUNetTrainerCPS",
     "nnUNetTrainerCPS_50epochs",
     "nnUNetTrainerCPS_100epochs",

@@ -2,7 +2,7 @@
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_semi.training import nnUNetTrainerCPS, nnUNetTrainerMeanTeacher
+from nnunet_semi.training import nnUNetTrainerCPS, nnUNetTrainerMeanTeacher, nnUNetTrainerSGRS
 
 
 class nnUNetTrainerMeanTeacherTiny(nnUNetTrainerMeanTeacher):
@@ -19,6 +19,12 @@ class nnUNetTrainerTiny(nnUNetTrainer):
 
 
 class nnUNetTrainerCPSTiny(nnUNetTrainerCPS):
+    epochs = 2
+    iterations_per_epoch = 3
+    val_iterations_per_epoch = 1
+
+
+class nnUNetTrainerSGRSTiny(nnUNetTrainerSGRS):
     epochs = 2
     iterations_per_epoch = 3
     val_iterations_per_epoch = 1

@@ -1,0 +1,73 @@
+"""Voxel masks from probability maps: ambiguity and SGRS-Net's synergy regions. Shapes (B, C, *spatial), 2D or 3D."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+AMBIGUITY_MEASURES = ("entropy", "max_prob")
+
+
+def binary_entropy(p: float, base: float = math.e) -> float:
+    """Entropy of a Bernoulli(p) distribution in the given logarithm base."""
+    if p in (0.0, 1.0):
+        return 0.0
+    return -(p * math.log(p) + (1 - p) * math.log(1 - p)) / math.log(base)
+
+
+def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy over the channel axis divided by ln(C): (B, C, *spatial) -> (B, 1, *spatial) in [0, 1]."""
+    probs = probs.float()
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(1, keepdim=True)
+    return entropy / math.log(probs.shape[1])
+
+
+def ambiguity_mask(probs: torch.Tensor, tau: float = 0.425, measure: str = "entropy") -> torch.Tensor:
+    """Voxels whose prediction is ambiguous, (B, 1, *spatial) bool.
+
+    Args:
+        probs: softmax probabilities (B, C, *spatial), C >= 2.
+        tau: SGRS-Net's binary threshold: a two-class voxel is ambiguous when tau < p_background < 1 - tau.
+        measure: ``"entropy"``: normalised entropy above that of (tau, 1 - tau), i.e. H(p)/ln C > H_2(tau). For two
+            classes this is exactly the paper's rule (its "log10 entropy > 0.296" is H_10(0.425)). ``"max_prob"``:
+            max_c p_c < 1 - tau, which is also exact for two classes.
+    """
+    if not 0.0 < tau < 0.5:
+        raise ValueError(f"tau must be in (0, 0.5), got {tau}")
+    if measure == "entropy":
+        return normalized_entropy(probs) > binary_entropy(tau, base=2)
+    if measure == "max_prob":
+        return probs.float().max(1, keepdim=True).values < 1 - tau
+    raise ValueError(f"measure must be one of {AMBIGUITY_MEASURES}, got {measure!r}")
+
+
+class SynergyRegions(NamedTuple):
+    """SGRS-Net's partition of voxels, each (B, 1, *spatial) bool; every voxel is in exactly one of the three
+    (``agree_ambiguous`` is the part of ``ambiguous`` where the two predictions agree)."""
+
+    agree_certain: torch.Tensor
+    disagree_certain: torch.Tensor
+    ambiguous: torch.Tensor
+    agree_ambiguous: torch.Tensor
+
+
+def synergy_regions(probs_plain: torch.Tensor, probs_mixed: torch.Tensor, tau: float = 0.425,
+                    measure: str = "entropy", ambiguity_from_both_views: bool = True) -> SynergyRegions:
+    """Partition voxels by the student's predictions before and after mixing (SGRS-Net's synergy evaluation).
+
+    Args:
+        probs_plain: probabilities on the unlabeled image (B, C, *spatial).
+        probs_mixed: probabilities on the mixed image, same shape.
+        tau, measure: see ``ambiguity_mask``.
+        ambiguity_from_both_views: ambiguous if either view is ambiguous (the paper). False: the plain view only
+            (the released code's behaviour).
+    """
+    if probs_plain.shape != probs_mixed.shape:
+        raise ValueError(f"shape mismatch: {tuple(probs_plain.shape)} vs {tuple(probs_mixed.shape)}")
+    agree = probs_plain.argmax(1, keepdim=True) == probs_mixed.argmax(1, keepdim=True)
+    ambiguous = ambiguity_mask(probs_plain, tau, measure)
+    if ambiguity_from_both_views:
+        ambiguous = ambiguous | ambiguity_mask(probs_mixed, tau, measure)
+    return SynergyRegions(agree & ~ambiguous, ~agree & ~ambiguous, ambiguous, agree & ambiguous)

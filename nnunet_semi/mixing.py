@@ -1,0 +1,47 @@
+"""Batch-level mixing on device tensors; every random choice is drawn from an optional ``torch.Generator``."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def mixup_with_labeled_partners(unlabeled: torch.Tensor, labeled: torch.Tensor, alpha: float = 0.75,
+                                generator: torch.Generator | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MixUp of each unlabeled sample with a labeled partner, the unlabeled image dominating (SGRS-Net).
+
+    lambda ~ Beta(alpha, alpha) per pair, then lambda <- max(lambda, 1 - lambda);
+    mixed = lambda * unlabeled + (1 - lambda) * partner. Partners are a random permutation modulo the labeled batch
+    size, so they are distinct whenever there are at least as many labeled as unlabeled samples.
+
+    Args:
+        unlabeled: (B_u, C, *spatial).
+        labeled: (B_l, C, *spatial), same C and spatial shape.
+        alpha: Beta concentration (> 0).
+        generator: source of randomness (a CPU generator; None: torch's global one).
+
+    Returns:
+        (mixed (B_u, C, *spatial), lambdas (B_u,), partner indices into ``labeled`` (B_u,)).
+    """
+    if unlabeled.shape[1:] != labeled.shape[1:]:
+        raise ValueError(f"shape mismatch: unlabeled {tuple(unlabeled.shape)} vs labeled {tuple(labeled.shape)}")
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    num_unlabeled, num_labeled = unlabeled.shape[0], labeled.shape[0]
+    order = torch.randperm(max(num_unlabeled, num_labeled), generator=generator)[:num_unlabeled]
+    partners = order % num_labeled
+    # torch has no generator-driven Beta sampler: seed numpy's from the generator so the draw stays reproducible
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    lambdas = np.random.default_rng(seed).beta(alpha, alpha, size=num_unlabeled)
+    lambdas = torch.as_tensor(np.maximum(lambdas, 1 - lambdas), dtype=unlabeled.dtype, device=unlabeled.device)
+    shape = (num_unlabeled,) + (1,) * (unlabeled.ndim - 1)
+    mixed = lambdas.view(shape) * unlabeled + (1 - lambdas.view(shape)) * labeled[partners.to(labeled.device)]
+    return mixed, lambdas, partners
+
+
+def clipped_gaussian_noise(x: torch.Tensor, std: float = 0.1, clip: float = 0.2,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """x + clip(N(0, std^2), -clip, clip), noise drawn on the CPU generator and moved to x's device."""
+    noise = (std * torch.randn(x.shape, generator=generator, dtype=torch.float32)).clamp_(-clip, clip)
+    return x + noise.to(device=x.device, dtype=x.dtype)

@@ -1,0 +1,140 @@
+"""SGRS-Net (Synergy-Guided Regional Supervision of pseudo labels, MICCAI 2025) on nnU-Net.
+
+Per step: the EMA teacher labels the (noised) unlabeled crops; each unlabeled crop is MixUp-ed with a labeled partner
+(the unlabeled image dominating); the student predicts the plain and the mixed unlabeled images; voxels are split by
+whether those two predictions agree and whether either is ambiguous; agree-and-certain voxels get hard CE + soft Dice
+against the pseudo label, disagree-and-certain voxels label-smoothed CE + a heavily smoothed Dice, ambiguous voxels
+nothing. Implemented "as intended" (see the README for the released code's deviations and the named variants).
+"""
+
+from __future__ import annotations
+
+import torch
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+
+from nnunet_semi.ema import ema_update
+from nnunet_semi.losses import masked_soft_dice_loss, voxel_cross_entropy
+from nnunet_semi.masks import synergy_regions
+from nnunet_semi.mixing import clipped_gaussian_noise, mixup_with_labeled_partners
+from nnunet_semi.training.base import full_resolution, take_samples
+from nnunet_semi.training.mean_teacher import nnUNetTrainerMeanTeacher
+
+
+class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
+    """SGRS-Net's regional pseudo-label supervision on the mean-teacher base.
+
+    Attributes (beyond the base's):
+        ambiguity_tau: binary threshold tau (ambiguous: tau < p_bg < 1 - tau), generalised to C classes by
+            ``ambiguity_measure`` ("entropy": normalised entropy > H_2(tau); "max_prob": max p < 1 - tau).
+        ambiguity_from_both_views: ambiguity from the plain and the mixed prediction (paper) or the plain one only.
+        ce_on_ambiguous_agree: also apply the hard CE on agreeing ambiguous voxels (released code).
+        disagree_label_smoothing: epsilon of the CE on disagree-certain voxels (0.2: targets 0.9/0.1 for 2 classes).
+        agree_dice_smooth, disagree_dice_smooth: smoothing of the masked soft Dice per region (1 and 20).
+        mixup_alpha: Beta(alpha, alpha) of the MixUp weight.
+        noise_std, noise_clip: clipped Gaussian noise on the teacher's and the mixing inputs.
+        student_uses_strong_view: student sees nnU-Net's intensity-augmented view of the unlabeled crop instead of
+            the plain one (the released code feeds the plain image).
+        double_ema: the released code's two EMA updates per step (fixed 0.99 then the warm-up schedule).
+    The regional loss uses the full-resolution output only (``unsup_uses_deep_supervision = False``); the supervised
+    loss is nnU-Net's deep-supervised Dice + CE.
+    """
+
+    ambiguity_tau: float = 0.425
+    ambiguity_measure: str = "entropy"
+    ambiguity_from_both_views: bool = True
+    ce_on_ambiguous_agree: bool = False
+    disagree_label_smoothing: float = 0.2
+    agree_dice_smooth: float = 1.0
+    disagree_dice_smooth: float = 20.0
+    mixup_alpha: float = 0.75
+    noise_std: float = 0.1
+    noise_clip: float = 0.2
+    student_uses_strong_view: bool = False
+    double_ema: bool = False
+    unsup_rampup_fraction = 0.4  # the release ramps over 6 000 of 15 000 iterations
+    supports_regions = False  # the partition is defined on mutually exclusive classes
+
+    loss_terms = ("sup", "pseudo_ce", "pseudo_dice")
+    statistics = ("confident_fraction", "teacher_student_agreement", "agree_certain_fraction",
+                  "disagree_certain_fraction", "ambiguous_fraction")
+
+    def build_strong_transforms(self, nnunet_photometric: ComposeTransforms) -> ComposeTransforms:
+        return nnunet_photometric if self.student_uses_strong_view else ComposeTransforms([])
+
+    def compute_losses(self, labeled: dict, unlabeled: dict) -> dict[str, torch.Tensor]:
+        x_l, x_u = labeled["data"], unlabeled["data_weak"]
+        n_l, n_u = x_l.shape[0], x_u.shape[0]
+        noisy_u = clipped_gaussian_noise(x_u, self.noise_std, self.noise_clip)
+        noisy_l = clipped_gaussian_noise(x_l, self.noise_std, self.noise_clip)
+        teacher = self.teacher_probabilities(noisy_u)
+        pseudo = teacher.argmax(1, keepdim=True)  # (B_u, 1, *spatial)
+        mixed, _, _ = mixup_with_labeled_partners(noisy_u, noisy_l, self.mixup_alpha)
+
+        student_u = unlabeled["data_strong"] if self.student_uses_strong_view else x_u
+        output = self.network(torch.cat([x_l, student_u, mixed]))
+        logits = full_resolution(output)
+        logits_u, logits_m = logits[n_l:n_l + n_u], logits[n_l + n_u:]
+        probs_u, probs_m = self.probabilities(logits_u), self.probabilities(logits_m)
+        regions = synergy_regions(probs_u.detach(), probs_m.detach(), self.ambiguity_tau, self.ambiguity_measure,
+                                  self.ambiguity_from_both_views)
+        hard_ce_region = regions.agree_certain | regions.agree_ambiguous if self.ce_on_ambiguous_agree \
+            else regions.agree_certain
+
+        ce, dice = 0.0, 0.0
+        for view_logits, view_probs in ((logits_u, probs_u), (logits_m, probs_m)):
+            # mean over all voxels, as the paper: masked-out voxels count as zeros (per-sample masks)
+            ce = ce + (voxel_cross_entropy(view_logits, pseudo) * hard_ce_region
+                       + voxel_cross_entropy(view_logits, pseudo, self.disagree_label_smoothing)
+                       * regions.disagree_certain).mean()
+            dice = dice + masked_soft_dice_loss(view_probs, pseudo, regions.agree_certain, self.agree_dice_smooth) \
+                + masked_soft_dice_loss(view_probs, pseudo, regions.disagree_certain, self.disagree_dice_smooth)
+
+        self.log_confidence_and_agreement(teacher, probs_u.detach(), "teacher_student_agreement")
+        for name, mask in (("agree_certain_fraction", regions.agree_certain),
+                           ("disagree_certain_fraction", regions.disagree_certain),
+                           ("ambiguous_fraction", regions.ambiguous)):
+            self.log_step_statistic(name, mask.float().mean())
+        # L_pseudo = 0.5 * (mean of the 4 Dice terms + mean of the 2 CE terms)
+        return {"sup": self.supervised_loss(take_samples(output, n_l), labeled["target"]),
+                "pseudo_ce": 0.5 * ce / 2, "pseudo_dice": 0.5 * dice / 4}
+
+    def after_optimizer_step(self) -> None:
+        if self.double_ema:  # released: a fixed-0.99 EMA, then the warm-up EMA, every step
+            ema_update(self.teacher, self.unwrapped_network(), self.teacher_momentum)
+        super().after_optimizer_step()
+
+
+class nnUNetTrainerSGRS_doubleEMA(nnUNetTrainerSGRS):
+    double_ema = True
+
+
+class nnUNetTrainerSGRS_ceOnAmbiguousAgree(nnUNetTrainerSGRS):
+    ce_on_ambiguous_agree = True
+
+
+class nnUNetTrainerSGRS_plainViewAmbiguity(nnUNetTrainerSGRS):
+    ambiguity_from_both_views = False
+
+
+class nnUNetTrainerSGRS_maxProbAmbiguity(nnUNetTrainerSGRS):
+    ambiguity_measure = "max_prob"
+
+
+class nnUNetTrainerSGRS_strongView(nnUNetTrainerSGRS):
+    student_uses_strong_view = True
+
+
+class nnUNetTrainerSGRS_50epochs(nnUNetTrainerSGRS):
+    epochs = 50
+
+
+class nnUNetTrainerSGRS_100epochs(nnUNetTrainerSGRS):
+    epochs = 100
+
+
+class nnUNetTrainerSGRS_250epochs(nnUNetTrainerSGRS):
+    epochs = 250
+
+
+class nnUNetTrainerSGRS_500epochs(nnUNetTrainerSGRS):
+    epochs = 500

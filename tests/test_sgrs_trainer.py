@@ -1,0 +1,45 @@
+"""nnUNetTrainerSGRS on the tiny planned dataset: terms, region statistics, variants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_semi.ema import ema_momentum
+from nnunet_semi.training import nnUNetTrainerSGRS, nnUNetTrainerSGRS_doubleEMA
+
+from conftest import make_trainer
+
+
+class _Tiny:
+    epochs, iterations_per_epoch, val_iterations_per_epoch = 4, 2, 1
+
+
+def test_sgrs_step_reports_terms_and_a_full_region_partition(semi_dataset):
+    trainer = make_trainer(semi_dataset, type("TinySGRS", (_Tiny, nnUNetTrainerSGRS), {}))
+    assert trainer.unsup_rampup_fraction == 0.4 and trainer.unsup_weight == 1.0
+    # the student sees the plain unlabeled crop: the strong pipeline is empty unless student_uses_strong_view
+    assert len(trainer.dataloader_unlabeled.data_loader.strong_transforms.transforms) == 0
+    out = trainer.train_step(next(trainer.dataloader_train))
+    assert {"loss_sup", "loss_pseudo_ce", "loss_pseudo_dice"} <= set(out)
+    fractions = [out[f"stat_{k}"] for k in ("agree_certain_fraction", "disagree_certain_fraction",
+                                              "ambiguous_fraction")]
+    assert all(0 <= f <= 1 for f in fractions) and sum(fractions) == pytest.approx(1.0, abs=1e-6)
+    assert np.isfinite(out["loss"]) and out["loss_pseudo_dice"] >= 0 and out["loss_pseudo_ce"] >= 0
+    # the epoch end logs and plots them with the base's curves
+    trainer.on_train_epoch_end([out])
+    assert trainer.logger.get_value("semi_ambiguous_fraction", step=-1) == pytest.approx(fractions[2])
+
+
+def test_double_ema_variant_applies_two_updates(semi_dataset):
+    trainer = make_trainer(semi_dataset, type("TinySGRSDouble", (_Tiny, nnUNetTrainerSGRS_doubleEMA), {}))
+    trainer.train_step(next(trainer.dataloader_train))
+    before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    trainer.train_step(next(trainer.dataloader_train))
+    student = trainer.network.state_dict()
+    m1, m2 = trainer.teacher_momentum, ema_momentum(1, trainer.teacher_momentum)
+    for k, v in trainer.teacher.state_dict().items():
+        if v.dtype.is_floating_point:
+            once = m1 * before[k] + (1 - m1) * student[k]
+            torch.testing.assert_close(v, m2 * once + (1 - m2) * student[k])
