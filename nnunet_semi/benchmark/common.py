@@ -1,0 +1,80 @@
+"""Shared pieces of the benchmarks: trainers on a given schedule, provenance, device choice."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import datetime, timezone
+from os.path import dirname, join
+
+import torch
+
+import nnunet_semi
+
+BASELINE_TRAINER = "nnUNetTrainer"
+
+
+def resolve_trainer(name: str) -> type:
+    """A trainer class by name: nnU-Net's own, then the plugin's (no nnUNet_extTrainer needed here)."""
+    import nnunet_semi.training
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    if hasattr(nnunet_semi.training, name):
+        return getattr(nnunet_semi.training, name)
+    return recursive_find_trainer_class_by_name(name)
+
+
+def with_schedule(trainer_cls: type, epochs: int, iterations: int, val_iterations: int, tag: str) -> type:
+    """A subclass of ``trainer_cls`` that trains ``epochs`` x ``iterations`` and is named ``<Trainer>__<tag>``.
+
+    The name keeps the results folders of different schedules and labeled counts apart. Works for stock trainers
+    (which set their schedule in ``__init__``) and for the plugin's (class attributes) alike.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        trainer_cls.__init__(self, plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch = epochs, iterations
+        self.num_val_iterations_per_epoch = val_iterations
+
+    name = f"{trainer_cls.__name__}__{tag}"
+    return type(name, (trainer_cls,), {"__init__": __init__, "__module__": __name__})
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import os
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def provenance(device: torch.device) -> dict:
+    """Commit, versions, device and time of a benchmark run."""
+    import nnunetv2  # noqa: F401
+    from importlib.metadata import version
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=dirname(dirname(nnunet_semi.__file__)),
+                                capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {"commit": commit, "nnunet_semi": nnunet_semi.__version__, "nnunetv2": version("nnunetv2"),
+            "torch": torch.__version__, "device": device_description(device),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def write_json(obj, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def load_plans_and_dataset_json(preprocessed_dataset: str, plans_identifier: str) -> tuple[dict, dict]:
+    with open(join(preprocessed_dataset, plans_identifier + ".json")) as f:
+        plans = json.load(f)
+    with open(join(preprocessed_dataset, "dataset.json")) as f:
+        dataset_json = json.load(f)
+    return plans, dataset_json

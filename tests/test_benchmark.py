@@ -1,0 +1,72 @@
+"""CPU smoke tests of nnUNetv2_semi_benchmark quality and speed (--tiny): files, columns, finite numbers."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+
+from nnunet_semi.benchmark.cli import main, semi_trainers
+from nnunet_semi.benchmark.quality import case_metrics
+
+import numpy as np
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_case_metrics_by_hand():
+    reference = np.zeros((10, 10, 10), np.uint8)
+    reference[2:6, 2:6, 2:6] = 1
+    prediction = np.zeros_like(reference)
+    prediction[3:7, 2:6, 2:6] = 1  # shifted by one voxel along the first axis
+    metrics = case_metrics(prediction, reference, (2.0, 1.0, 1.0), 1)
+    assert metrics["dice"] == pytest.approx(0.75) and metrics["jaccard"] == pytest.approx(0.6)
+    # the shift is 1 voxel = 2 mm along the first axis
+    assert metrics["hd95_vox"] == pytest.approx(1.0) and metrics["hd95_mm"] == pytest.approx(2.0)
+    empty = case_metrics(np.zeros_like(reference), reference, (1.0, 1.0, 1.0), 1)
+    assert empty["dice"] == 0.0 and math.isnan(empty["hd95_mm"])
+    assert case_metrics(np.zeros_like(reference), np.zeros_like(reference), (1, 1, 1), 1)["dice"] == 1.0
+
+
+def test_default_trainers_are_every_registered_method():
+    assert set(semi_trainers()) == {"nnUNetTrainerMeanTeacher", "nnUNetTrainerCPS", "nnUNetTrainerSGRS"}
+
+
+@pytest.mark.slow
+def test_quality_tiny(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
+    monkeypatch.setenv("nnUNet_def_n_proc", "1")
+    main(["quality", "--tiny", "-o", str(tmp_path), "-tr", "nnUNetTrainerMeanTeacher"])
+    rows = _rows(tmp_path / "results.csv")
+    assert {(r["trainer"], r["num_labeled"]) for r in rows} == {
+        ("nnUNetTrainer", "2"), ("nnUNetTrainerMeanTeacher", "2"), ("nnUNetTrainer", "all")}
+    assert len(rows) == 3 * 4  # 4 test cases x 1 foreground class
+    for column in ("dice", "jaccard", "hd95_mm", "asd_mm", "hd95_vox", "asd_vox", "commit", "device", "seed",
+                   "epochs", "iterations_per_epoch", "case", "class"):
+        assert column in rows[0]
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    assert all(math.isfinite(float(r["hd95_mm"])) for r in rows if float(r["dice"]) > 0)
+    md = (tmp_path / "results.md").read_text()
+    assert "| 2 | nnUNetTrainerMeanTeacher |" in md and "| all | nnUNetTrainer |" in md
+    assert (tmp_path / "results.png").stat().st_size > 0
+    # finished runs are skipped on a second call
+    main(["quality", "--tiny", "-o", str(tmp_path), "-tr", "nnUNetTrainerMeanTeacher"])
+    assert "finished earlier, skipping training" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_speed_tiny(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
+    main(["speed", "--tiny", "-o", str(tmp_path), "-tr", "nnUNetTrainerCPS"])
+    rows = _rows(tmp_path / "speed.csv")
+    assert [r["trainer"] for r in rows] == ["nnUNetTrainer", "nnUNetTrainerCPS"]
+    for r in rows:
+        for key in ("step_s_with_loading", "step_s_without_loading", "peak_memory_mb"):
+            assert math.isfinite(float(r[key])) and float(r[key]) > 0
+    assert float(rows[0]["step_s_with_loading_ratio"]) == 1.0
+    assert (tmp_path / "speed.md").read_text().count("| nnUNetTrainer") == 2
+    assert (tmp_path / "speed.png").stat().st_size > 0
