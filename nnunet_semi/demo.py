@@ -19,6 +19,8 @@ from os.path import join
 import numpy as np
 import SimpleITK as sitk
 
+from nnunet_semi.plotting import isolated_style
+
 DEMO_DATASET_ID = 993
 DEMO_DATASET = f"Dataset{DEMO_DATASET_ID:03d}_SemiDemo"
 DEMO_PLANS = "nnUNetDemoPlans"
@@ -64,6 +66,7 @@ def dice_scores(prediction_folder: str, label_folder: str) -> dict[str, float]:
     return scores
 
 
+@isolated_style
 def plot_results(results: dict[str, dict[str, float]], filename: str) -> None:
     import matplotlib
 

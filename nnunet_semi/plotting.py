@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import functools
+
 import matplotlib
 
 matplotlib.use("agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def isolated_style(plot_function):
+    """Draw with matplotlib's default style: nnU-Net's progress plot changes the global style (seaborn, font x2.5)
+    in the same process."""
+
+    @functools.wraps(plot_function)
+    def wrapped(*args, **kwargs):
+        with plt.style.context("default"):
+            return plot_function(*args, **kwargs)
+
+    return wrapped
+
+
+@isolated_style
 def plot_semi_progress(logged: dict[str, list], keys: list[str], epoch: int, filename: str) -> None:
     """Plot loss terms (top), pseudo-label statistics and the unsupervised weight (bottom) for epochs 0..epoch.
 

@@ -64,7 +64,7 @@ def main(argv=None) -> None:
     quality.add_argument("--test_labels", default=None, help="labels of imagesTs; default: the fold's val cases")
     quality.add_argument("--order", choices=("first", "random"), default="first")
     quality.add_argument("--seed", type=int, default=12345)
-    speed.add_argument("--steps", type=int, default=20, help="timed steps per trainer")
+    speed.add_argument("--steps", type=int, default=None, help="timed steps per trainer (default 20; --tiny: 3)")
     speed.add_argument("--num_labeled", type=int, default=None,
                        help="write a labeled split first (needed when the dataset has no imagesUnlabeled)")
     args = parser.parse_args(argv)
@@ -92,8 +92,8 @@ def main(argv=None) -> None:
             num_labeled = 2 if args.tiny else args.num_labeled
             if num_labeled is not None:
                 make_labeled_split(dataset, num_labeled)
-            run_speed_benchmark(dataset, trainers, args.o, args.c, plans, steps=3 if args.tiny else args.steps,
-                                warmup=1 if args.tiny else 3)
+            steps = args.steps or (3 if args.tiny else 20)
+            run_speed_benchmark(dataset, trainers, args.o, args.c, plans, steps=steps, warmup=1 if args.tiny else 3)
             print(open(join(args.o, "speed.md")).read())
     except SemiInputError as e:
         print(f"nnUNetv2_semi_benchmark: error: {e}", file=sys.stderr)

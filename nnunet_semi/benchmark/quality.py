@@ -28,6 +28,7 @@ from nnunet_semi.benchmark.common import (
 )
 from nnunet_semi.dataset_io import require_env_folder, resolve_dataset_name
 from nnunet_semi.errors import SemiInputError
+from nnunet_semi.plotting import isolated_style
 
 METRICS = ("dice", "jaccard", "hd95_mm", "asd_mm", "hd95_vox", "asd_vox")
 
@@ -221,6 +222,7 @@ def summarize(rows: list[dict]) -> dict:
     return summary
 
 
+@isolated_style
 def plot_results(rows: list[dict], summary: dict, filename: str) -> None:
     import matplotlib
 
@@ -246,7 +248,7 @@ def plot_results(rows: list[dict], summary: dict, filename: str) -> None:
         axis.grid(alpha=0.3)
     left.set_title("mean ± std Dice")
     right.set_title("per case and class")
-    left.legend()
+    left.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(filename)
     plt.close(fig)

@@ -27,6 +27,7 @@ from nnunet_semi.benchmark.common import (
     with_schedule,
 )
 from nnunet_semi.dataset_io import require_env_folder, resolve_dataset_name
+from nnunet_semi.plotting import isolated_style
 
 
 def _synchronize(device: torch.device) -> None:
@@ -156,6 +157,7 @@ def run_speed_benchmark(dataset_name_or_id: int | str, trainers: list[str], out_
     return rows
 
 
+@isolated_style
 def write_speed_results(rows: list[dict], out_dir: str) -> None:
     with open(join(out_dir, "speed.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
