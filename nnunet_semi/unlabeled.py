@@ -168,17 +168,28 @@ def _remove_case(folder: str, case_id: str) -> None:
             os.remove(join(folder, case_id + s))
 
 
+_PREPROCESSING_SETTINGS = ("data_identifier", "preprocessor_name", "spacing", "normalization_schemes",
+                           "use_mask_for_norm", "resampling_fn_data", "resampling_fn_data_kwargs",
+                           "resampling_fn_seg", "resampling_fn_seg_kwargs")
+
+
 def _preprocessing_identity(plans: dict, configuration: str, dataset_json: dict) -> dict:
-    """Everything that changes a preprocessed array; a mismatch means cached unlabeled cases are stale."""
+    """Everything that changes a preprocessed array (not the network or batch): a mismatch means stale cases."""
+    settings = PlansManager(plans).get_configuration(configuration).configuration
     return {
-        "plans_name": plans["plans_name"],
-        "configuration": configuration,
-        "configuration_settings": PlansManager(plans).get_configuration(configuration).configuration,
+        "configuration_settings": {k: settings.get(k) for k in _PREPROCESSING_SETTINGS},
         "transpose_forward": plans["transpose_forward"],
         "foreground_intensity_properties_per_channel": plans["foreground_intensity_properties_per_channel"],
         "image_reader_writer": plans.get("image_reader_writer"),
         "channel_names": dataset_json["channel_names"],
     }
+
+
+def unlabeled_preprocessing_is_current(folder: str, plans: dict, configuration: str, dataset_json: dict) -> bool:
+    """Whether ``folder`` was preprocessed with these plans (False if it records other plans or none)."""
+    identity_file = join(folder, _IDENTITY_FILE)
+    return isfile(identity_file) and load_json(identity_file) == \
+        _preprocessing_identity(plans, configuration, dataset_json)
 
 
 def _dataset_is_2d(preprocessed_dataset_folder: str) -> bool | None:

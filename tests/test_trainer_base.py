@@ -152,6 +152,15 @@ def test_missing_unlabeled_preprocessing_is_reported(planned_dataset, monkeypatc
         _make_trainer(planned_dataset)
 
 
+def test_stale_unlabeled_preprocessing_is_reported(semi_dataset):
+    plans_file = semi_dataset.preprocessed_dataset / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    plans["foreground_intensity_properties_per_channel"]["0"]["mean"] += 1.0  # as after re-planning
+    plans_file.write_text(json.dumps(plans))
+    with pytest.raises(RuntimeError, match="preprocessed with other plans.*Run nnUNetv2_semi_preprocess"):
+        _make_trainer(semi_dataset)
+
+
 def test_cascade_is_refused(semi_dataset):
     plans = json.loads((semi_dataset.preprocessed_dataset / "nnUNetPlans.json").read_text())
     plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_fullres"}

@@ -94,6 +94,16 @@ def test_second_run_skips_done_cases_and_changed_plans_redo_them(planned_dataset
     assert "unl_new.pkl" in after and "unl_002.pkl" not in after
     assert after["unl_001.b2nd"] == before["unl_001.b2nd"]
 
+    # the network and batch size do not change preprocessed arrays: nothing is redone
+    plans_file = planned_dataset.preprocessed_dataset / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"][CONFIG]["batch_size"] = 7
+    plans["configurations"][CONFIG]["architecture"]["arch_kwargs"]["features_per_stage"][0] = 3
+    plans_file.write_text(json.dumps(plans))
+    capsys.readouterr()
+    preprocess_unlabeled(DATASET_ID, [CONFIG], num_processes=1)
+    assert "0 to do" in capsys.readouterr().out
+
     # changing the plans' normalization invalidates every cached case
     plans_file = planned_dataset.preprocessed_dataset / "nnUNetPlans.json"
     plans = json.loads(plans_file.read_text())

@@ -35,6 +35,7 @@ from nnunet_semi.dataset_io import UNLABELED_SUFFIX, load_json
 from nnunet_semi.ema import ema_momentum, ema_update, make_teacher
 from nnunet_semi.schedules import sigmoid_rampup
 from nnunet_semi.splits import UNLABELED_KEY
+from nnunet_semi.unlabeled import unlabeled_preprocessing_is_current
 
 SEMI_STATE_KEY = "semi_state"
 
@@ -151,6 +152,12 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         unlabeled_folder = labeled_folder + UNLABELED_SUFFIX
         raw_unlabeled = join(os.environ.get("nnUNet_raw", ""), self.plans_manager.dataset_name, "imagesUnlabeled")
         if isdir(unlabeled_folder):
+            if not unlabeled_preprocessing_is_current(unlabeled_folder, self.plans_manager.plans,
+                                                      self.configuration_name, self.dataset_json):
+                raise RuntimeError(
+                    f"{unlabeled_folder} was preprocessed with other plans than {self.plans_manager.plans_name} "
+                    f"now holds. Run nnUNetv2_semi_preprocess -d {self.plans_manager.dataset_name} -c "
+                    f"{self.configuration_name} -plans_name {self.plans_manager.plans_name} again.")
             pool.update({c: unlabeled_folder for c in self.dataset_class.get_identifiers(unlabeled_folder)})
         elif isdir(raw_unlabeled):
             raise RuntimeError(
