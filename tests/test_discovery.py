@@ -48,8 +48,9 @@ def test_names_do_not_collide_with_nnunet_trainers(monkeypatch):
 
 
 @pytest.mark.slow
-def test_wheel_install_finds_the_trainers(tmp_path):
-    """Build the wheel, install it into an isolated target and look a trainer up from there."""
+def test_wheel_install_finds_the_trainers(tmp_path, planned_dataset):
+    """Build the wheel, install it into an isolated target, look the trainers up from there and build one exactly
+    as nnUNetv2_train does (nnunetv2.run.run_training.get_trainer_from_args)."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path / "dist"), str(REPO)], check=True)
     wheel = next((tmp_path / "dist").glob("nnunet_semi-*.whl"))
@@ -63,8 +64,13 @@ def test_wheel_install_finds_the_trainers(tmp_path):
         "os.environ['nnUNet_extTrainer'] = d.trainer_dir()\n"
         "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find\n"
         "cls = find('nnUNetTrainerMeanTeacher')\n"
-        "print(nnunet_semi.__file__); print(d.trainer_dir()); print(cls.__module__)\n"
         "assert pickle.loads(pickle.dumps(cls)) is cls\n"
+        "import torch\n"
+        "from nnunetv2.run.run_training import get_trainer_from_args\n"
+        "trainer = get_trainer_from_args('990', '3d_fullres', 0, 'nnUNetTrainerSGRS', device=torch.device('cpu'))\n"
+        "trainer.initialize()\n"
+        "assert trainer.teacher is not None and type(trainer).__module__ == 'nnunet_semi.training.sgrs'\n"
+        "print(nnunet_semi.__file__); print(d.trainer_dir()); print(cls.__module__)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
