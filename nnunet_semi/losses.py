@@ -89,3 +89,49 @@ def masked_soft_dice_loss(probs: torch.Tensor, labels: torch.Tensor, mask: torch
     if not include_background:
         dice = dice[:, 1:]
     return 1 - dice.mean()
+
+
+def kl_weighted_pseudo_label_loss(student_logits: torch.Tensor, target_probs: torch.Tensor
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uncertainty-rectified pseudo supervision (Zheng & Yang 2021): exp(-KL)-weighted CE plus the KL itself.
+
+    Per voxel, KL = sum_c q_c (log q_c - log p_c) between the target network's probabilities q (detached) and the
+    student's p; the CE against argmax q is down-weighted by exp(-KL) where the networks disagree, and the KL term
+    pulls the student toward the target. The weight is detached, so disagreement cannot be "solved" by raising it.
+
+    Args:
+        student_logits: (B, C, *spatial), receive gradient.
+        target_probs: (B, C, *spatial) probabilities of the other network.
+
+    Returns:
+        (loss scalar, mean KL scalar detached).
+    """
+    if student_logits.shape != target_probs.shape:
+        raise ValueError(f"shape mismatch: {tuple(student_logits.shape)} vs {tuple(target_probs.shape)}")
+    log_p = torch.log_softmax(student_logits.float(), 1)
+    q = target_probs.detach().float()
+    kl = (q * (torch.log(q.clamp_min(1e-12)) - log_p)).sum(1)  # (B, *spatial)
+    ce = torch.nn.functional.nll_loss(log_p, q.argmax(1), reduction="none")
+    loss = (torch.exp(-kl.detach()) * ce).mean() + kl.mean()
+    return loss, kl.detach().mean()
+
+
+def prototype_infonce(features: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor,
+                      temperature: float = 0.1) -> torch.Tensor:
+    """InfoNCE of voxel features against class prototypes: each feature is pulled toward its class prototype and
+    pushed from the others (cosine similarity / temperature, softmax over classes).
+
+    Args:
+        features: (N, D) voxel features, receive gradient.
+        labels: (N,) class index of each feature.
+        prototypes: (C, D) class prototypes (treated as constants).
+        temperature: softmax temperature (> 0).
+
+    Returns:
+        Scalar; 0 for N = 0.
+    """
+    if features.shape[0] == 0:
+        return features.sum() * 0.0
+    similarity = torch.nn.functional.normalize(features.float(), dim=1) @ \
+        torch.nn.functional.normalize(prototypes.detach().float(), dim=1).T
+    return torch.nn.functional.cross_entropy(similarity / temperature, labels.long())

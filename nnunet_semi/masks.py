@@ -71,3 +71,47 @@ def synergy_regions(probs_plain: torch.Tensor, probs_mixed: torch.Tensor, tau: f
     if ambiguity_from_both_views:
         ambiguous = ambiguous | ambiguity_mask(probs_mixed, tau, measure)
     return SynergyRegions(agree & ~ambiguous, ~agree & ~ambiguous, ambiguous, agree & ambiguous)
+
+
+def percentile(values: torch.Tensor, percent: float, max_samples: int = 2**22,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """The ``percent``-th percentile of all elements, exact up to ``max_samples`` elements, else of a uniform random
+    subset of that size: a full 3D patch batch can exceed ``torch.quantile``'s input limit (2^24 elements in many
+    torch releases), and the subset bounds the cost.
+
+    Args:
+        values: any shape; flattened.
+        percent: in [0, 100].
+        max_samples: subset size for large inputs.
+        generator: randomness of the subset (CPU generator; None: the global one).
+
+    Returns:
+        0-d tensor (nearest-rank percentile via ``kthvalue``).
+    """
+    if not 0 <= percent <= 100:
+        raise ValueError(f"percent must be in [0, 100], got {percent}")
+    flat = values.detach().reshape(-1).float()
+    if flat.numel() > max_samples:
+        index = torch.randint(0, flat.numel(), (max_samples,), generator=generator).to(flat.device)
+        flat = flat[index]
+    k = min(flat.numel(), max(1, round(percent / 100 * flat.numel())))
+    return flat.kthvalue(k).values
+
+
+def entropy_percentile_mask(probs_a: torch.Tensor, probs_b: torch.Tensor, percent: float = 20.0,
+                            max_samples: int = 2**22, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Voxels that are confident for at least one of two networks: normalised entropy below that network's
+    ``percent``-th percentile over the batch (the dual network's adaptive entropy masking, on probabilities).
+
+    Args:
+        probs_a, probs_b: softmax probabilities (B, C, *spatial) of the two networks.
+        percent: percentile of each network's entropy distribution below which a voxel counts as reliable.
+
+    Returns:
+        (B, 1, *spatial) bool, True where the voxel is kept.
+    """
+    if probs_a.shape != probs_b.shape:
+        raise ValueError(f"shape mismatch: {tuple(probs_a.shape)} vs {tuple(probs_b.shape)}")
+    entropy_a, entropy_b = normalized_entropy(probs_a.detach()), normalized_entropy(probs_b.detach())
+    return (entropy_a < percentile(entropy_a, percent, max_samples, generator)) | \
+        (entropy_b < percentile(entropy_b, percent, max_samples, generator))
