@@ -41,10 +41,6 @@ def with_schedule(trainer_cls: type, epochs: int, iterations: int, val_iteration
     return type(name, (trainer_cls,), {"__init__": __init__, "__module__": __name__})
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -54,7 +50,6 @@ def device_description(device: torch.device) -> str:
 
 def provenance(device: torch.device) -> dict:
     """Commit, versions, device and time of a benchmark run."""
-    import nnunetv2  # noqa: F401
     from importlib.metadata import version
 
     try:
@@ -65,11 +60,6 @@ def provenance(device: torch.device) -> dict:
     return {"commit": commit, "nnunet_semi": nnunet_semi.__version__, "nnunetv2": version("nnunetv2"),
             "torch": torch.__version__, "device": device_description(device),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-
-
-def write_json(obj, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
 
 
 def load_plans_and_dataset_json(preprocessed_dataset: str, plans_identifier: str) -> tuple[dict, dict]:

@@ -24,7 +24,6 @@ from nnunet_semi.benchmark.common import (
     provenance,
     resolve_trainer,
     with_schedule,
-    write_json,
 )
 from nnunet_semi.dataset_io import require_env_folder, resolve_dataset_name
 from nnunet_semi.errors import SemiInputError
