@@ -30,6 +30,19 @@ def require_env_folder(name: str) -> str:
     return value
 
 
+NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+def use_nnunet_folders(root: str) -> dict[str, str]:
+    """Create ``root/nnUNet_raw``, ``nnUNet_preprocessed`` and ``nnUNet_results`` and export them for nnU-Net (and
+    for the commands this process starts); returns variable -> absolute folder."""
+    paths = {name: os.path.abspath(join(root, name)) for name in NNUNET_FOLDERS}
+    for path in paths.values():
+        os.makedirs(path, exist_ok=True)
+    os.environ.update(paths)
+    return paths
+
+
 def resolve_dataset_name(dataset_name_or_id: int | str) -> str:
     """``DatasetXXX_Name`` for an id or name, with a clear error when nnU-Net cannot find it."""
     try:

@@ -38,19 +38,26 @@ def _run(args: list[str], log_file: str) -> None:
         raise RuntimeError(f"{' '.join(args)} failed (exit {result.returncode}); end of {log_file}:\n{tail}")
 
 
-def write_demo_plans(preprocessed_dataset: str, features: tuple[int, ...] = (8, 16, 32, 64)) -> None:
-    """Copy the dataset's plans as ``nnUNetDemoPlans`` with fewer feature maps (same preprocessed data)."""
-    with open(join(preprocessed_dataset, "nnUNetPlans.json")) as f:
-        plans = json.load(f)
-    plans["plans_name"] = DEMO_PLANS
+def reduce_network(plans: dict, features: tuple[int, ...], convs_per_stage: int | None = None) -> dict:
+    """Shrink every configuration's U-Net in ``plans`` (in place) to ``features`` per stage, at most as many stages
+    as before; ``convs_per_stage`` also sets the convolutions per stage (None keeps the plans' counts)."""
     for configuration in plans["configurations"].values():
         kwargs = configuration.get("architecture", {}).get("arch_kwargs")
         if kwargs is None:
             continue
         n = min(len(features), kwargs["n_stages"])
+        encoder = [convs_per_stage] * n if convs_per_stage else kwargs["n_conv_per_stage"][:n]
+        decoder = [convs_per_stage] * (n - 1) if convs_per_stage else kwargs["n_conv_per_stage_decoder"][:n - 1]
         kwargs.update(n_stages=n, features_per_stage=list(features[:n]), kernel_sizes=kwargs["kernel_sizes"][:n],
-                      strides=kwargs["strides"][:n], n_conv_per_stage=kwargs["n_conv_per_stage"][:n],
-                      n_conv_per_stage_decoder=kwargs["n_conv_per_stage_decoder"][:n - 1])
+                      strides=kwargs["strides"][:n], n_conv_per_stage=encoder, n_conv_per_stage_decoder=decoder)
+    return plans
+
+
+def write_demo_plans(preprocessed_dataset: str, features: tuple[int, ...] = (8, 16, 32, 64)) -> None:
+    """Copy the dataset's plans as ``nnUNetDemoPlans`` with fewer feature maps (same preprocessed data)."""
+    with open(join(preprocessed_dataset, "nnUNetPlans.json")) as f:
+        plans = reduce_network(json.load(f), features)
+    plans["plans_name"] = DEMO_PLANS
     with open(join(preprocessed_dataset, DEMO_PLANS + ".json"), "w") as f:
         json.dump(plans, f, indent=2)
 
@@ -94,16 +101,14 @@ def run_demo(out_dir: str, baseline_trainer: str = "nnUNetTrainer_demo",
     """Run the whole demo in ``out_dir``; returns trainer -> {test case: Dice}. Writes demo_results.{json,png}."""
     import torch
 
+    from nnunet_semi.dataset_io import use_nnunet_folders
     from nnunet_semi.discovery import trainer_dir
     from nnunet_semi.splits import make_labeled_split
     from nnunet_semi.synthetic import make_synthetic_dataset
     from nnunet_semi.unlabeled import preprocess_unlabeled
 
     out_dir = os.path.abspath(out_dir)
-    paths = {name: join(out_dir, name) for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    for path in paths.values():
-        os.makedirs(path, exist_ok=True)
-    os.environ.update(paths)
+    paths = use_nnunet_folders(out_dir)
     os.environ["nnUNet_extTrainer"] = os.pathsep.join(
         p for p in (trainer_dir(), os.environ.get("nnUNet_extTrainer", "")) if p)
     os.environ.setdefault("nnUNet_n_proc_DA", str(num_processes))

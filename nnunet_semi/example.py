@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from os.path import join
 
+from nnunet_semi.dataset_io import use_nnunet_folders
 from nnunet_semi.splits import make_labeled_split
 from nnunet_semi.synthetic import make_synthetic_dataset
 from nnunet_semi.unlabeled import preprocess_unlabeled
@@ -20,12 +20,7 @@ EXAMPLE_DATASET_ID = 991
 
 def run_example(out_dir: str, num_processes: int = 2, num_labeled: int = 4) -> dict[str, str]:
     """Set up the example under ``out_dir``; returns the nnU-Net path variables to export."""
-    paths = {name: os.path.abspath(join(out_dir, folder)) for name, folder in
-             (("nnUNet_raw", "nnUNet_raw"), ("nnUNet_preprocessed", "nnUNet_preprocessed"),
-              ("nnUNet_results", "nnUNet_results"))}
-    for path in paths.values():
-        os.makedirs(path, exist_ok=True)
-    os.environ.update(paths)
+    paths = use_nnunet_folders(out_dir)
     make_synthetic_dataset(paths["nnUNet_raw"], EXAMPLE_DATASET_ID, name="SemiExample", num_labeled=12,
                            num_unlabeled=12, num_test=6, shape=(48, 48, 48), seed=0)
     subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", str(EXAMPLE_DATASET_ID), "-c", "3d_fullres", "-np",

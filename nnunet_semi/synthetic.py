@@ -92,3 +92,16 @@ def make_synthetic_dataset(raw_root: str, dataset_id: int = 990, name: str = "Se
     with open(join(folder, "dataset.json"), "w") as f:
         json.dump(dataset_json, f, indent=4)
     return folder
+
+
+def plan_and_preprocess(dataset_id: int, configurations: tuple[str, ...] = ("3d_fullres",),
+                        check_dataset_integrity: bool = True) -> None:
+    """nnU-Net's own fingerprinting, planning and preprocessing through its Python API, in this process."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprints, plan_experiments, preprocess)
+
+    extract_fingerprints([dataset_id], num_processes=1, check_dataset_integrity=check_dataset_integrity,
+                         verbose=False)
+    plan_experiments([dataset_id])
+    preprocess([dataset_id], configurations=list(configurations), num_processes=[1] * len(configurations),
+               verbose=False)

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from nnunet_semi.synthetic import plan_and_preprocess  # noqa: F401  (re-exported for the test modules)
+
 DATASET_ID = 990
 DATASET_NAME = "Dataset990_SemiSynthetic"
 
@@ -58,28 +60,14 @@ def nnunet_env(tmp_path, monkeypatch) -> NNUNetFolders:
     return _point_nnunet_at(monkeypatch, tmp_path)
 
 
-def plan_and_preprocess(dataset_id: int, configurations=("3d_fullres",)) -> None:
-    """nnU-Net's own fingerprinting, planning and preprocessing, through its Python API."""
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-        extract_fingerprints, plan_experiments, preprocess)
-
-    extract_fingerprints([dataset_id], num_processes=1, check_dataset_integrity=True, verbose=False)
-    plan_experiments([dataset_id])
-    preprocess([dataset_id], configurations=list(configurations), num_processes=[1] * len(configurations),
-               verbose=False)
-
-
 def shrink_network(plans_file: Path, features=(4, 8, 16)) -> None:
-    """A 3-stage 4/8/16-channel U-Net in every configuration, so that CPU training takes seconds."""
-    plans = json.loads(plans_file.read_text())
+    """A 3-stage 4/8/16-channel U-Net (one conv per stage) in every configuration, batch 2: CPU training in seconds."""
+    from nnunet_semi.demo import reduce_network
+
+    plans = reduce_network(json.loads(plans_file.read_text()), features, convs_per_stage=1)
     for configuration in plans["configurations"].values():
-        if "architecture" not in configuration:
-            continue
-        kwargs = configuration["architecture"]["arch_kwargs"]
-        n = len(features)
-        kwargs.update(n_stages=n, features_per_stage=list(features), kernel_sizes=kwargs["kernel_sizes"][:n],
-                      strides=kwargs["strides"][:n], n_conv_per_stage=[1] * n, n_conv_per_stage_decoder=[1] * (n - 1))
-        configuration["batch_size"] = 2
+        if "architecture" in configuration:
+            configuration["batch_size"] = 2
     plans_file.write_text(json.dumps(plans, indent=2))
 
 

@@ -21,25 +21,20 @@ def semi_trainers() -> list[str]:
 
 def make_tiny_dataset(root: str) -> str:
     """A generated, planned and preprocessed dataset with a tiny network; exports the nnU-Net path variables."""
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, \
-        preprocess
-
+    from nnunet_semi.dataset_io import use_nnunet_folders
     from nnunet_semi.demo import write_demo_plans
-    from nnunet_semi.synthetic import make_synthetic_dataset
+    from nnunet_semi.synthetic import make_synthetic_dataset, plan_and_preprocess
     from nnunet_semi.unlabeled import preprocess_unlabeled
 
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.environ[name] = join(os.path.abspath(root), name)
-        os.makedirs(os.environ[name], exist_ok=True)
-    raw = join(os.environ["nnUNet_raw"], f"Dataset{TINY_DATASET_ID}_SemiTiny")
-    if os.path.isfile(join(os.environ["nnUNet_preprocessed"], os.path.basename(raw), "nnUNetDemoPlans.json")):
+    paths = use_nnunet_folders(root)
+    raw = join(paths["nnUNet_raw"], f"Dataset{TINY_DATASET_ID}_SemiTiny")
+    preprocessed = join(paths["nnUNet_preprocessed"], os.path.basename(raw))
+    if os.path.isfile(join(preprocessed, "nnUNetDemoPlans.json")):
         return raw  # made by an earlier run in the same folder
-    raw = make_synthetic_dataset(os.environ["nnUNet_raw"], TINY_DATASET_ID, name="SemiTiny", num_labeled=8,
-                                 num_unlabeled=4, num_test=4, shape=(24, 24, 24), seed=7)
-    extract_fingerprints([TINY_DATASET_ID], num_processes=1, verbose=False)
-    plan_experiments([TINY_DATASET_ID])
-    preprocess([TINY_DATASET_ID], configurations=["3d_fullres"], num_processes=[1], verbose=False)
-    write_demo_plans(join(os.environ["nnUNet_preprocessed"], os.path.basename(raw)), features=(4, 8, 16))
+    make_synthetic_dataset(paths["nnUNet_raw"], TINY_DATASET_ID, name="SemiTiny", num_labeled=8, num_unlabeled=4,
+                           num_test=4, shape=(24, 24, 24), seed=7)
+    plan_and_preprocess(TINY_DATASET_ID, check_dataset_integrity=False)
+    write_demo_plans(preprocessed, features=(4, 8, 16))
     preprocess_unlabeled(TINY_DATASET_ID, ["3d_fullres"], num_processes=1, plans_identifier="nnUNetDemoPlans")
     return raw
 
