@@ -341,12 +341,16 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
             self.logger.log(f"semi_{stat}", self._mean_over_ranks(outputs[f"stat_{stat}"]), self.current_epoch)
         self.logger.log("semi_unsup_weight", self._mean_over_ranks(outputs["unsup_weight"]), self.current_epoch)
 
+    def _gather_over_ranks(self, value) -> list:
+        """``value`` from every DDP rank (a one-element list without DDP)."""
+        if not self.is_ddp:
+            return [value]
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, value)
+        return gathered
+
     def _mean_over_ranks(self, values) -> float:
-        if self.is_ddp:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, values)
-            values = np.concatenate([np.atleast_1d(v) for v in gathered])
-        return float(np.mean(values))
+        return float(np.mean(np.concatenate([np.atleast_1d(v) for v in self._gather_over_ranks(values)])))
 
     def validation_step(self, batch: dict) -> dict:
         teacher_counts = {}
@@ -385,11 +389,7 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         self.logger.log("semi_teacher_dice", float(dice), self.current_epoch)
 
     def _sum_over_ranks(self, value: np.ndarray) -> np.ndarray:
-        if not self.is_ddp:
-            return value
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, value)
-        return np.sum(gathered, 0)
+        return np.sum(self._gather_over_ranks(value), 0)
 
     def on_epoch_end(self):
         epoch = self.current_epoch
