@@ -324,7 +324,7 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
 
     def _log_keys(self) -> list[str]:
         keys = [f"semi_loss_{t}" for t in self.loss_terms] + [f"semi_{s}" for s in self.statistics]
-        return keys + ["semi_unsup_weight"] + (["semi_teacher_dice"] if self.teacher is not None else [])
+        return keys + ["semi_unsup_weight"] + [f"semi_{m}_dice" for m in self.validated_models()]
 
     def _register_log_keys(self) -> None:
         # nnU-Net's local logger accepts only keys present in its dict and plots the shortest list: register once
@@ -350,20 +350,35 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         return gathered
 
     def _mean_over_ranks(self, values) -> float:
-        return float(np.mean(np.concatenate([np.atleast_1d(v) for v in self._gather_over_ranks(values)])))
+        values = np.concatenate([np.atleast_1d(v) for v in self._gather_over_ranks(values)]).astype(np.float64)
+        # statistics that are undefined in a step (e.g. nothing to compare yet) are NaN there and skipped
+        return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
-    def validation_step(self, batch: dict) -> dict:
-        teacher_counts = {}
-        if self.teacher is not None:
-            target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
-            teacher_counts = self._teacher_tp_fp_fn(batch["data"].to(self.device), target.to(self.device))
-        return super().validation_step(batch) | teacher_counts
+    def validated_models(self) -> tuple[str, ...]:
+        """Models validated beside ``self.network`` every epoch (``semi_<name>_dice``), in the order in which they
+        are candidates for deployment. Default: the teacher, if any."""
+        return ("teacher",) if self.teacher is not None else ()
 
     @torch.no_grad()
-    def _teacher_tp_fp_fn(self, data: torch.Tensor, target: torch.Tensor) -> dict:
-        """Hard tp/fp/fn of the teacher's prediction against the labels of a validation batch, per class."""
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            probs = self.teacher_probabilities(data)
+    def validation_probabilities(self, data: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Full-resolution probabilities (B, C, *patch) of every model in ``validated_models`` on a validation
+        batch."""
+        return {"teacher": self.teacher_probabilities(data)} if self.teacher is not None else {}
+
+    def validation_step(self, batch: dict) -> dict:
+        counts = {}
+        if self.validated_models():
+            target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+            data, target = batch["data"].to(self.device), target.to(self.device)
+            with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+                probabilities = self.validation_probabilities(data)
+            for name, probs in probabilities.items():
+                counts.update(self._hard_tp_fp_fn(probs, target, name))
+        return super().validation_step(batch) | counts
+
+    @torch.no_grad()
+    def _hard_tp_fp_fn(self, probs: torch.Tensor, target: torch.Tensor, name: str) -> dict:
+        """Hard tp/fp/fn of a probability map's decision against the labels of a validation batch, per class."""
         mask = None
         if self.label_manager.has_regions:
             prediction = (probs > 0.5).long()
@@ -376,17 +391,18 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
                 target = torch.where(target == self.label_manager.ignore_label, 0, target)
         tp, fp, fn, _ = get_tp_fp_fn_tn(prediction, target, axes=[0] + list(range(2, probs.ndim)), mask=mask)
         first = 0 if self.label_manager.has_regions else 1  # no background Dice
-        return {f"teacher_{n}": v[first:].cpu().numpy() for n, v in (("tp", tp), ("fp", fp), ("fn", fn))}
+        return {f"{name}_{n}": v[first:].cpu().numpy() for n, v in (("tp", tp), ("fp", fp), ("fn", fn))}
 
     def on_validation_epoch_end(self, val_outputs: list[dict]):
         super().on_validation_epoch_end(val_outputs)
-        if self.teacher is None:
+        if not self.validated_models():
             return
         outputs = collate_outputs(val_outputs)
-        tp, fp, fn = (self._sum_over_ranks(np.sum(outputs[f"teacher_{n}"], 0)) for n in ("tp", "fp", "fn"))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            dice = np.nanmean(2 * tp / (2 * tp + fp + fn))
-        self.logger.log("semi_teacher_dice", float(dice), self.current_epoch)
+        for name in self.validated_models():
+            tp, fp, fn = (self._sum_over_ranks(np.sum(outputs[f"{name}_{n}"], 0)) for n in ("tp", "fp", "fn"))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                dice = np.nanmean(2 * tp / (2 * tp + fp + fn))
+            self.logger.log(f"semi_{name}_dice", float(dice), self.current_epoch)
 
     def _sum_over_ranks(self, value: np.ndarray) -> np.ndarray:
         return np.sum(self._gather_over_ranks(value), 0)
@@ -420,7 +436,15 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         if self.local_rank == 0 and not self.disable_checkpointing:
             checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
             checkpoint[SEMI_STATE_KEY] = self.semi_state()
+            deployed = self.deployed_network_state()
+            if deployed is not None:
+                checkpoint["network_weights"] = deployed
             torch.save(checkpoint, filename)
+
+    def deployed_network_state(self) -> dict | None:
+        """``network_weights`` to write instead of ``self.network``'s state (a deployable module that
+        ``build_network_architecture`` builds at inference); None: ``self.network``'s."""
+        return None
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         super().load_checkpoint(filename_or_checkpoint)
@@ -431,17 +455,26 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
                                f" has no '{SEMI_STATE_KEY}': it was not written by a nnunet-semi trainer.")
         self.load_semi_state(checkpoint[SEMI_STATE_KEY])
 
-    def choose_deployed_weights(self) -> str:
-        """'teacher' if its validation Dice over the last ``deploy_selection_epochs`` epochs is at least the
-        student's, else 'student'."""
-        if self.teacher is None:
-            return "student"
+    def validation_scores(self) -> dict[str, float]:
+        """Mean validation pseudo Dice over the last ``deploy_selection_epochs`` epochs: 'student' (``self.network``)
+        and every model in ``validated_models``."""
         n = self.deploy_selection_epochs
-        teacher = np.nanmean(self.logger.get_value("semi_teacher_dice", step=None)[-n:])
-        student = np.nanmean(self.logger.get_value("mean_fg_dice", step=None)[-n:])
-        self.print_to_log_file(f"Validation pseudo Dice over the last {n} epochs: teacher {teacher:.4f}, student "
-                               f"{student:.4f}")
-        return "teacher" if teacher >= student else "student"
+        scores = {"student": float(np.nanmean(self.logger.get_value("mean_fg_dice", step=None)[-n:]))}
+        for name in self.validated_models():
+            scores[name] = float(np.nanmean(self.logger.get_value(f"semi_{name}_dice", step=None)[-n:]))
+        self.print_to_log_file(f"Validation pseudo Dice over the last {n} epochs: "
+                               + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        return scores
+
+    def choose_deployed_weights(self) -> str:
+        """The model with the best ``validation_scores``; a tie goes to the later one (the teacher over the
+        student)."""
+        scores = self.validation_scores()
+        best = "student"
+        for name, score in scores.items():
+            if score >= scores[best]:
+                best = name
+        return best
 
     def finalize_deployed_weights(self) -> None:
         """Put the teacher into ``self.network`` if it validates better, keeping the student in ``auxiliary``.

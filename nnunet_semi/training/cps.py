@@ -28,10 +28,14 @@ class nnUNetTrainerCPS(SemiSupervisedTrainerBase):
 
     def build_auxiliary_modules(self) -> nn.ModuleDict:
         modules = super().build_auxiliary_modules()
-        modules["peer"] = self.build_network_architecture(
+        modules["peer"] = self.build_peer_network()
+        return modules
+
+    def build_peer_network(self) -> nn.Module:
+        """Network 2. Default: the plans' architecture again (nnU-Net initialises it independently)."""
+        return self.build_network_architecture(
             self.plans_manager, self.configuration_manager, self.num_input_channels,
             self.label_manager.num_segmentation_heads, self.enable_deep_supervision)
-        return modules
 
     def initialize(self):
         super().initialize()
