@@ -135,3 +135,45 @@ def prototype_infonce(features: torch.Tensor, labels: torch.Tensor, prototypes: 
     similarity = torch.nn.functional.normalize(features.float(), dim=1) @ \
         torch.nn.functional.normalize(prototypes.detach().float(), dim=1).T
     return torch.nn.functional.cross_entropy(similarity / temperature, labels.long())
+
+
+def masked_pseudo_label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against hard pseudo labels averaged over the voxels in ``mask`` only.
+
+    This equals ``w * CE(ignore = ~mask)`` with the dual network's ``w = N / N_kept`` (the mean over all N voxels
+    with the ignored ones counted as 0, rescaled), so the term keeps its size however few voxels are kept.
+
+    Args:
+        logits: (B, C, *spatial), receive gradient.
+        labels: hard pseudo labels (B, 1, *spatial).
+        mask: kept voxels (B, 1, *spatial) bool.
+
+    Returns:
+        Scalar; 0 (with gradient graph) when no voxel is kept.
+    """
+    weight = mask.float()
+    kept = weight.sum()
+    return (voxel_cross_entropy(logits, labels.detach()) * weight).sum() / kept.clamp_min(1.0)
+
+
+def masked_probability_mse(probs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                           ignore: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared difference between probabilities and one-hot labels, summed over classes and averaged over the
+    voxels in ``mask`` (the dual network's cross-reliable term, multi-class).
+
+    Args:
+        probs: (B, C, *spatial), receive gradient.
+        labels: (B, 1, *spatial) hard labels in [0, C).
+        mask: (B, 1, *spatial) bool, voxels that count.
+        ignore: optional (B, 1, *spatial) bool, voxels that never count (nnU-Net's ignore label).
+
+    Returns:
+        Scalar; 0 when no voxel counts.
+    """
+    if ignore is not None:
+        mask = mask & ~ignore
+        labels = torch.where(ignore, 0, labels)
+    onehot = torch.nn.functional.one_hot(_as_index_labels(labels), probs.shape[1]).movedim(-1, 1).float()
+    weight = mask.float()
+    squared = ((probs.float() - onehot) ** 2).sum(1, keepdim=True)
+    return (squared * weight).sum() / weight.sum().clamp_min(1.0)

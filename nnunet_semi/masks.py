@@ -115,3 +115,45 @@ def entropy_percentile_mask(probs_a: torch.Tensor, probs_b: torch.Tensor, percen
     entropy_a, entropy_b = normalized_entropy(probs_a.detach()), normalized_entropy(probs_b.detach())
     return (entropy_a < percentile(entropy_a, percent, max_samples, generator)) | \
         (entropy_b < percentile(entropy_b, percent, max_samples, generator))
+
+
+def union_pseudo_label(probs_a: torch.Tensor, probs_b: torch.Tensor) -> torch.Tensor:
+    """Hard pseudo label that keeps the foreground either of two networks predicts (the dual network's union target).
+
+    For two classes this is ``argmax_a OR argmax_b``. With more classes: where both agree, that class; where one
+    predicts background (class 0), the other's class; where they predict different foreground classes, the class of
+    the more confident network (higher max probability).
+
+    Args:
+        probs_a, probs_b: softmax probabilities (B, C, *spatial).
+
+    Returns:
+        (B, 1, *spatial) long.
+    """
+    if probs_a.shape != probs_b.shape:
+        raise ValueError(f"shape mismatch: {tuple(probs_a.shape)} vs {tuple(probs_b.shape)}")
+    confidence_a, label_a = probs_a.detach().max(1, keepdim=True)
+    confidence_b, label_b = probs_b.detach().max(1, keepdim=True)
+    take_b = (label_a == 0) | ((label_b != 0) & (confidence_b > confidence_a))
+    return torch.where(take_b, label_b, label_a)
+
+
+def cross_reliable_mask(probs_a: torch.Tensor, probs_b: torch.Tensor, confidence: float = 0.6) -> torch.Tensor:
+    """Voxels where exactly one of two networks predicts foreground confidently (the dual network's cross-reliable
+    region): ``[argmax_a != 0 and max p_a >= t] XOR [argmax_b != 0 and max p_b >= t]``.
+
+    Args:
+        probs_a, probs_b: softmax probabilities (B, C, *spatial).
+        confidence: t.
+
+    Returns:
+        (B, 1, *spatial) bool.
+    """
+    if probs_a.shape != probs_b.shape:
+        raise ValueError(f"shape mismatch: {tuple(probs_a.shape)} vs {tuple(probs_b.shape)}")
+
+    def confident_foreground(probs):
+        value, label = probs.detach().max(1, keepdim=True)
+        return (label != 0) & (value >= confidence)
+
+    return confident_foreground(probs_a) ^ confident_foreground(probs_b)

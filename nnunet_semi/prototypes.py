@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nnunet_semi.losses import prototype_infonce
+
 
 class PrototypeBank(nn.Module):
     """One feature prototype per class, updated by exponential moving average of class-mean features.
@@ -35,6 +37,57 @@ class PrototypeBank(nn.Module):
             else:
                 self.prototypes[c].copy_(mean)
                 self.initialized[c] = True
+
+
+    def contrast_loss(self, features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+        """InfoNCE of features against the initialised prototypes (``losses.prototype_infonce``).
+
+        Features of classes without a prototype yet are left out; with fewer than two initialised classes there is
+        nothing to contrast and the loss is 0 (with gradient graph).
+
+        Args:
+            features: (N, D), receive gradient.
+            labels: (N,) class indices.
+        """
+        available = self.initialized.nonzero()[:, 0]
+        if available.numel() < 2:
+            return features.sum() * 0.0
+        # class index -> row of the available prototypes (-1: no prototype)
+        row = torch.full((self.prototypes.shape[0],), -1, dtype=torch.long, device=labels.device)
+        row[available.to(labels.device)] = torch.arange(available.numel(), device=labels.device)
+        rows = row[labels.long()]
+        keep = rows >= 0
+        return prototype_infonce(features[keep], rows[keep], self.prototypes[available], temperature)
+
+    @torch.no_grad()
+    def similarity_to_own_class(self, features: torch.Tensor, labels: torch.Tensor) -> float:
+        """Mean cosine similarity of features (N, D) to their class's prototype (NaN if none can be compared)."""
+        keep = self.initialized[labels.long()]
+        if not keep.any():
+            return float("nan")
+        prototypes = self.prototypes[labels.long()[keep]]
+        return float(torch.nn.functional.cosine_similarity(features[keep].float(), prototypes, dim=1).mean())
+
+
+def gather_voxels(features: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                  max_voxels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature vectors and labels of the voxels in ``mask``, optionally a uniform random subset (bounds memory on
+    full 3D patches).
+
+    Args:
+        features: (B, D, *spatial).
+        labels: (B, 1, *spatial) class indices.
+        mask: (B, 1, *spatial) bool.
+        max_voxels: keep at most this many voxels (None: all).
+
+    Returns:
+        (N, D) features (gradient flows back to ``features``) and (N,) labels.
+    """
+    index = mask[:, 0].reshape(-1).nonzero()[:, 0]
+    if max_voxels is not None and index.numel() > max_voxels:
+        index = index[torch.randperm(index.numel(), device=index.device)[:max_voxels]]
+    flat_features = features.movedim(1, -1).reshape(-1, features.shape[1])
+    return flat_features[index], labels[:, 0].reshape(-1)[index]
 
 
 class DecoderFeatures:

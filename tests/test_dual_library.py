@@ -8,9 +8,16 @@ import math
 import pytest
 import torch
 
-from nnunet_semi.losses import kl_weighted_pseudo_label_loss, prototype_infonce
-from nnunet_semi.masks import entropy_percentile_mask, percentile
-from nnunet_semi.prototypes import DecoderFeatures, PrototypeBank
+from nnunet_semi.ensemble import DualNetworkEnsemble, is_ensemble_state, member_state
+from nnunet_semi.losses import (
+    kl_weighted_pseudo_label_loss,
+    masked_probability_mse,
+    masked_pseudo_label_cross_entropy,
+    prototype_infonce,
+)
+from nnunet_semi.masks import cross_reliable_mask, entropy_percentile_mask, percentile, union_pseudo_label
+from nnunet_semi.networks import PLAIN_CONV_UNET, RESIDUAL_ENCODER_UNET, build_network, residual_encoder_sibling
+from nnunet_semi.prototypes import DecoderFeatures, PrototypeBank, gather_voxels
 
 
 def test_percentile_matches_nearest_rank_and_estimates_large_inputs_from_a_subset():
@@ -99,3 +106,140 @@ def test_decoder_features_are_the_full_resolution_input_of_the_last_head(dim):
     captured.features = None
     network(x)
     assert captured.features is None
+
+
+def _probs(*columns):
+    """(1, C, N) probabilities from per-voxel class distributions."""
+    return torch.tensor(columns, dtype=torch.float32).T[None]
+
+
+def test_union_pseudo_label_is_the_foreground_union_and_resolves_foreground_conflicts_by_confidence():
+    # binary: argmax_a OR argmax_b
+    a = _probs([0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.3, 0.7])
+    b = _probs([0.8, 0.2], [0.9, 0.1], [0.4, 0.6], [0.1, 0.9])
+    assert union_pseudo_label(a, b)[0, 0].tolist() == [0, 1, 1, 1]
+    # three classes: agreement, background vs foreground, and two foreground classes (the more confident wins)
+    a = _probs([0.1, 0.8, 0.1], [0.8, 0.1, 0.1], [0.1, 0.6, 0.3], [0.1, 0.9, 0.0])
+    b = _probs([0.1, 0.7, 0.2], [0.1, 0.1, 0.8], [0.1, 0.2, 0.7], [0.1, 0.2, 0.7])
+    assert union_pseudo_label(a, b)[0, 0].tolist() == [1, 2, 2, 1]
+
+
+def test_cross_reliable_mask_marks_voxels_where_exactly_one_network_is_confidently_foreground():
+    a = _probs([0.3, 0.7], [0.3, 0.7], [0.45, 0.55], [0.9, 0.1])
+    b = _probs([0.3, 0.7], [0.8, 0.2], [0.2, 0.8], [0.9, 0.1])
+    # both confident fg | only a | a is fg but below 0.6, b confident | both background
+    assert cross_reliable_mask(a, b, 0.6)[0, 0].tolist() == [False, True, True, False]
+
+
+def test_masked_pseudo_label_cross_entropy_is_the_ignore_index_ce_times_n_over_n_kept():
+    logits = torch.randn(2, 3, 4, 5, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 1, 4, 5))
+    kept = torch.rand(2, 1, 4, 5) > 0.6
+    ignored = torch.where(kept, labels, torch.full_like(labels, 3))[:, 0]
+    # the paper's form: w * CE with ignored voxels counting 0, w = N / N_kept
+    reference = torch.nn.functional.cross_entropy(logits, ignored, ignore_index=3, reduction="none").mean() \
+        * kept.numel() / kept.sum()
+    loss = masked_pseudo_label_cross_entropy(logits, labels, kept)
+    torch.testing.assert_close(loss, reference)
+    loss.backward()
+    assert logits.grad.abs().sum() > 0
+    assert (logits.grad.movedim(1, -1)[~kept[:, 0]] == 0).all()  # ignored voxels get no gradient
+    none_kept = masked_pseudo_label_cross_entropy(logits, labels, torch.zeros_like(kept))
+    assert none_kept.item() == 0.0 and none_kept.requires_grad
+
+
+def test_masked_probability_mse_by_hand_and_ignore_voxels():
+    probs = _probs([0.6, 0.4], [0.2, 0.8], [0.5, 0.5]).requires_grad_(True)
+    labels = torch.tensor([[[1, 1, 0]]])
+    mask = torch.tensor([[[True, True, True]]])
+    # voxel 0: (0.6-0)^2 + (0.4-1)^2 = 0.72; voxel 1: 0.04 + 0.04 = 0.08; voxel 2: 0.25 + 0.25 = 0.5
+    assert masked_probability_mse(probs, labels, mask).item() == pytest.approx((0.72 + 0.08 + 0.5) / 3)
+    ignore = torch.tensor([[[False, False, True]]])
+    loss = masked_probability_mse(probs, labels, mask, ignore)
+    assert loss.item() == pytest.approx((0.72 + 0.08) / 2)
+    loss.backward()
+    assert (probs.grad[0, :, 2] == 0).all() and probs.grad[0, :, :2].abs().sum() > 0
+
+
+def test_gather_voxels_takes_masked_voxels_with_gradient_and_bounds_their_number():
+    features = torch.randn(2, 4, 3, 3, requires_grad=True)
+    labels = torch.randint(0, 2, (2, 1, 3, 3))
+    mask = torch.zeros(2, 1, 3, 3, dtype=torch.bool)
+    mask[0, 0, 1, 2] = mask[1, 0, 0, 0] = True
+    gathered, gathered_labels = gather_voxels(features, labels, mask)
+    torch.testing.assert_close(gathered, torch.stack([features[0, :, 1, 2], features[1, :, 0, 0]]))
+    assert gathered_labels.tolist() == [labels[0, 0, 1, 2].item(), labels[1, 0, 0, 0].item()]
+    gathered.sum().backward()
+    assert features.grad[0, :, 1, 2].eq(1).all() and features.grad.sum() == 8
+    subset, _ = gather_voxels(features, labels, torch.ones_like(mask), max_voxels=5)
+    assert subset.shape == (5, 4)
+
+
+def test_prototype_bank_contrast_skips_classes_without_a_prototype_and_trains_features():
+    bank = PrototypeBank(num_classes=3, feature_dim=2)
+    features = torch.tensor([[1.0, 0.2], [0.1, 1.0], [0.5, 0.5]], requires_grad=True)
+    assert bank.contrast_loss(features, torch.tensor([0, 1, 2])).item() == 0.0  # nothing to contrast yet
+    bank.update(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]))
+    loss = bank.contrast_loss(features, torch.tensor([0, 1, 2]), temperature=0.5)
+    # class 2 has no prototype: only the first two features count
+    expected = prototype_infonce(features[:2], torch.tensor([0, 1]), bank.prototypes[:2], temperature=0.5)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert features.grad[:2].abs().sum() > 0 and (features.grad[2] == 0).all()
+    assert bank.similarity_to_own_class(torch.tensor([[2.0, 0.0]]), torch.tensor([0])) == pytest.approx(1.0)
+    assert math.isnan(bank.similarity_to_own_class(torch.tensor([[2.0, 0.0]]), torch.tensor([2])))
+
+
+def _plain_architecture(dim: int = 3) -> dict:
+    conv = "torch.nn.modules.conv.Conv3d" if dim == 3 else "torch.nn.modules.conv.Conv2d"
+    norm = f"torch.nn.modules.instancenorm.InstanceNorm{dim}d"
+    return {"network_class_name": PLAIN_CONV_UNET, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+            "arch_kwargs": {"n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": conv,
+                            "kernel_sizes": [[3] * dim] * 3, "strides": [[1] * dim, [2] * dim, [2] * dim],
+                            "n_conv_per_stage": [2, 2, 2], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
+                            "norm_op": norm, "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
+                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+                            "nonlin_kwargs": {"inplace": True}}}
+
+
+def test_residual_encoder_sibling_keeps_the_plans_geometry_with_residual_blocks():
+    plain = _plain_architecture()
+    sibling = residual_encoder_sibling(plain)
+    assert sibling["network_class_name"] == RESIDUAL_ENCODER_UNET
+    assert sibling["arch_kwargs"]["n_blocks_per_stage"] == [1, 3, 4]
+    assert "n_conv_per_stage" not in sibling["arch_kwargs"] and "n_conv_per_stage" in plain["arch_kwargs"]
+    assert {k: v for k, v in sibling["arch_kwargs"].items() if k != "n_blocks_per_stage"} == \
+        {k: v for k, v in plain["arch_kwargs"].items() if k != "n_conv_per_stage"}
+    assert residual_encoder_sibling(plain, None)["arch_kwargs"]["n_blocks_per_stage"] == [2, 2, 2]
+    assert residual_encoder_sibling(sibling) == sibling
+    network = build_network(sibling, 1, 3, deep_supervision=False)
+    assert type(network).__name__ == "ResidualEncoderUNet"
+    assert network(torch.randn(1, 1, 8, 8, 8)).shape == (1, 3, 8, 8, 8)
+    with pytest.raises(ValueError, match="PlainConvUNet plans only"):
+        residual_encoder_sibling(plain | {"network_class_name": "my.Net"})
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_dual_network_ensemble_deploys_either_network_or_the_softmax_average(dim):
+    first = build_network(_plain_architecture(dim), 1, 3, deep_supervision=False).eval()
+    second = build_network(residual_encoder_sibling(_plain_architecture(dim)), 1, 3, deep_supervision=False).eval()
+    x = torch.randn(2, 1, *([8] * dim))
+    ensemble = DualNetworkEnsemble(first, second, "ensemble").eval()
+    with torch.no_grad():
+        averaged = (torch.softmax(first(x), 1) + torch.softmax(second(x), 1)) / 2
+        torch.testing.assert_close(torch.softmax(ensemble(x), 1), averaged)
+        state = ensemble.state_dict()
+        assert is_ensemble_state(state) and state["deployed_member"].item() == 2
+
+        # what nnUNetv2_predict does: build a fresh wrapper, load network_weights
+        fresh = DualNetworkEnsemble(build_network(_plain_architecture(dim), 1, 3, False),
+                                    build_network(residual_encoder_sibling(_plain_architecture(dim)), 1, 3, False)).eval()
+        fresh.load_state_dict(DualNetworkEnsemble(first, second, "second").state_dict())
+        assert fresh.deployed == "second"
+        torch.testing.assert_close(fresh(x), second(x))
+        # single-network weights (checkpoints written during training) deploy the first network
+        fresh.load_state_dict(first.state_dict())
+        assert fresh.deployed == "first"
+        torch.testing.assert_close(fresh(x), first(x))
+        torch.testing.assert_close(member_state(state, "second")["decoder.seg_layers.0.weight"],
+                                   second.state_dict()["decoder.seg_layers.0.weight"])
