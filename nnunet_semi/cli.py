@@ -89,13 +89,21 @@ def export_entry(argv=None):
     parser.add_argument("-tr", required=True, help="trainer the model was trained with")
     parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     parser.add_argument("-o", required=True, help="output folder (new or empty)")
+    parser.add_argument("--network", default="best", choices=("best", "student", "peer"),
+                        help="dual-network trainers (DualCCE) only: which single network to export, as vanilla "
+                             "nnU-Net cannot run their ensemble. best (default): the one that validated better alone")
     args = parser.parse_args(argv)
     from os.path import join
 
-    from nnunet_semi.dataset_io import require_env_folder, resolve_dataset_name
+    from nnunet_semi.dataset_io import load_json, require_env_folder, resolve_dataset_name
     from nnunet_semi.export import export_vanilla
 
     results = require_env_folder("nnUNet_results")
     model_folder = join(results, resolve_dataset_name(args.d), f"{args.tr}__{args.p}__{args.c}")
-    for path in export_vanilla(model_folder, args.o):
+    for path in export_vanilla(model_folder, args.o, single_network=args.network):
         print(f"exported {path}")
+    provenance = load_json(join(args.o, "semi_export.json"))
+    for checkpoint, record in provenance.items():
+        if "exported_network" in record:
+            print(f"{checkpoint}: trained as a dual network (deployed: {record['deployed_weights']}); vanilla nnU-Net "
+                  f"cannot run the ensemble, so the single network '{record['exported_network']}' was exported")

@@ -95,3 +95,39 @@ def test_train_resume_and_predict_through_nnunet_commands(TRAINER, command_env, 
         a = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / f"{case}.nii.gz")))
         b = sitk.GetArrayFromImage(sitk.ReadImage(str(vanilla_predictions / f"{case}.nii.gz")))
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_dual_network_ensemble_deploys_through_nnunet_commands_and_exports_its_peer(command_env, tmp_path):
+    env_folders, env = command_env
+    trainer = "nnUNetTrainerDualCCETiny"
+    _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env)
+    fold = env_folders.results / DATASET_NAME / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    assert "network_weights in checkpoint_final.pth: ensemble" in log
+    checkpoint = torch.load(fold / "checkpoint_final.pth", weights_only=False)
+    assert checkpoint["network_weights"]["deployed_member"].item() == 2  # the ensemble
+    assert (fold / "validation" / "summary.json").is_file()  # nnU-Net's final validation ran on the ensemble
+    # --val reloads the ensemble checkpoint and validates again
+    (fold / "validation" / "summary.json").unlink()
+    _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu", "--val"], env)
+    assert (fold / "validation" / "summary.json").is_file()
+
+    predictions = tmp_path / "pred"
+    _run(["nnUNetv2_predict", "-i", str(env_folders.raw_dataset / "imagesTs"), "-o", str(predictions),
+          "-d", str(DATASET_ID), "-c", "3d_fullres", "-f", "0", "-tr", trainer, "-device", "cpu",
+          "-npp", "1", "-nps", "1", "--disable_tta"], env)
+    for case in ("test_000", "test_001"):
+        prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / f"{case}.nii.gz")))
+        assert prediction.shape == (24, 24, 24) and set(np.unique(prediction)) <= {0, 1}
+
+    # vanilla nnU-Net gets the better single network (pinned: the residual-encoder peer) and its architecture
+    exported = tmp_path / "exported"
+    out = _run(["nnUNetv2_semi_export", "-d", str(DATASET_ID), "-c", "3d_fullres", "-tr", trainer, "-o",
+                str(exported)], env)
+    assert "the single network 'peer' was exported" in out
+    vanilla_env = {k: v for k, v in env.items() if k not in ("nnUNet_extTrainer", "PYTHONPATH")}
+    _run(["nnUNetv2_predict_from_modelfolder", "-i", str(env_folders.raw_dataset / "imagesTs"), "-o",
+          str(tmp_path / "pred_vanilla"), "-m", str(exported), "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
+          "--disable_tta"], vanilla_env)
+    assert (tmp_path / "pred_vanilla" / "test_000.nii.gz").is_file()

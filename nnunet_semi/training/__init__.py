@@ -7,6 +7,16 @@ from nnunet_semi.training.cps import (
     nnUNetTrainerCPS_250epochs,
     nnUNetTrainerCPS_500epochs,
 )
+from nnunet_semi.training.dual_cce import (
+    nnUNetTrainerDualCCE,
+    nnUNetTrainerDualCCE_50epochs,
+    nnUNetTrainerDualCCE_100epochs,
+    nnUNetTrainerDualCCE_250epochs,
+    nnUNetTrainerDualCCE_500epochs,
+    nnUNetTrainerDualCCE_noPrototype,
+    nnUNetTrainerDualCCE_oneWayKL,
+    nnUNetTrainerDualCCE_samePair,
+)
 from nnunet_semi.training.demo import nnUNetTrainer_demo, nnUNetTrainerMeanTeacher_demo
 from nnunet_semi.training.mean_teacher import (
     nnUNetTrainerMeanTeacher,
@@ -39,6 +49,14 @@ __all__ = [
     "nnUNetTrainerSGRS_maxProbAmbiguity",
     "nnUNetTrainerSGRS_plainViewAmbiguity",
     "nnUNetTrainerSGRS_strongView",
+    "nnUNetTrainerDualCCE",
+    "nnUNetTrainerDualCCE_50epochs",
+    "nnUNetTrainerDualCCE_100epochs",
+    "nnUNetTrainerDualCCE_250epochs",
+    "nnUNetTrainerDualCCE_500epochs",
+    "nnUNetTrainerDualCCE_noPrototype",
+    "nnUNetTrainerDualCCE_oneWayKL",
+    "nnUNetTrainerDualCCE_samePair",
     "nnUNetTrainerCPS",
     "nnUNetTrainerCPS_50epochs",
     "nnUNetTrainerCPS_100epochs",
