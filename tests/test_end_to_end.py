@@ -26,6 +26,14 @@ def _run(args, env):
     return result.stdout
 
 
+def _predict_test_cases(env_folders, env, trainer: str, output: Path) -> Path:
+    """nnUNetv2_predict of the dataset's imagesTs with fold 0 of ``trainer``, on CPU, without mirroring."""
+    _run(["nnUNetv2_predict", "-i", str(env_folders.raw_dataset / "imagesTs"), "-o", str(output),
+          "-d", str(DATASET_ID), "-c", "3d_fullres", "-f", "0", "-tr", trainer, "-device", "cpu",
+          "-npp", "1", "-nps", "1", "--disable_tta"], env)
+    return output
+
+
 @pytest.fixture
 def command_env(planned_dataset):
     make_labeled_split(DATASET_ID, 2)
@@ -70,10 +78,7 @@ def test_train_resume_and_predict_through_nnunet_commands(TRAINER, command_env, 
     out = _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu", "--c"], env)
     assert "Epoch 2" not in out
 
-    predictions = tmp_path / "pred"
-    _run(["nnUNetv2_predict", "-i", str(env_folders.raw_dataset / "imagesTs"), "-o", str(predictions),
-          "-d", str(DATASET_ID), "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "-device", "cpu",
-          "-npp", "1", "-nps", "1", "--disable_tta"], env)
+    predictions = _predict_test_cases(env_folders, env, TRAINER, tmp_path / "pred")
     for case in ("test_000", "test_001"):
         prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / f"{case}.nii.gz")))
         reference = sitk.GetArrayFromImage(sitk.ReadImage(str(env_folders.raw_dataset / "imagesTs" /
@@ -113,10 +118,7 @@ def test_dual_network_ensemble_deploys_through_nnunet_commands_and_exports_its_p
     _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu", "--val"], env)
     assert (fold / "validation" / "summary.json").is_file()
 
-    predictions = tmp_path / "pred"
-    _run(["nnUNetv2_predict", "-i", str(env_folders.raw_dataset / "imagesTs"), "-o", str(predictions),
-          "-d", str(DATASET_ID), "-c", "3d_fullres", "-f", "0", "-tr", trainer, "-device", "cpu",
-          "-npp", "1", "-nps", "1", "--disable_tta"], env)
+    predictions = _predict_test_cases(env_folders, env, trainer, tmp_path / "pred")
     for case in ("test_000", "test_001"):
         prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / f"{case}.nii.gz")))
         assert prediction.shape == (24, 24, 24) and set(np.unique(prediction)) <= {0, 1}
