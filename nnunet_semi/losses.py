@@ -177,3 +177,21 @@ def masked_probability_mse(probs: torch.Tensor, labels: torch.Tensor, mask: torc
     weight = mask.float()
     squared = ((probs.float() - onehot) ** 2).sum(1, keepdim=True)
     return (squared * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def weighted_ce_dice_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Voxel-weighted CE plus voxel-weighted soft Dice against hard pseudo labels (weights replace a confidence
+    threshold).
+
+    Args:
+        logits: (B, C, *spatial), receive gradient.
+        labels: (B, 1, *spatial) hard pseudo labels.
+        weight: (B, 1, *spatial) voxel weights in [0, 1] (detached here).
+
+    Returns:
+        Scalar: sum(w * CE) / sum(w) + weighted soft Dice loss (all classes, smooth 1).
+    """
+    weight = weight.detach().float()
+    ce = (voxel_cross_entropy(logits, labels.detach()) * weight).sum() / weight.sum().clamp_min(1e-6)
+    dice = masked_soft_dice_loss(torch.softmax(logits.float(), 1), labels.detach(), weight)
+    return ce + dice

@@ -117,3 +117,30 @@ def make_trainer(env: NNUNetFolders, cls, fold=0, configuration="3d_fullres"):
     trainer.on_epoch_start()
     trainer.on_train_epoch_start()
     return trainer
+
+
+def tiny_schedule(cls, **attributes):
+    """``cls`` with a 4-epoch, 2-iteration schedule (and any other class attributes overridden), named after it."""
+    attributes = {"epochs": 4, "iterations_per_epoch": 2, "val_iterations_per_epoch": 1} | attributes
+    return type(f"{cls.__name__}Tiny", (cls,), attributes)
+
+
+def has_grad(module, prefix: str = "") -> bool:
+    """Whether any parameter of ``module`` whose name starts with ``prefix`` received a non-zero gradient."""
+    return any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in module.named_parameters()
+               if n.startswith(prefix))
+
+
+def plain_unet_architecture(dim: int = 3) -> dict:
+    """A tiny 3-stage PlainConvUNet as an nnU-Net plans architecture dict (4/8/16 features, 2 convs per stage)."""
+    from nnunet_semi.networks import PLAIN_CONV_UNET
+
+    conv = "torch.nn.modules.conv.Conv3d" if dim == 3 else "torch.nn.modules.conv.Conv2d"
+    norm = f"torch.nn.modules.instancenorm.InstanceNorm{dim}d"
+    return {"network_class_name": PLAIN_CONV_UNET, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+            "arch_kwargs": {"n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": conv,
+                            "kernel_sizes": [[3] * dim] * 3, "strides": [[1] * dim, [2] * dim, [2] * dim],
+                            "n_conv_per_stage": [2, 2, 2], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
+                            "norm_op": norm, "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
+                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+                            "nonlin_kwargs": {"inplace": True}}}

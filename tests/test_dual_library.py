@@ -16,8 +16,10 @@ from nnunet_semi.losses import (
     prototype_infonce,
 )
 from nnunet_semi.masks import cross_reliable_mask, entropy_percentile_mask, percentile, union_pseudo_label
-from nnunet_semi.networks import PLAIN_CONV_UNET, RESIDUAL_ENCODER_UNET, build_network, residual_encoder_sibling
+from nnunet_semi.networks import RESIDUAL_ENCODER_UNET, build_network, residual_encoder_sibling
 from nnunet_semi.prototypes import DecoderFeatures, PrototypeBank, gather_voxels
+
+from conftest import plain_unet_architecture
 
 
 def test_percentile_matches_nearest_rank_and_estimates_large_inputs_from_a_subset():
@@ -190,20 +192,8 @@ def test_prototype_bank_contrast_skips_classes_without_a_prototype_and_trains_fe
     assert math.isnan(bank.similarity_to_own_class(torch.tensor([[2.0, 0.0]]), torch.tensor([2])))
 
 
-def _plain_architecture(dim: int = 3) -> dict:
-    conv = "torch.nn.modules.conv.Conv3d" if dim == 3 else "torch.nn.modules.conv.Conv2d"
-    norm = f"torch.nn.modules.instancenorm.InstanceNorm{dim}d"
-    return {"network_class_name": PLAIN_CONV_UNET, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-            "arch_kwargs": {"n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": conv,
-                            "kernel_sizes": [[3] * dim] * 3, "strides": [[1] * dim, [2] * dim, [2] * dim],
-                            "n_conv_per_stage": [2, 2, 2], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
-                            "norm_op": norm, "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
-                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
-                            "nonlin_kwargs": {"inplace": True}}}
-
-
 def test_residual_encoder_sibling_keeps_the_plans_geometry_with_residual_blocks():
-    plain = _plain_architecture()
+    plain = plain_unet_architecture()
     sibling = residual_encoder_sibling(plain)
     assert sibling["network_class_name"] == RESIDUAL_ENCODER_UNET
     assert sibling["arch_kwargs"]["n_blocks_per_stage"] == [1, 3, 4]
@@ -221,8 +211,8 @@ def test_residual_encoder_sibling_keeps_the_plans_geometry_with_residual_blocks(
 
 @pytest.mark.parametrize("dim", [2, 3])
 def test_dual_network_ensemble_deploys_either_network_or_the_softmax_average(dim):
-    first = build_network(_plain_architecture(dim), 1, 3, deep_supervision=False).eval()
-    second = build_network(residual_encoder_sibling(_plain_architecture(dim)), 1, 3, deep_supervision=False).eval()
+    first = build_network(plain_unet_architecture(dim), 1, 3, deep_supervision=False).eval()
+    second = build_network(residual_encoder_sibling(plain_unet_architecture(dim)), 1, 3, deep_supervision=False).eval()
     x = torch.randn(2, 1, *([8] * dim))
     ensemble = DualNetworkEnsemble(first, second, "ensemble").eval()
     with torch.no_grad():
@@ -232,8 +222,8 @@ def test_dual_network_ensemble_deploys_either_network_or_the_softmax_average(dim
         assert is_ensemble_state(state) and state["deployed_member"].item() == 2
 
         # what nnUNetv2_predict does: build a fresh wrapper, load network_weights
-        fresh = DualNetworkEnsemble(build_network(_plain_architecture(dim), 1, 3, False),
-                                    build_network(residual_encoder_sibling(_plain_architecture(dim)), 1, 3, False)).eval()
+        fresh = DualNetworkEnsemble(build_network(plain_unet_architecture(dim), 1, 3, False),
+                                    build_network(residual_encoder_sibling(plain_unet_architecture(dim)), 1, 3, False)).eval()
         fresh.load_state_dict(DualNetworkEnsemble(first, second, "second").state_dict())
         assert fresh.deployed == "second"
         torch.testing.assert_close(fresh(x), second(x))

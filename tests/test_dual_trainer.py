@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import make_trainer
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -21,17 +20,11 @@ from nnunet_semi.training import (
     nnUNetTrainerDualCCE_samePair,
 )
 
-
-class _Tiny:
-    epochs, iterations_per_epoch, val_iterations_per_epoch = 4, 2, 1
-
-
-def _tiny(cls, **attributes):
-    return type(f"{cls.__name__}Tiny", (_Tiny, cls), attributes)
+from conftest import has_grad, make_trainer, tiny_schedule
 
 
 def test_network_pair_optimizer_groups_and_inference_builder(semi_dataset):
-    trainer = make_trainer(semi_dataset, _tiny(nnUNetTrainerDualCCE))
+    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE))
     assert type(trainer.network).__name__ == "PlainConvUNet"  # self.network stays the stock network
     peer = trainer.auxiliary["peer"]
     assert type(peer).__name__ == "ResidualEncoderUNet"
@@ -42,7 +35,7 @@ def test_network_pair_optimizer_groups_and_inference_builder(semi_dataset):
         trainer.plans_manager, trainer.configuration_manager, 1, 2, enable_deep_supervision=False)
     assert isinstance(deployable, DualNetworkEnsemble)
     assert type(deployable.second).__name__ == "ResidualEncoderUNet"
-    same = make_trainer(semi_dataset, _tiny(nnUNetTrainerDualCCE_samePair))
+    same = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE_samePair))
     assert type(same.auxiliary["peer"]).__name__ == "PlainConvUNet"
 
 
@@ -61,38 +54,33 @@ def _disagreeing_step(trainer):
     return {"data": labeled["data"], "target": labeled["target"]}, unlabeled
 
 
-def _has_grad(module, prefix=""):
-    return any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in module.named_parameters()
-               if n.startswith(prefix))
-
-
 @pytest.mark.parametrize("term", ["sup_cross_reliable", "cross_pseudo", "entropy_filtered", "kl_weighted",
                                   "prototype"])
 def test_every_dual_term_trains_both_networks(term, semi_dataset):
-    trainer = make_trainer(semi_dataset, _tiny(nnUNetTrainerDualCCE))
+    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE))
     labeled, unlabeled = _disagreeing_step(trainer)
     trainer.optimizer.zero_grad(set_to_none=True)
     terms = trainer.compute_losses(labeled, unlabeled)
     assert set(terms) == set(trainer.loss_terms) and all(torch.isfinite(v) for v in terms.values())
     terms[term].backward()
     for network in (trainer.unwrapped_network(), trainer.auxiliary["peer"]):
-        assert _has_grad(network, "encoder.")
+        assert has_grad(network, "encoder.")
         last_head = f"decoder.seg_layers.{len(network.decoder.seg_layers) - 1}."
         # the prototype term acts on decoder features, before the segmentation head
-        assert _has_grad(network, last_head) == (term != "prototype")
-        assert not _has_grad(network, "decoder.seg_layers.0.")  # full resolution only, no deep supervision
+        assert has_grad(network, last_head) == (term != "prototype")
+        assert not has_grad(network, "decoder.seg_layers.0.")  # full resolution only, no deep supervision
 
 
 def test_one_way_kl_variant_trains_only_the_peer_toward_network_one(semi_dataset):
-    trainer = make_trainer(semi_dataset, _tiny(nnUNetTrainerDualCCE_oneWayKL))
+    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE_oneWayKL))
     labeled, unlabeled = _disagreeing_step(trainer)
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.compute_losses(labeled, unlabeled)["kl_weighted"].backward()
-    assert _has_grad(trainer.auxiliary["peer"]) and not _has_grad(trainer.unwrapped_network())
+    assert has_grad(trainer.auxiliary["peer"]) and not has_grad(trainer.unwrapped_network())
 
 
 def test_step_statistics_are_logged_per_epoch_and_prototypes_follow_kept_voxels(semi_dataset):
-    trainer = make_trainer(semi_dataset, _tiny(nnUNetTrainerDualCCE))
+    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE))
     out = trainer.train_step(next(trainer.dataloader_train))
     # each network keeps its lowest-entropy 20 % (strictly below the percentile), the union at most 40 %
     assert 0.0 < out["stat_kept_fraction"] <= 0.4 + 1e-6
@@ -126,7 +114,7 @@ def _model_folder(trainer, semi_dataset, tmp_path, checkpoint_file):
 
 
 def test_ensemble_deployment_round_trips_through_checkpoint_predictor_builder_and_export(semi_dataset, tmp_path):
-    cls = _tiny(nnUNetTrainerDualCCE)
+    cls = tiny_schedule(nnUNetTrainerDualCCE)
     trainer = make_trainer(semi_dataset, cls)
     trainer.train_step(next(trainer.dataloader_train))
     _log_scores(trainer, student=0.5, peer=0.6, ensemble=0.7)
@@ -176,7 +164,7 @@ def test_ensemble_deployment_round_trips_through_checkpoint_predictor_builder_an
 
 
 def test_network_one_deployment_keeps_vanilla_network_weights(semi_dataset, tmp_path):
-    trainer = make_trainer(semi_dataset, _tiny(nnUNetTrainerDualCCE))
+    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE))
     _log_scores(trainer, student=0.8, peer=0.6, ensemble=0.7)
     trainer.finalize_deployed_weights()
     assert (trainer.deployed_weights, trainer.best_single_network) == ("student", "student")

@@ -1,0 +1,193 @@
+"""Feature-level perturbation of nnU-Net networks: encoder/decoder split, channel dropout on encoder features,
+cross-image refinement of ambiguous bottleneck features by labeled ones, and entropy-weighted pseudo-label fusion.
+Shapes (B, C, *spatial), 2D or 3D."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from nnunet_semi.masks import normalized_entropy
+
+ATTENTION_KINDS = ("spatial", "channel")
+KEY_KINDS = ("features", "prototypes")
+
+
+def encoder_and_decoder(network: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The encoder and decoder of an nnU-Net network whose forward is ``decoder(encoder(x))`` (PlainConvUNet,
+    ResidualEncoderUNet); ``encoder(x)`` returns the skips, bottleneck last."""
+    encoder, decoder = getattr(network, "encoder", None), getattr(network, "decoder", None)
+    if encoder is None or decoder is None or not getattr(encoder, "return_skips", False):
+        raise TypeError(f"{type(network).__name__} has no encoder returning skips and decoder; feature perturbation "
+                        f"needs an nnU-Net U-Net (PlainConvUNet or ResidualEncoderUNet).")
+    return encoder, decoder
+
+
+def channel_dropout(features: torch.Tensor, p: float) -> torch.Tensor:
+    """Zero whole channels of each sample with probability ``p`` and rescale the rest by 1 / (1 - p)
+    (Dropout2d/3d semantics for any number of spatial dimensions).
+
+    Args:
+        features: (B, C, *spatial).
+        p: drop probability in [0, 1).
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"p must be in [0, 1), got {p}")
+    keep = torch.bernoulli(torch.full(features.shape[:2] + (1,) * (features.ndim - 2), 1 - p,
+                                      device=features.device, dtype=features.dtype))
+    return features * keep / (1 - p)
+
+
+def dropout_skips(skips: Sequence[torch.Tensor], p: float) -> list[torch.Tensor]:
+    """``channel_dropout`` on every encoder output (UniMatch's feature perturbation)."""
+    return [channel_dropout(s, p) for s in skips]
+
+
+def ambiguous_positions(entropy: torch.Tensor, shape: Sequence[int], fraction: float,
+                        min_entropy: float = 0.0) -> torch.Tensor:
+    """The most ambiguous positions of a feature grid: per sample the ``fraction`` of positions with the highest
+    mean entropy of the voxels they cover, among those above ``min_entropy``.
+
+    Args:
+        entropy: voxel entropy (B, 1, *spatial), e.g. ``masks.normalized_entropy`` of the weak-view prediction.
+        shape: spatial shape of the feature grid (e.g. the bottleneck).
+        fraction: in [0, 1].
+        min_entropy: positions at or below this are never ambiguous.
+
+    Returns:
+        (B, 1, *shape) bool.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    pooled = _adaptive_avg_pool(entropy.float(), shape)
+    flat = pooled.flatten(1)
+    count = round(fraction * flat.shape[1])
+    selected = torch.zeros_like(flat, dtype=torch.bool)
+    if count > 0:
+        selected.scatter_(1, flat.topk(count, dim=1).indices, True)
+    return (selected & (flat > min_entropy)).view(pooled.shape)
+
+
+def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked average pooling of features per class, labels resized (nearest) to the feature grid.
+
+    Args:
+        features: (B, C, *grid) features of labeled images.
+        labels: (B, 1, *spatial) integer labels at image resolution; values outside [0, num_classes) (nnU-Net's
+            ignore label) are left out.
+
+    Returns:
+        (num_classes, C) prototypes (zero where absent) and (num_classes,) bool, which classes are present.
+    """
+    grid_labels = torch.nn.functional.interpolate(labels.float(), size=features.shape[2:], mode="nearest").long()
+    onehot = torch.stack([(grid_labels[:, 0] == c) for c in range(num_classes)], 1).to(features.dtype)
+    counts = onehot.flatten(2).sum((0, 2))
+    sums = torch.einsum("bkn,bcn->kc", onehot.flatten(2), features.flatten(2))
+    return sums / counts.clamp_min(1.0)[:, None], counts > 0
+
+
+class CrossImageRefinement(nn.Module):
+    """Cross-image feature perturbation: ambiguous unlabeled features attend to labeled ones,
+    ``F_u' = F_u + gamma * Attention(Q = F_u, K = V = labeled)`` at the ambiguous positions only.
+
+    Args:
+        channels: C of the features (the bottleneck's ``features_per_stage[-1]``).
+        attention: ``"spatial"`` (tokens are positions: each unlabeled position attends to every labeled position
+            of the batch, or to the class prototypes) or ``"channel"`` (each unlabeled sample's channels attend to the
+            channels of a labeled partner, C x C affinity over positions; cheaper on large grids).
+        keys: ``"features"`` (labeled feature tokens) or ``"prototypes"`` (per-class masked averages of the labeled
+            features, more stable with 1-2 labeled samples; spatial attention only).
+        num_heads: attention heads (spatial); must divide ``channels``.
+        gamma: initial residual scale (learned).
+    """
+
+    def __init__(self, channels: int, attention: str = "spatial", keys: str = "features", num_heads: int = 1,
+                 gamma: float = 0.1):
+        super().__init__()
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+        if keys not in KEY_KINDS:
+            raise ValueError(f"keys must be one of {KEY_KINDS}, got {keys!r}")
+        if attention == "channel" and keys == "prototypes":
+            raise ValueError("channel attention needs labeled feature maps as keys, not prototypes")
+        self.attention, self.keys = attention, keys
+        self.norm = nn.LayerNorm(channels)
+        if attention == "spatial":
+            self.attend = nn.MultiheadAttention(channels, num_heads, batch_first=True)
+        else:
+            self.query, self.key, self.value = (nn.Linear(channels, channels) for _ in range(3))
+        self.gamma = nn.Parameter(torch.tensor(float(gamma)))
+
+    def forward(self, unlabeled: torch.Tensor, labeled: torch.Tensor, ambiguous: torch.Tensor,
+                labeled_labels: torch.Tensor | None = None, num_classes: int | None = None) -> torch.Tensor:
+        """
+        Args:
+            unlabeled: (B_u, C, *grid) features to refine.
+            labeled: (B_l, C, *grid) labeled features of the same batch (same grid: same patch size).
+            ambiguous: (B_u, 1, *grid) bool, where to refine.
+            labeled_labels, num_classes: (B_l, 1, *spatial) labels and class count, for prototype keys.
+
+        Returns:
+            (B_u, C, *grid): refined at ambiguous positions, unchanged elsewhere.
+        """
+        queries = self.norm(unlabeled.flatten(2).transpose(1, 2))  # (B_u, N, C)
+        if self.keys == "prototypes":
+            if labeled_labels is None or num_classes is None:
+                raise ValueError("prototype keys need labeled_labels and num_classes")
+            prototypes, present = class_prototypes(labeled, labeled_labels, num_classes)
+            tokens = self.norm(prototypes[present])[None].expand(unlabeled.shape[0], -1, -1)
+        else:
+            tokens = self.norm(labeled.flatten(2).transpose(1, 2))  # (B_l, N, C)
+        if self.attention == "spatial":
+            if self.keys == "features":  # every labeled position of the batch
+                tokens = tokens.reshape(1, -1, tokens.shape[-1]).expand(unlabeled.shape[0], -1, -1)
+            update = self.attend(queries, tokens, tokens, need_weights=False)[0]
+        else:
+            partners = tokens[torch.arange(unlabeled.shape[0], device=tokens.device) % tokens.shape[0]]
+            q, k, v = self.query(queries), self.key(partners), self.value(partners)  # (B_u, N, C)
+            affinity = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(q.shape[1]), -1)  # (B_u, C, C)
+            update = (affinity @ v.transpose(1, 2)).transpose(1, 2)  # (B_u, N, C)
+        update = update.transpose(1, 2).reshape(unlabeled.shape)
+        return torch.where(ambiguous, unlabeled + self.gamma * update, unlabeled)
+
+
+class FusedPseudoLabel(NamedTuple):
+    """Entropy-weighted fusion of K predictions.
+
+    probs: (B, C, *spatial) fused probabilities; labels: (B, 1, *spatial) their argmax; voxel_weight:
+    (B, 1, *spatial) 1 - normalised entropy of the fused probabilities; source_weights: (K, B, 1, *spatial), summing
+    to 1 over K.
+    """
+
+    probs: torch.Tensor
+    labels: torch.Tensor
+    voxel_weight: torch.Tensor
+    source_weights: torch.Tensor
+
+
+@torch.no_grad()
+def entropy_weighted_fusion(probs: Sequence[torch.Tensor], temperature: float = 0.5) -> FusedPseudoLabel:
+    """Fuse predictions by their certainty instead of thresholding them: per voxel and source k,
+    ``alpha_k = softmax_k(-H(p_k) / (ln C * T))``, ``p = sum_k alpha_k p_k``, weight ``1 - H(p) / ln C``.
+
+    Args:
+        probs: K probability maps (B, C, *spatial) (detached here).
+        temperature: T > 0; small T follows the most certain source, large T averages.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    stacked = torch.stack([p.detach().float() for p in probs])  # (K, B, C, *spatial)
+    uncertainty = torch.stack([normalized_entropy(p) for p in stacked])  # (K, B, 1, *spatial)
+    source_weights = torch.softmax(-uncertainty / temperature, 0)
+    fused = (source_weights * stacked).sum(0)
+    return FusedPseudoLabel(fused, fused.argmax(1, keepdim=True), 1 - normalized_entropy(fused), source_weights)
+
+
+def _adaptive_avg_pool(values: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    pool = torch.nn.functional.adaptive_avg_pool3d if values.ndim == 5 else torch.nn.functional.adaptive_avg_pool2d
+    return pool(values, tuple(shape))
