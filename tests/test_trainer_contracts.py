@@ -116,9 +116,11 @@ def test_trainer_contract(trainer_cls, setting, _contract_templates, tmp_path, m
     without_grad = {n for n, p in trainer.network.named_parameters() if p.grad is None or p.grad.abs().sum() == 0}
     assert without_grad == unused
     assert all(p.grad is None for p in trainer.auxiliary.parameters() if not p.requires_grad)
-    for name, module in trainer.auxiliary.items():  # trained networks beside the student (CPS peer)
+    for name, module in trainer.auxiliary.items():  # trained modules beside the student (a peer network, heads)
         if any(p.requires_grad for p in module.parameters()):
-            assert {n for n, p in module.named_parameters() if p.grad is None or p.grad.abs().sum() == 0} == unused
+            names = {n for n, _ in module.named_parameters()}
+            assert {n for n, p in module.named_parameters() if p.grad is None or p.grad.abs().sum() == 0} == \
+                unused & names, name
             assert any(p is q for g in trainer.optimizer.param_groups for q in g["params"]
                        for p in module.parameters())
 

@@ -1,5 +1,14 @@
 """nnU-Net trainers of nnunet-semi (re-exported by ``trainers/`` for nnU-Net's ``nnUNet_extTrainer`` lookup)."""
 
+from nnunet_semi.training.cifp import (
+    nnUNetTrainerCIFP,
+    nnUNetTrainerCIFP_50epochs,
+    nnUNetTrainerCIFP_100epochs,
+    nnUNetTrainerCIFP_250epochs,
+    nnUNetTrainerCIFP_500epochs,
+    nnUNetTrainerCIFP_channelAttention,
+    nnUNetTrainerCIFP_prototypeKeys,
+)
 from nnunet_semi.training.cps import (
     nnUNetTrainerCPS,
     nnUNetTrainerCPS_50epochs,
@@ -49,6 +58,13 @@ __all__ = [
     "nnUNetTrainerSGRS_maxProbAmbiguity",
     "nnUNetTrainerSGRS_plainViewAmbiguity",
     "nnUNetTrainerSGRS_strongView",
+    "nnUNetTrainerCIFP",
+    "nnUNetTrainerCIFP_50epochs",
+    "nnUNetTrainerCIFP_100epochs",
+    "nnUNetTrainerCIFP_250epochs",
+    "nnUNetTrainerCIFP_500epochs",
+    "nnUNetTrainerCIFP_channelAttention",
+    "nnUNetTrainerCIFP_prototypeKeys",
     "nnUNetTrainerDualCCE",
     "nnUNetTrainerDualCCE_50epochs",
     "nnUNetTrainerDualCCE_100epochs",

@@ -2,7 +2,13 @@
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_semi.training import nnUNetTrainerCPS, nnUNetTrainerDualCCE, nnUNetTrainerMeanTeacher, nnUNetTrainerSGRS
+from nnunet_semi.training import (
+    nnUNetTrainerCIFP,
+    nnUNetTrainerCPS,
+    nnUNetTrainerDualCCE,
+    nnUNetTrainerMeanTeacher,
+    nnUNetTrainerSGRS,
+)
 
 
 class nnUNetTrainerMeanTeacherTiny(nnUNetTrainerMeanTeacher):
@@ -28,6 +34,13 @@ class nnUNetTrainerSGRSTiny(nnUNetTrainerSGRS):
     epochs = 2
     iterations_per_epoch = 3
     val_iterations_per_epoch = 1
+
+
+class nnUNetTrainerCIFPTiny(nnUNetTrainerCIFP):
+    epochs = 2
+    iterations_per_epoch = 3
+    val_iterations_per_epoch = 1
+    deploy_selection_epochs = 2
 
 
 class nnUNetTrainerDualCCETiny(nnUNetTrainerDualCCE):
