@@ -125,6 +125,14 @@ def tiny_schedule(cls, **attributes):
     return type(f"{cls.__name__}Tiny", (cls,), attributes)
 
 
+def next_batches(trainer) -> tuple[dict, dict]:
+    """The next labeled batch (``data``, ``target``) and unlabeled batch (``data_weak``, ``data_strong``) of a
+    trainer, as ``compute_losses`` takes them."""
+    labeled = next(trainer.dataloader_train)
+    unlabeled = {k: v for k, v in next(trainer.dataloader_unlabeled).items() if k != "keys"}
+    return {"data": labeled["data"], "target": labeled["target"]}, unlabeled
+
+
 def has_grad(module, prefix: str = "") -> bool:
     """Whether any parameter of ``module`` whose name starts with ``prefix`` received a non-zero gradient."""
     return any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in module.named_parameters()

@@ -13,13 +13,7 @@ from nnunet_semi.training import (
     nnUNetTrainerCIFP_prototypeKeys,
 )
 
-from conftest import has_grad, make_trainer, tiny_schedule
-
-
-def _batches(trainer):
-    labeled = next(trainer.dataloader_train)
-    unlabeled = {k: v for k, v in next(trainer.dataloader_unlabeled).items() if k != "keys"}
-    return {"data": labeled["data"], "target": labeled["target"]}, unlabeled
+from conftest import has_grad, make_trainer, next_batches, tiny_schedule
 
 
 def test_refinement_module_lives_beside_the_stock_network_and_is_saved(semi_dataset, tmp_path):
@@ -43,7 +37,7 @@ def test_refinement_module_lives_beside_the_stock_network_and_is_saved(semi_data
 def test_each_stream_trains_the_student_and_only_cross_image_trains_the_refinement(stream, semi_dataset):
     trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerCIFP))
     trainer.optimizer.zero_grad(set_to_none=True)
-    terms = trainer.compute_losses(*_batches(trainer))
+    terms = trainer.compute_losses(*next_batches(trainer))
     assert set(terms) == set(trainer.loss_terms) and all(torch.isfinite(v) for v in terms.values())
     terms[stream].backward()
     network = trainer.unwrapped_network()
@@ -70,7 +64,7 @@ def test_fusion_statistics_are_consistent_and_logged(semi_dataset):
 def test_attention_and_key_variants_train_their_refinement(variant, semi_dataset):
     trainer = make_trainer(semi_dataset, tiny_schedule(variant))
     trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.compute_losses(*_batches(trainer))["cross_image"].backward()
+    trainer.compute_losses(*next_batches(trainer))["cross_image"].backward()
     refine = trainer.auxiliary["cross_image"]
     assert (refine.attention, refine.keys) == (variant.refinement_attention, variant.refinement_keys)
     assert has_grad(refine, "gamma") and has_grad(trainer.unwrapped_network(), "encoder.")

@@ -20,7 +20,7 @@ from nnunet_semi.training import (
     nnUNetTrainerDualCCE_samePair,
 )
 
-from conftest import has_grad, make_trainer, tiny_schedule
+from conftest import has_grad, make_trainer, next_batches, tiny_schedule
 
 
 def test_network_pair_optimizer_groups_and_inference_builder(semi_dataset):
@@ -49,9 +49,7 @@ def _disagreeing_step(trainer):
             bank = trainer.auxiliary[name]
             bank.prototypes.copy_(torch.randn_like(bank.prototypes))
             bank.initialized.fill_(True)
-    labeled = next(trainer.dataloader_train)
-    unlabeled = {k: v for k, v in next(trainer.dataloader_unlabeled).items() if k != "keys"}
-    return {"data": labeled["data"], "target": labeled["target"]}, unlabeled
+    return next_batches(trainer)
 
 
 @pytest.mark.parametrize("term", ["sup_cross_reliable", "cross_pseudo", "entropy_filtered", "kl_weighted",

@@ -49,7 +49,7 @@ def command_env(planned_dataset):
 @pytest.mark.slow
 # CPS is covered by the contract tests; its path through the commands is the same as these
 @pytest.mark.parametrize("TRAINER", ["nnUNetTrainerMeanTeacherTiny", "nnUNetTrainerSGRSTiny",
-                                     "nnUNetTrainerCIFPTiny"])
+                                     "nnUNetTrainerCIFPTiny", "nnUNetTrainerNPCalTiny"])
 def test_train_resume_and_predict_through_nnunet_commands(TRAINER, command_env, tmp_path):
     env_folders, env = command_env
     _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"], env)

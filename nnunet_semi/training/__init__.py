@@ -34,6 +34,16 @@ from nnunet_semi.training.mean_teacher import (
     nnUNetTrainerMeanTeacher_250epochs,
     nnUNetTrainerMeanTeacher_500epochs,
 )
+from nnunet_semi.training.np_calibration import (
+    nnUNetTrainerNPCal,
+    nnUNetTrainerNPCal_50epochs,
+    nnUNetTrainerNPCal_100epochs,
+    nnUNetTrainerNPCal_250epochs,
+    nnUNetTrainerNPCal_500epochs,
+    nnUNetTrainerNPCal_fusedPseudoLabel,
+    nnUNetTrainerNPCal_minConfidence,
+    nnUNetTrainerNPCal_productConfidence,
+)
 from nnunet_semi.training.sgrs import (
     nnUNetTrainerSGRS,
     nnUNetTrainerSGRS_50epochs,
@@ -58,6 +68,14 @@ __all__ = [
     "nnUNetTrainerSGRS_maxProbAmbiguity",
     "nnUNetTrainerSGRS_plainViewAmbiguity",
     "nnUNetTrainerSGRS_strongView",
+    "nnUNetTrainerNPCal",
+    "nnUNetTrainerNPCal_50epochs",
+    "nnUNetTrainerNPCal_100epochs",
+    "nnUNetTrainerNPCal_250epochs",
+    "nnUNetTrainerNPCal_500epochs",
+    "nnUNetTrainerNPCal_fusedPseudoLabel",
+    "nnUNetTrainerNPCal_minConfidence",
+    "nnUNetTrainerNPCal_productConfidence",
     "nnUNetTrainerCIFP",
     "nnUNetTrainerCIFP_50epochs",
     "nnUNetTrainerCIFP_100epochs",

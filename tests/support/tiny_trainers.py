@@ -7,6 +7,7 @@ from nnunet_semi.training import (
     nnUNetTrainerCPS,
     nnUNetTrainerDualCCE,
     nnUNetTrainerMeanTeacher,
+    nnUNetTrainerNPCal,
     nnUNetTrainerSGRS,
 )
 
@@ -37,6 +38,13 @@ class nnUNetTrainerSGRSTiny(nnUNetTrainerSGRS):
 
 
 class nnUNetTrainerCIFPTiny(nnUNetTrainerCIFP):
+    epochs = 2
+    iterations_per_epoch = 3
+    val_iterations_per_epoch = 1
+    deploy_selection_epochs = 2
+
+
+class nnUNetTrainerNPCalTiny(nnUNetTrainerNPCal):
     epochs = 2
     iterations_per_epoch = 3
     val_iterations_per_epoch = 1

@@ -1,0 +1,195 @@
+"""Pseudo-label calibration with a neural process and dual-confidence pseudo supervision (Zhang et al., Neural
+Networks 2025) on nnU-Net.
+
+No public code exists; this is the reconstruction of ``methods.md`` §3.2 on NP-SemiSeg's mechanism (§3.1), with each
+choice a class attribute. Per step: the EMA teacher segments the labeled and weak unlabeled crops; its NP head
+(an EMA copy of the student's) turns the teacher's full-resolution decoder features into calibrated probabilities,
+conditioned on per-class memory banks of labeled (context) and labeled + pseudo-labeled (target) feature vectors;
+the pseudo label comes from the calibrated prediction, and each voxel is weighted by how far the segmentation head's
+and the NP's confidences agree. The student's NP head is trained on a voxel subsample, with a KL term pulling the
+target (pseudo-labeled) latent distribution toward the context (labeled) one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from nnunet_semi.ema import ema_momentum, ema_update, make_teacher
+from nnunet_semi.losses import weighted_ce_dice_loss
+from nnunet_semi.masks import percentile
+from nnunet_semi.neural_process import (
+    ClassMemoryBank,
+    NeuralProcessHead,
+    dual_confidence_weights,
+    gaussian_kl,
+    sample_voxels_per_image,
+)
+from nnunet_semi.prototypes import DecoderFeatures
+from nnunet_semi.training.base import full_resolution, take_samples
+from nnunet_semi.training.mean_teacher import nnUNetTrainerMeanTeacher
+
+PSEUDO_LABEL_SOURCES = ("np", "fused")
+
+
+class nnUNetTrainerNPCal(nnUNetTrainerMeanTeacher):
+    """NP calibration and dual-confidence pseudo supervision on the mean-teacher base.
+
+    Attributes (beyond the base's):
+        np_latent_dim, np_hidden_dim: NP head sizes (projection/latent and decoder hidden layer).
+        np_samples: latent samples T averaged per prediction.
+        np_voxels_per_image: voxels per image drawn for the student's NP pass, the per-image summaries and each
+            bank update (bounds the NP head's memory on full 3D patches).
+        np_chunk_voxels: voxels decoded at once by the teacher's dense NP prediction (no gradient).
+        bank_length, bank_push_per_class: FIFO length per class and vectors pushed per class and step.
+        target_bank_min_weight: unlabeled voxels enter the target bank only with a dual-confidence weight at least
+            this (0: all, the plain NP-SemiSeg target set).
+        kl_weight: beta of KL(q_target || q_context) (NP-SemiSeg's 0.005).
+        np_loss_weight: weight of the NP head's CE on pseudo-labeled voxels.
+        dual_confidence_rule, dual_confidence_tau, np_confidence: see ``neural_process.dual_confidence_weights``.
+        pseudo_label_source: "np" (argmax of the calibrated prediction) or "fused" (of its mean with the teacher's
+            segmentation probabilities).
+
+    Terms: ``sup`` (nnU-Net's loss, deep supervision), ``sup_np`` (NP head CE on labeled voxels), ``pseudo``
+    (dual-confidence weighted CE + Dice of the student's strong-view output against the calibrated pseudo label,
+    full resolution), ``np_pseudo`` (the same weighting for the NP head on the sampled unlabeled voxels), ``np_kl``.
+    ``sup*`` terms are not ramped; the others follow the base's sigmoid ramp. Inference uses the plain network.
+    """
+
+    np_latent_dim: int = 32
+    np_hidden_dim: int = 64
+    np_samples: int = 5
+    np_voxels_per_image: int = 4096
+    np_chunk_voxels: int = 2**16
+    bank_length: int = 2560
+    bank_push_per_class: int = 256
+    target_bank_min_weight: float = 0.0
+    kl_weight: float = 0.005
+    np_loss_weight: float = 1.0
+    dual_confidence_rule: str = "agreement"
+    dual_confidence_tau: float = 0.2
+    np_confidence: str = "max_prob"
+    pseudo_label_source: str = "np"
+    supports_regions = False  # the NP head predicts mutually exclusive classes
+
+    loss_terms = ("sup", "sup_np", "pseudo", "np_pseudo", "np_kl")
+    statistics = ("confident_fraction", "teacher_student_agreement", "seg_np_agreement", "confidence_gap",
+                  "weight_mean", "weight_p10", "weight_p90")
+
+    def build_auxiliary_modules(self) -> nn.ModuleDict:
+        if self.pseudo_label_source not in PSEUDO_LABEL_SOURCES:
+            raise ValueError(f"{self.__class__.__name__}.pseudo_label_source must be one of {PSEUDO_LABEL_SOURCES},"
+                             f" got {self.pseudo_label_source!r}")
+        modules = super().build_auxiliary_modules()
+        features = self.configuration_manager.network_arch_init_kwargs["features_per_stage"]
+        feature_dim = features if isinstance(features, int) else features[0]
+        classes = self.label_manager.num_segmentation_heads
+        modules["np_head"] = NeuralProcessHead(feature_dim, classes, self.np_latent_dim, self.np_hidden_dim)
+        modules["np_head_teacher"] = make_teacher(modules["np_head"])
+        modules["context_bank"] = ClassMemoryBank(classes, self.np_latent_dim, self.bank_length)
+        modules["target_bank"] = ClassMemoryBank(classes, self.np_latent_dim, self.bank_length)
+        return modules
+
+    def after_optimizer_step(self) -> None:
+        super().after_optimizer_step()
+        ema_update(self.auxiliary["np_head_teacher"], self.auxiliary["np_head"],
+                   ema_momentum(self.global_step, self.teacher_momentum))
+
+    def compute_losses(self, labeled: dict, unlabeled: dict) -> dict[str, torch.Tensor]:
+        x_l = labeled["data"]
+        num_labeled = x_l.shape[0]
+        head, head_teacher = self.auxiliary["np_head"], self.auxiliary["np_head_teacher"]
+        context, target = self.auxiliary["context_bank"], self.auxiliary["target_bank"]
+        labels = labeled["target"][0] if isinstance(labeled["target"], (list, tuple)) else labeled["target"]
+        labels = labels.long()
+        valid = labels != self.label_manager.ignore_label if self.label_manager.has_ignore_label else \
+            torch.ones_like(labels, dtype=torch.bool)
+        n = self.np_voxels_per_image
+
+        with DecoderFeatures(self.unwrapped_network()) as student_captured:
+            output = self.network(torch.cat([x_l, unlabeled["data_strong"]]))
+        logits = full_resolution(output)
+        with DecoderFeatures(self.teacher) as teacher_captured:
+            teacher_probs = self.teacher_probabilities(torch.cat([x_l, unlabeled["data_weak"]]))[num_labeled:]
+        teacher_features = teacher_captured.features
+
+        with torch.no_grad():
+            # banks hold the EMA head's projections (a slowly moving key space, as the EMA teacher)
+            features_l, labels_l, _ = sample_voxels_per_image(teacher_features[:num_labeled], labels, valid, n)
+            # (an image without valid voxels draws ignore-label voxels; banks skip labels outside the classes)
+            projected_l, labels_l = head_teacher.project(features_l.float()).flatten(0, 1), labels_l.flatten()
+            context.push(projected_l, labels_l, self.bank_push_per_class)
+            target.push(projected_l, labels_l, self.bank_push_per_class)
+            np_probs = head_teacher.predict_dense(teacher_features[num_labeled:], context, target, self.np_samples,
+                                                  n, self.np_chunk_voxels)
+            source = np_probs if self.pseudo_label_source == "np" else (np_probs + teacher_probs) / 2
+            pseudo = source.argmax(1, keepdim=True)
+            weights, confidence_seg, confidence_np = dual_confidence_weights(
+                teacher_probs, np_probs, self.dual_confidence_rule, self.dual_confidence_tau, self.np_confidence)
+            features_u, labels_u, _ = sample_voxels_per_image(
+                teacher_features[num_labeled:], pseudo, weights >= self.target_bank_min_weight, n)
+            target.push(head_teacher.project(features_u.float()).flatten(0, 1), labels_u.flatten(),
+                        self.bank_push_per_class)
+
+        # the student's NP head on a voxel subsample of labeled (labels) and unlabeled (pseudo labels) images
+        student_features = student_captured.features
+        sampled_l, sampled_labels_l, index_l = sample_voxels_per_image(student_features[:num_labeled], labels, valid, n)
+        sampled_valid_l = torch.gather(valid.flatten(1), 1, index_l)
+        sampled_u, sampled_labels_u, index_u = sample_voxels_per_image(
+            student_features[num_labeled:], pseudo, torch.ones_like(pseudo, dtype=torch.bool), n)
+        sampled_weights_u = torch.gather(weights.flatten(1), 1, index_u)
+        projected = head.project(torch.cat([sampled_l, sampled_u]).float())
+        summary = head.summarize(projected, context.centers(), context.available(), target.centers(),
+                                 target.available())
+        np_logits = head.decode(projected, summary, summary.q_target, self.np_samples)  # (T, B, n, C)
+        log_mean = torch.logsumexp(torch.log_softmax(np_logits.float(), -1), 0) - math.log(self.np_samples)
+        sampled_labels = torch.cat([torch.where(sampled_valid_l, sampled_labels_l, 0), sampled_labels_u])
+        nll = -torch.gather(log_mean, -1, sampled_labels[..., None])[..., 0]  # (B, n)
+        sup_weights = sampled_valid_l.float()
+
+        self.log_confidence_and_agreement(teacher_probs, self.probabilities(logits[num_labeled:]).detach(),
+                                          "teacher_student_agreement")
+        self.log_step_statistic("seg_np_agreement", (teacher_probs.argmax(1) == np_probs.argmax(1)).float().mean())
+        self.log_step_statistic("confidence_gap", (confidence_seg - confidence_np).abs().mean())
+        self.log_step_statistic("weight_mean", weights.mean())
+        self.log_step_statistic("weight_p10", percentile(weights, 10))
+        self.log_step_statistic("weight_p90", percentile(weights, 90))
+
+        return {
+            "sup": self.supervised_loss(take_samples(output, num_labeled), labeled["target"]),
+            "sup_np": (nll[:num_labeled] * sup_weights).sum() / sup_weights.sum().clamp_min(1.0),
+            "pseudo": weighted_ce_dice_loss(logits[num_labeled:], pseudo, weights),
+            "np_pseudo": self.np_loss_weight * (nll[num_labeled:] * sampled_weights_u).sum()
+            / sampled_weights_u.sum().clamp_min(1e-6),
+            "np_kl": self.kl_weight * gaussian_kl(summary.q_target, summary.q_context),
+        }
+
+
+class nnUNetTrainerNPCal_productConfidence(nnUNetTrainerNPCal):
+    dual_confidence_rule = "product"
+
+
+class nnUNetTrainerNPCal_minConfidence(nnUNetTrainerNPCal):
+    dual_confidence_rule = "min"
+
+
+class nnUNetTrainerNPCal_fusedPseudoLabel(nnUNetTrainerNPCal):
+    pseudo_label_source = "fused"
+
+
+class nnUNetTrainerNPCal_50epochs(nnUNetTrainerNPCal):
+    epochs = 50
+
+
+class nnUNetTrainerNPCal_100epochs(nnUNetTrainerNPCal):
+    epochs = 100
+
+
+class nnUNetTrainerNPCal_250epochs(nnUNetTrainerNPCal):
+    epochs = 250
+
+
+class nnUNetTrainerNPCal_500epochs(nnUNetTrainerNPCal):
+    epochs = 500
