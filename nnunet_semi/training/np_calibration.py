@@ -62,7 +62,7 @@ class nnUNetTrainerNPCal(nnUNetTrainerMeanTeacher):
     np_hidden_dim: int = 64
     np_samples: int = 5
     np_voxels_per_image: int = 4096
-    np_chunk_voxels: int = 2**16
+    np_chunk_voxels: int = 2**15
     bank_length: int = 2560
     bank_push_per_class: int = 256
     target_bank_min_weight: float = 0.0
