@@ -86,6 +86,7 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
             if override is not None:
                 setattr(self, attribute, override)
         self.auxiliary = nn.ModuleDict()
+        self.ddp_wrapped_auxiliary: set[str] = set()  # auxiliary modules whose forward runs through their own DDP
         self.dataloader_unlabeled = None
         self.unlabeled_pool: ImageOnlyDataset | None = None
         self.deployed_weights = "student"
@@ -257,12 +258,14 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
             total = self.combine_losses(terms, ramp)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(total).backward()
+            self._average_auxiliary_gradients()
             self.grad_scaler.unscale_(self.optimizer)
             self._clip_gradients()
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             total.backward()
+            self._average_auxiliary_gradients()
             self._clip_gradients()
             self.optimizer.step()
         self.after_optimizer_step()
@@ -272,6 +275,15 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         out.update({f"loss_{k}": v.detach().float().cpu().numpy() for k, v in terms.items()})
         out.update({f"stat_{k}": np.float64(v) for k, v in self._step_statistics.items()})
         return out
+
+    def _average_auxiliary_gradients(self) -> None:
+        """Under DDP, average the gradients of trainable auxiliary modules (heads) that no DDP wrapper syncs, so
+        that they stay identical on every rank."""
+        if not self.is_ddp:
+            return
+        parameters = [p for name, module in self.auxiliary.items() if name not in self.ddp_wrapped_auxiliary
+                      for p in module.parameters() if p.requires_grad]
+        average_gradients_over_ranks(parameters)
 
     def _clip_gradients(self) -> None:
         # per network (parameter group), as nnU-Net clips its single network
@@ -495,6 +507,23 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         if self.dataloader_unlabeled is not None and isinstance(self.dataloader_unlabeled,
                                                                 NonDetMultiThreadedAugmenter):
             self.dataloader_unlabeled._finish()
+
+
+def average_gradients_over_ranks(parameters: list[torch.nn.Parameter]) -> None:
+    """All-reduce the mean of the parameters' gradients over the DDP process group; a parameter without gradient on
+    a rank (unused in its step) counts as zero there, so every rank joins the same collective."""
+    if not parameters:
+        return
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in parameters])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in parameters:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
 
 
 def take_samples(output, n: int):

@@ -41,6 +41,8 @@ class nnUNetTrainerCPS(SemiSupervisedTrainerBase):
         super().initialize()
         peer = self.auxiliary["peer"]
         self.peer_forward = DDP(peer, device_ids=[self.local_rank]) if self.is_ddp else peer
+        if self.is_ddp:
+            self.ddp_wrapped_auxiliary.add("peer")
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
