@@ -13,6 +13,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_semi.ensemble import DualNetworkEnsemble, is_ensemble_state
+from nnunet_semi.errors import SemiInputError
 from nnunet_semi.export import export_vanilla
 from nnunet_semi.training import (
     nnUNetTrainerDualCCE,
@@ -169,3 +170,21 @@ def test_network_one_deployment_keeps_vanilla_network_weights(semi_dataset, tmp_
     trainer.save_checkpoint(str(tmp_path / "checkpoint.pth"))
     weights = torch.load(tmp_path / "checkpoint.pth", weights_only=False)["network_weights"]
     assert weights.keys() == trainer.unwrapped_network().state_dict().keys()
+
+
+def test_export_refuses_folds_whose_better_networks_differ_unless_one_is_chosen(semi_dataset, tmp_path):
+    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE))
+    _log_scores(trainer, student=0.5, peer=0.6, ensemble=0.7)
+    trainer.finalize_deployed_weights()
+    trainer.save_checkpoint(str(tmp_path / "checkpoint_final.pth"))
+    model = _model_folder(trainer, semi_dataset, tmp_path, tmp_path / "checkpoint_final.pth")
+    other = torch.load(tmp_path / "checkpoint_final.pth", weights_only=False)
+    other["semi_state"]["best_single_network"] = "student"
+    (model / "fold_1").mkdir()
+    torch.save(other, model / "fold_1" / "checkpoint_final.pth")
+    with pytest.raises(SemiInputError, match=r"fold_0: peer, fold_1: student.*--network student or --network peer"):
+        export_vanilla(str(model), str(tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
+    export_vanilla(str(model), str(tmp_path / "exported"), single_network="peer")
+    provenance = json.loads((tmp_path / "exported" / "semi_export.json").read_text())
+    assert {r["exported_network"] for r in provenance.values()} == {"peer"}
