@@ -137,6 +137,13 @@ def prototype_infonce(features: torch.Tensor, labels: torch.Tensor, prototypes: 
     return torch.nn.functional.cross_entropy(similarity / temperature, labels.long())
 
 
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum(w * v) / sum(w) over all elements (weights bool or float, broadcastable to ``values``); 0 with gradient
+    graph when every weight is 0."""
+    weights = weights.float()
+    return (values * weights).sum() / weights.sum().clamp_min(1e-6)
+
+
 def masked_pseudo_label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against hard pseudo labels averaged over the voxels in ``mask`` only.
 
@@ -151,9 +158,7 @@ def masked_pseudo_label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor
     Returns:
         Scalar; 0 (with gradient graph) when no voxel is kept.
     """
-    weight = mask.float()
-    kept = weight.sum()
-    return (voxel_cross_entropy(logits, labels.detach()) * weight).sum() / kept.clamp_min(1.0)
+    return weighted_mean(voxel_cross_entropy(logits, labels.detach()), mask)
 
 
 def masked_probability_mse(probs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
@@ -174,9 +179,7 @@ def masked_probability_mse(probs: torch.Tensor, labels: torch.Tensor, mask: torc
         mask = mask & ~ignore
         labels = torch.where(ignore, 0, labels)
     onehot = torch.nn.functional.one_hot(_as_index_labels(labels), probs.shape[1]).movedim(-1, 1).float()
-    weight = mask.float()
-    squared = ((probs.float() - onehot) ** 2).sum(1, keepdim=True)
-    return (squared * weight).sum() / weight.sum().clamp_min(1.0)
+    return weighted_mean(((probs.float() - onehot) ** 2).sum(1, keepdim=True), mask)
 
 
 def weighted_ce_dice_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -192,6 +195,6 @@ def weighted_ce_dice_loss(logits: torch.Tensor, labels: torch.Tensor, weight: to
         Scalar: sum(w * CE) / sum(w) + weighted soft Dice loss (all classes, smooth 1).
     """
     weight = weight.detach().float()
-    ce = (voxel_cross_entropy(logits, labels.detach()) * weight).sum() / weight.sum().clamp_min(1e-6)
+    ce = weighted_mean(voxel_cross_entropy(logits, labels.detach()), weight)
     dice = masked_soft_dice_loss(torch.softmax(logits.float(), 1), labels.detach(), weight)
     return ce + dice

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from nnunet_semi.ema import ema_momentum, ema_update, make_teacher
-from nnunet_semi.losses import weighted_ce_dice_loss
+from nnunet_semi.losses import weighted_ce_dice_loss, weighted_mean
 from nnunet_semi.masks import percentile
 from nnunet_semi.neural_process import (
     ClassMemoryBank,
@@ -147,7 +147,6 @@ class nnUNetTrainerNPCal(nnUNetTrainerMeanTeacher):
         log_mean = torch.logsumexp(torch.log_softmax(np_logits.float(), -1), 0) - math.log(self.np_samples)
         sampled_labels = torch.cat([torch.where(sampled_valid_l, sampled_labels_l, 0), sampled_labels_u])
         nll = -torch.gather(log_mean, -1, sampled_labels[..., None])[..., 0]  # (B, n)
-        sup_weights = sampled_valid_l.float()
 
         self.log_confidence_and_agreement(teacher_probs, self.probabilities(logits[num_labeled:]).detach(),
                                           "teacher_student_agreement")
@@ -159,10 +158,9 @@ class nnUNetTrainerNPCal(nnUNetTrainerMeanTeacher):
 
         return {
             "sup": self.supervised_loss(take_samples(output, num_labeled), labeled["target"]),
-            "sup_np": (nll[:num_labeled] * sup_weights).sum() / sup_weights.sum().clamp_min(1.0),
+            "sup_np": weighted_mean(nll[:num_labeled], sampled_valid_l),
             "pseudo": weighted_ce_dice_loss(logits[num_labeled:], pseudo, weights),
-            "np_pseudo": self.np_loss_weight * (nll[num_labeled:] * sampled_weights_u).sum()
-            / sampled_weights_u.sum().clamp_min(1e-6),
+            "np_pseudo": self.np_loss_weight * weighted_mean(nll[num_labeled:], sampled_weights_u),
             "np_kl": self.kl_weight * gaussian_kl(summary.q_target, summary.q_context),
         }
 
