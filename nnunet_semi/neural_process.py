@@ -6,11 +6,12 @@ Shapes: decoder features (B, F, *spatial), 2D or 3D; voxel sets (B, n, F); proba
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from nnunet_semi.masks import normalized_entropy
 
 DUAL_CONFIDENCE_RULES = ("product", "min", "agreement")
 NP_CONFIDENCE_MEASURES = ("max_prob", "entropy")
@@ -201,8 +202,7 @@ def dual_confidence_weights(seg_probs: torch.Tensor, np_probs: torch.Tensor, rul
     if np_confidence == "max_prob":
         c_np = np_probs.max(1, keepdim=True).values
     else:
-        entropy = -(np_probs * torch.log(np_probs.clamp_min(1e-12))).sum(1, keepdim=True)
-        c_np = 1 - entropy / math.log(np_probs.shape[1])
+        c_np = 1 - normalized_entropy(np_probs)
     if rule == "product":
         weights = c_seg * c_np
     elif rule == "min":
