@@ -26,6 +26,13 @@ def plans_architecture(configuration_manager) -> dict:
             "_kw_requires_import": list(configuration_manager.network_arch_init_kwargs_req_import)}
 
 
+def features_per_stage(configuration_manager) -> list[int]:
+    """Channels of every encoder stage of an nnU-Net configuration (the plans may give one int for all stages)."""
+    kwargs = configuration_manager.network_arch_init_kwargs
+    features = kwargs["features_per_stage"]
+    return [features] * kwargs["n_stages"] if isinstance(features, int) else list(features)
+
+
 def residual_encoder_sibling(architecture: dict, blocks_per_stage: tuple[int, ...] | None = RESENC_BLOCKS_PER_STAGE
                              ) -> dict:
     """A ``ResidualEncoderUNet`` with the same stages, features, kernels, strides, norm and decoder as a

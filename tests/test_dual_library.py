@@ -233,3 +233,14 @@ def test_dual_network_ensemble_deploys_either_network_or_the_softmax_average(dim
         torch.testing.assert_close(fresh(x), first(x))
         torch.testing.assert_close(member_state(state, "second")["decoder.seg_layers.0.weight"],
                                    second.state_dict()["decoder.seg_layers.0.weight"])
+
+
+def test_features_per_stage_expands_a_single_int():
+    from types import SimpleNamespace
+
+    from nnunet_semi.networks import features_per_stage
+
+    assert features_per_stage(SimpleNamespace(network_arch_init_kwargs={"n_stages": 3, "features_per_stage": 8})) \
+        == [8, 8, 8]
+    assert features_per_stage(SimpleNamespace(network_arch_init_kwargs=plain_unet_architecture()["arch_kwargs"])) \
+        == [4, 8, 16]

@@ -380,7 +380,7 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
     def validation_step(self, batch: dict) -> dict:
         counts = {}
         if self.validated_models():
-            target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+            target = full_resolution(batch["target"])
             data, target = batch["data"].to(self.device), target.to(self.device)
             with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
                 probabilities = self.validation_probabilities(data)

@@ -22,6 +22,7 @@ from nnunet_semi.feature_perturbation import (
 )
 from nnunet_semi.losses import weighted_ce_dice_loss
 from nnunet_semi.masks import normalized_entropy
+from nnunet_semi.networks import features_per_stage
 from nnunet_semi.training.base import full_resolution, take_samples
 from nnunet_semi.training.mean_teacher import nnUNetTrainerMeanTeacher
 
@@ -71,9 +72,8 @@ class nnUNetTrainerCIFP(nnUNetTrainerMeanTeacher):
             raise ValueError(f"{self.__class__.__name__}.fusion_sources must be a non-empty subset of "
                              f"{FUSION_SOURCES}, got {self.fusion_sources}")
         modules = super().build_auxiliary_modules()
-        features = self.configuration_manager.network_arch_init_kwargs["features_per_stage"]
         modules["cross_image"] = CrossImageRefinement(
-            features if isinstance(features, int) else features[-1], self.refinement_attention,
+            features_per_stage(self.configuration_manager)[-1], self.refinement_attention,
             self.refinement_keys, self.refinement_heads, self.refinement_gamma)
         return modules
 
@@ -97,7 +97,7 @@ class nnUNetTrainerCIFP(nnUNetTrainerMeanTeacher):
         logits["feature"] = full_resolution(decoder(dropout_skips(skips, self.feature_dropout)))
         ambiguous = ambiguous_positions(normalized_entropy(weak), skips[-1].shape[2:], self.refine_fraction,
                                         self.refine_min_entropy)
-        labels = labeled["target"][0] if isinstance(labeled["target"], (list, tuple)) else labeled["target"]
+        labels = full_resolution(labeled["target"])
         refined = self.auxiliary["cross_image"](skips[-1], labeled_bottleneck, ambiguous, labels,
                                                 self.label_manager.num_segmentation_heads)
         logits["cross_image"] = full_resolution(decoder(skips[:-1] + [refined]))

@@ -17,7 +17,13 @@ from nnunet_semi.losses import (
     masked_pseudo_label_cross_entropy,
 )
 from nnunet_semi.masks import cross_reliable_mask, entropy_percentile_mask, union_pseudo_label
-from nnunet_semi.networks import RESENC_BLOCKS_PER_STAGE, build_network, plans_architecture, residual_encoder_sibling
+from nnunet_semi.networks import (
+    RESENC_BLOCKS_PER_STAGE,
+    build_network,
+    features_per_stage,
+    plans_architecture,
+    residual_encoder_sibling,
+)
 from nnunet_semi.prototypes import DecoderFeatures, PrototypeBank, gather_voxels
 from nnunet_semi.training.base import full_resolution, take_samples
 from nnunet_semi.training.cps import nnUNetTrainerCPS
@@ -116,8 +122,7 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
 
     def build_auxiliary_modules(self) -> nn.ModuleDict:
         modules = super().build_auxiliary_modules()
-        features = self.configuration_manager.network_arch_init_kwargs["features_per_stage"]
-        feature_dim = features if isinstance(features, int) else features[0]
+        feature_dim = features_per_stage(self.configuration_manager)[0]  # full-resolution decoder stage
         for name in ("prototypes_first", "prototypes_peer"):
             modules[name] = PrototypeBank(self.label_manager.num_segmentation_heads, feature_dim,
                                           self.prototype_momentum)
@@ -184,7 +189,7 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
 
     def _cross_reliable_loss(self, logits: list[torch.Tensor], probs: list[torch.Tensor], target) -> torch.Tensor:
         """L_cr summed over both networks on the labeled samples (full resolution)."""
-        labels = target[0] if isinstance(target, (list, tuple)) else target
+        labels = full_resolution(target)
         ignore = labels == self.label_manager.ignore_label if self.label_manager.has_ignore_label else None
         region = cross_reliable_mask(probs[0], probs[1], self.cross_reliable_confidence)
         return sum(masked_probability_mse(self.probabilities(z), labels.long(), region, ignore) for z in logits)

@@ -20,6 +20,7 @@ from torch import nn
 from nnunet_semi.ema import ema_momentum, ema_update, make_teacher
 from nnunet_semi.losses import weighted_ce_dice_loss, weighted_mean
 from nnunet_semi.masks import percentile
+from nnunet_semi.networks import features_per_stage
 from nnunet_semi.neural_process import (
     ClassMemoryBank,
     NeuralProcessHead,
@@ -83,8 +84,7 @@ class nnUNetTrainerNPCal(nnUNetTrainerMeanTeacher):
             raise ValueError(f"{self.__class__.__name__}.pseudo_label_source must be one of {PSEUDO_LABEL_SOURCES},"
                              f" got {self.pseudo_label_source!r}")
         modules = super().build_auxiliary_modules()
-        features = self.configuration_manager.network_arch_init_kwargs["features_per_stage"]
-        feature_dim = features if isinstance(features, int) else features[0]
+        feature_dim = features_per_stage(self.configuration_manager)[0]  # full-resolution decoder stage
         classes = self.label_manager.num_segmentation_heads
         modules["np_head"] = NeuralProcessHead(feature_dim, classes, self.np_latent_dim, self.np_hidden_dim)
         modules["np_head_teacher"] = make_teacher(modules["np_head"])
@@ -102,7 +102,7 @@ class nnUNetTrainerNPCal(nnUNetTrainerMeanTeacher):
         num_labeled = x_l.shape[0]
         head, head_teacher = self.auxiliary["np_head"], self.auxiliary["np_head_teacher"]
         context, target = self.auxiliary["context_bank"], self.auxiliary["target_bank"]
-        labels = labeled["target"][0] if isinstance(labeled["target"], (list, tuple)) else labeled["target"]
+        labels = full_resolution(labeled["target"])
         labels = labels.long()
         valid = labels != self.label_manager.ignore_label if self.label_manager.has_ignore_label else \
             torch.ones_like(labels, dtype=torch.bool)
