@@ -12,11 +12,17 @@ from nnunet_semi.training import (
 )
 
 
-class nnUNetTrainerMeanTeacherTiny(nnUNetTrainerMeanTeacher):
+class _TinySchedule:
+    """2 epochs of 3 iterations, 1 validation iteration; deployment decided over both epochs."""
+
     epochs = 2
     iterations_per_epoch = 3
     val_iterations_per_epoch = 1
     deploy_selection_epochs = 2
+
+
+class nnUNetTrainerMeanTeacherTiny(_TinySchedule, nnUNetTrainerMeanTeacher):
+    pass
 
 
 class nnUNetTrainerTiny(nnUNetTrainer):
@@ -25,37 +31,23 @@ class nnUNetTrainerTiny(nnUNetTrainer):
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 3, 1
 
 
-class nnUNetTrainerCPSTiny(nnUNetTrainerCPS):
-    epochs = 2
-    iterations_per_epoch = 3
-    val_iterations_per_epoch = 1
+class nnUNetTrainerCPSTiny(_TinySchedule, nnUNetTrainerCPS):
+    pass
 
 
-class nnUNetTrainerSGRSTiny(nnUNetTrainerSGRS):
-    epochs = 2
-    iterations_per_epoch = 3
-    val_iterations_per_epoch = 1
+class nnUNetTrainerSGRSTiny(_TinySchedule, nnUNetTrainerSGRS):
+    pass
 
 
-class nnUNetTrainerCIFPTiny(nnUNetTrainerCIFP):
-    epochs = 2
-    iterations_per_epoch = 3
-    val_iterations_per_epoch = 1
-    deploy_selection_epochs = 2
+class nnUNetTrainerCIFPTiny(_TinySchedule, nnUNetTrainerCIFP):
+    pass
 
 
-class nnUNetTrainerNPCalTiny(nnUNetTrainerNPCal):
-    epochs = 2
-    iterations_per_epoch = 3
-    val_iterations_per_epoch = 1
-    deploy_selection_epochs = 2
+class nnUNetTrainerNPCalTiny(_TinySchedule, nnUNetTrainerNPCal):
+    pass
 
 
-class nnUNetTrainerDualCCETiny(nnUNetTrainerDualCCE):
-    epochs = 2
-    iterations_per_epoch = 3
-    val_iterations_per_epoch = 1
-
+class nnUNetTrainerDualCCETiny(_TinySchedule, nnUNetTrainerDualCCE):
     def validation_scores(self):
         # pinned, so that the end-to-end test runs the ensemble deployment (2 tiny epochs decide nothing)
         return {"student": 0.5, "peer": 0.6, "ensemble": 0.7}
