@@ -478,10 +478,10 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
                                + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         return scores
 
-    def choose_deployed_weights(self) -> str:
-        """The model with the best ``validation_scores``; a tie goes to the later one (the teacher over the
-        student)."""
-        scores = self.validation_scores()
+    def choose_deployed_weights(self, scores: dict[str, float] | None = None) -> str:
+        """The model with the best ``scores`` (default: ``validation_scores()``); a tie goes to the later one in
+        ``validated_models`` (the teacher over the student). A NaN score is never chosen over a number."""
+        scores = self.validation_scores() if scores is None else scores
         best = "student"
         for name, score in scores.items():
             if score >= scores[best]:

@@ -210,10 +210,11 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
 
     def finalize_deployed_weights(self) -> None:
         """Deploy network 1 ('student'), the peer or the ensemble, whichever validates best (ties go to the
-        ensemble, then the peer), and remember the better single network for ``nnUNetv2_semi_export``."""
+        ensemble, then the peer: the order of ``validated_models``), and remember the better single network for
+        ``nnUNetv2_semi_export``."""
         scores = self.validation_scores()
         self.best_single_network = "peer" if scores["peer"] > scores["student"] else "student"
-        self.deployed_weights = max(("ensemble", "peer", "student"), key=lambda name: scores[name])
+        self.deployed_weights = self.choose_deployed_weights(scores)
         self.print_to_log_file(f"network_weights in checkpoint_final.pth: {self.deployed_weights} (better single "
                                f"network, for export: {self.best_single_network})")
 
