@@ -54,8 +54,10 @@ def export_vanilla(model_folder: str, output_folder: str,
         raise SemiInputError(f"no {' or '.join(checkpoint_names)} in the fold folders of {model_folder}. Train first.")
     if isdir(output_folder) and os.listdir(output_folder):
         raise SemiInputError(f"{output_folder} exists and is not empty. Choose a new output folder.")
-    checkpoints = {source: torch.load(join(model_folder, *source), map_location="cpu", weights_only=False)
-                   for source in sources}
+    # memory-mapped: every fold's checkpoints are open at once (the choice of network spans folds), none is read
+    # into RAM before it is written out
+    checkpoints = {source: torch.load(join(model_folder, *source), map_location="cpu", weights_only=False,
+                                      mmap=True) for source in sources}
     networks = _exported_networks(checkpoints, single_network)
     peer_architecture = _peer_architecture(checkpoints, networks)
 
