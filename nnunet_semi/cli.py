@@ -67,6 +67,8 @@ def split_entry(argv=None):
                         help="'first': the first N training cases in sorted order (the papers' protocol on LA); "
                              "'random': a seeded random draw")
     parser.add_argument("--seed", type=int, default=12345, help="seed for --order random (fold k uses seed + k)")
+    parser.add_argument("--num_val", type=int, default=None,
+                        help="one fold (0) validating on the last K cases in sorted order, instead of the 5 folds")
     args = parser.parse_args(argv)
     from nnunet_semi.splits import make_labeled_split, restore_original_split
 
@@ -74,7 +76,7 @@ def split_entry(argv=None):
         splits = restore_original_split(args.d)
         print(f"restored the original split ({len(splits)} folds)")
         return
-    splits = make_labeled_split(args.d, args.num_labeled, order=args.order, seed=args.seed)
+    splits = make_labeled_split(args.d, args.num_labeled, order=args.order, seed=args.seed, num_val=args.num_val)
     for k, fold in enumerate(splits):
         print(f"fold {k}: {len(fold['train'])} labeled, {len(fold['unlabeled'])} unlabeled, {len(fold['val'])} val")
 

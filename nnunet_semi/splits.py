@@ -80,8 +80,15 @@ def _fold_back(fold: dict) -> dict:
     return rest | {"train": sorted(fold["train"] + fold[UNLABELED_KEY])}
 
 
+def holdout_split(cases: list[str], num_val: int) -> list[dict]:
+    """One fold that validates on the last ``num_val`` cases in sorted order and trains on the others (LA: the
+    papers' training list with its tail held out)."""
+    ordered = sorted(cases)
+    return [{"train": ordered[:-num_val], "val": ordered[-num_val:]}]
+
+
 def make_labeled_split(dataset_name_or_id: int | str, num_labeled: int, order: str = "first",
-                       seed: int = 12345) -> list[dict]:
+                       seed: int = 12345, num_val: int | None = None) -> list[dict]:
     """Rewrite ``splits_final.json`` so that every fold trains on ``num_labeled`` labeled cases.
 
     Args:
@@ -89,6 +96,8 @@ def make_labeled_split(dataset_name_or_id: int | str, num_labeled: int, order: s
         num_labeled: labeled cases per fold, 1 … the smallest fold's training-case count.
         order: ``"first"`` or ``"random"`` (see ``select_labeled``).
         seed: seed of the ``"random"`` draw (fold k uses ``seed + k``).
+        num_val: instead of the saved (or nnU-Net's 5-fold) split, one fold (fold 0) that holds out the last
+            ``num_val`` training cases in sorted order for validation; the saved original split is kept as it is.
 
     Returns:
         The splits written: a list of ``{"train", "val", "unlabeled"}`` dicts.
@@ -102,6 +111,15 @@ def make_labeled_split(dataset_name_or_id: int | str, num_labeled: int, order: s
         raise SemiInputError(
             f"{preprocessed} does not exist. Run nnUNetv2_plan_and_preprocess -d {dataset_name_or_id} first.")
     source = full_splits(preprocessed, raw)
+    original_source = source
+    if num_val is not None:
+        cases = sorted(source[0]["train"] + source[0]["val"])  # every fold of a cross-validation covers all cases
+        if not 1 <= num_val <= len(cases) - num_labeled - 1:
+            raise SemiInputError(
+                f"--num_val {num_val} is out of range for {dataset_name}: with {len(cases)} labeled cases and "
+                f"--num_labeled {num_labeled} it must be at least 1 and at most {len(cases) - num_labeled - 1} (at "
+                f"least one training case must stay unlabeled).")
+        source = holdout_split(cases, num_val)
     smallest = min(len(fold["train"]) for fold in source)
     if not 1 <= num_labeled <= smallest:
         raise SemiInputError(
@@ -115,7 +133,7 @@ def make_labeled_split(dataset_name_or_id: int | str, num_labeled: int, order: s
         splits.append({**fold, "train": labeled, "val": list(fold["val"]), UNLABELED_KEY: unlabeled})
     original = join(preprocessed, ORIGINAL_SPLITS_FILE)
     if not isfile(original):
-        save_json_atomic(source, original)
+        save_json_atomic(original_source, original)
     save_json_atomic(splits, join(preprocessed, SPLITS_FILE))
     return splits
 

@@ -1,4 +1,5 @@
-"""``nnUNetv2_semi_benchmark quality|speed``; ``--tiny`` runs either on a generated dataset in a few minutes on CPU."""
+"""``nnUNetv2_semi_benchmark quality|speed``; ``--tiny`` runs either on a generated dataset in a few minutes on CPU,
+``quality --coarse`` any real dataset on a coarse grid with a small U-Net in about an hour per trainer on CPU."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import os
 import sys
 from os.path import join
 
+from nnunet_semi.benchmark.coarse import DEFAULT_MAX_PATCH_VOXELS
 from nnunet_semi.errors import SemiInputError
 
 TINY_DATASET_ID = 994
+# the coarse mode's defaults: 1 500 iterations (an hour for stock nnU-Net on 2 CPU cores at LA's coarse plans), the
+# unsupervised ramp over 40 % of them for every method (SGRS's 6 000 of 15 000), 16 validation cases for power
+COARSE_EPOCHS, COARSE_ITERATIONS, COARSE_RAMPUP_FRACTION, COARSE_NUM_VAL = 15, 100, 0.4, 16
 
 
 def semi_trainers() -> list[str]:
@@ -53,12 +58,31 @@ def main(argv=None) -> None:
         p.add_argument("-o", required=True, help="output folder")
         p.add_argument("--tiny", action="store_true", help="generated tiny dataset and network: minutes on 2 CPU cores")
     quality.add_argument("--num_labeled", nargs="+", default=["8"], help="labeled counts, and 'all'")
-    quality.add_argument("--epochs", type=int, default=50)
-    quality.add_argument("--iterations", type=int, default=250, help="iterations per epoch")
+    quality.add_argument("--epochs", type=int, default=None, help=f"default 50; --coarse: {COARSE_EPOCHS}")
+    quality.add_argument("--iterations", type=int, default=None,
+                         help=f"iterations per epoch; default 250; --coarse: {COARSE_ITERATIONS}")
     quality.add_argument("-f", type=int, default=0, help="fold")
     quality.add_argument("--test_labels", default=None, help="labels of imagesTs; default: the fold's val cases")
     quality.add_argument("--order", choices=("first", "random"), default="first")
-    quality.add_argument("--seed", type=int, default=12345)
+    quality.add_argument("--seed", type=int, default=12345, help="seed of --order random and of every run")
+    quality.add_argument("--num_val", type=int, default=None,
+                         help=f"validate on the last K training cases (one fold, 0); --coarse default: "
+                              f"{COARSE_NUM_VAL}, or the fold's own split with 0")
+    quality.add_argument("--repeats", type=int, default=1,
+                         help="train stock nnU-Net this many times (seeds seed, seed+1, ...): its run-to-run spread")
+    quality.add_argument("--rampup_iterations", type=int, default=None,
+                         help=f"one unsupervised ramp length in iterations for every method; default: each "
+                              f"method's own; --coarse: {COARSE_RAMPUP_FRACTION:.0%}% of the run")
+    quality.add_argument("--predict_test", action="store_true",
+                         help="also predict imagesTs (no labels needed) and pack it per run (--coarse: on when "
+                              "imagesTs exists)")
+    quality.add_argument("--coarse", action="store_true",
+                         help="plan a copy of the dataset at a coarse spacing (median case in one patch of at most "
+                              "--coarse_voxels voxels) with a 16-128-feature U-Net, and train on it")
+    quality.add_argument("--coarse_voxels", type=int, default=DEFAULT_MAX_PATCH_VOXELS,
+                         help="--coarse: most voxels in one patch (default %(default)s)")
+    quality.add_argument("--coarse_spacing", type=float, nargs="+", default=None,
+                         help="--coarse: this target spacing in mm (one value: isotropic) instead of the derived one")
     speed.add_argument("--steps", type=int, default=None, help="timed steps per trainer (default 20; --tiny: 3)")
     speed.add_argument("--num_labeled", type=int, default=None,
                        help="write a labeled split first (needed when the dataset has no imagesUnlabeled)")
@@ -66,20 +90,15 @@ def main(argv=None) -> None:
     trainers = args.tr or semi_trainers()
     try:
         dataset, plans = args.d, args.p
+        if args.tiny and getattr(args, "coarse", False):
+            raise SemiInputError("--tiny and --coarse exclude each other: --coarse plans a dataset given with -d.")
         if args.tiny:
             raw = make_tiny_dataset(join(args.o, "tiny_dataset"))
             dataset, plans = TINY_DATASET_ID, "nnUNetDemoPlans"
         elif dataset is None:
             raise SemiInputError("give -d DATASET or --tiny.")
         if args.command == "quality":
-            from nnunet_semi.benchmark.quality import run_quality_benchmark
-
-            epochs, iterations = (2, 4) if args.tiny else (args.epochs, args.iterations)
-            counts = ["2", "all"] if args.tiny else args.num_labeled
-            test_labels = join(raw, "labelsTs") if args.tiny else args.test_labels
-            run_quality_benchmark(dataset, counts, trainers, epochs, iterations, args.o, args.c, args.f, plans,
-                                  test_labels, args.order, args.seed)
-            print(open(join(args.o, "results.md")).read())
+            run_quality_command(args, dataset, plans, trainers, raw if args.tiny else None)
         else:
             from nnunet_semi.benchmark.speed import run_speed_benchmark
             from nnunet_semi.splits import make_labeled_split
@@ -93,3 +112,37 @@ def main(argv=None) -> None:
     except SemiInputError as e:
         print(f"nnUNetv2_semi_benchmark: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def run_quality_command(args, dataset, plans: str, trainers: list[str], tiny_raw: str | None) -> None:
+    from nnunet_semi.benchmark.quality import run_quality_benchmark
+
+    configuration, extra, num_val, rampup = args.c, {}, args.num_val, args.rampup_iterations
+    epochs = args.epochs or (2 if tiny_raw else COARSE_EPOCHS if args.coarse else 50)
+    iterations = args.iterations or (4 if tiny_raw else COARSE_ITERATIONS if args.coarse else 250)
+    predict_test, checkpoint_every = args.predict_test, None
+    if args.coarse:
+        from nnunet_semi.benchmark.coarse import COARSE_CONFIGURATION, plan_coarse
+        from nnunet_semi.dataset_io import require_env_folder, resolve_dataset_name
+
+        coarse = plan_coarse(dataset, args.coarse_voxels, args.coarse_spacing,
+                             num_processes=int(os.environ.get("nnUNet_def_n_proc", 2)))
+        plans, configuration = coarse["plans"], COARSE_CONFIGURATION
+        num_val = COARSE_NUM_VAL if num_val is None else (num_val or None)
+        rampup = round(COARSE_RAMPUP_FRACTION * epochs * iterations) if rampup is None else rampup
+        checkpoint_every = 1  # short runs: resume a killed run from its last epoch
+        raw = join(require_env_folder("nnUNet_raw"), resolve_dataset_name(dataset))
+        predict_test = predict_test or os.path.isdir(join(raw, "imagesTs"))
+        extra = {"spacing_mm": "x".join(f"{s:g}" for s in coarse["spacing"]),
+                 "patch_size": "x".join(map(str, coarse["patch_size"])), "batch_size": coarse["batch_size"],
+                 "features": "-".join(map(str, coarse["features"]))}
+        print(f"coarse plans {plans}: spacing {extra['spacing_mm']} mm, patch {extra['patch_size']}, batch "
+              f"{coarse['batch_size']}, U-Net features {extra['features']}; {epochs} x {iterations} iterations, "
+              f"unsupervised ramp over {rampup} iterations for every method")
+    counts = ["2", "all"] if tiny_raw else args.num_labeled
+    test_labels = join(tiny_raw, "labelsTs") if tiny_raw else args.test_labels
+    run_quality_benchmark(dataset, counts, trainers, epochs, iterations, args.o, configuration, args.f, plans,
+                          test_labels, args.order, args.seed, num_val=num_val, repeats=args.repeats,
+                          rampup_iterations=rampup, predict_test=predict_test, checkpoint_every=checkpoint_every,
+                          extra_columns=extra)
+    print(open(join(args.o, "results.md")).read())

@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shutil
+import tarfile
 from os.path import isdir, isfile, join
 
 import numpy as np
@@ -25,6 +27,7 @@ from nnunet_semi.benchmark.common import (
     resolve_trainer,
     with_schedule,
 )
+from nnunet_semi.benchmark.statistics import paired_comparison
 from nnunet_semi.dataset_io import require_env_folder, resolve_dataset_name
 from nnunet_semi.errors import SemiInputError
 from nnunet_semi.plotting import isolated_style
@@ -105,11 +108,82 @@ def _predict(trainer_cls: type, output_folder: str, plans: dict, configuration: 
                                      num_processes_preprocessing=1, num_processes_segmentation_export=1)
 
 
+def _deployed_model(output_folder: str) -> str:
+    """What ``checkpoint_final.pth`` deploys: the semi-supervised trainers' choice, or ``network`` (stock)."""
+    checkpoint = torch.load(join(output_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False,
+                            mmap=True)
+    return checkpoint.get("semi_state", {}).get("deployed_weights", "network")
+
+
+def _score_run(cases: dict, prediction_folder: str, file_ending: str, labels: list[int], common: dict) -> list[dict]:
+    rows = []
+    for case, (_, label_file) in cases.items():
+        reference_image = sitk.ReadImage(label_file)
+        reference = sitk.GetArrayFromImage(reference_image)
+        prediction = sitk.GetArrayFromImage(sitk.ReadImage(join(prediction_folder, case + file_ending)))
+        spacing = tuple(reference_image.GetSpacing())[::-1]
+        for label in labels:
+            rows.append({"trainer": common["trainer"], "num_labeled": common["num_labeled"], "case": case,
+                         "class": label, **case_metrics(prediction, reference, spacing, label), **common})
+    return rows
+
+
+def _write_csv(rows: list[dict], filename: str) -> None:
+    """All rows, columns in first-seen order; through a temporary file, so a killed run leaves no partial file."""
+    fieldnames = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = f"{filename}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, filename)
+
+
+def _read_csv(filename: str) -> list[dict]:
+    with open(filename, newline="") as f:
+        return [{k: _parse(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def _parse(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _keep_run_record(output_folder: str, run_dir: str) -> None:
+    """Copy the run's training logs and progress plots (small) next to its scores."""
+    for name in sorted(os.listdir(output_folder)):
+        if name.startswith("training_log") or name in ("progress.png", "progress_semi.png", "debug.json"):
+            shutil.copy2(join(output_folder, name), join(run_dir, name))
+
+
+def _pack_test_predictions(trainer_cls: type, output_folder: str, plans: dict, configuration: str,
+                           dataset_json: dict, raw: str, work_dir: str, archive: str, device: torch.device) -> None:
+    """Predict every ``imagesTs`` case (no labels needed) and pack the segmentations into ``archive`` (.tar.gz)."""
+    ending, channels = dataset_json["file_ending"], len(dataset_json["channel_names"])
+    folder = join(raw, "imagesTs")
+    if not isdir(folder):
+        raise SemiInputError(f"--predict_test: {folder} does not exist; drop the option or add the test images.")
+    ids = sorted({f[:-len(ending) - 5] for f in os.listdir(folder) if f.endswith(ending)})
+    cases = {c: ([join(folder, f"{c}_{k:04d}{ending}") for k in range(channels)], None) for c in ids}
+    _predict(trainer_cls, output_folder, plans, configuration, dataset_json, cases, work_dir, device)
+    tmp = f"{archive}.tmp{os.getpid()}"
+    with tarfile.open(tmp, "w:gz") as tar:
+        for c in ids:
+            tar.add(join(work_dir, c + ending), arcname=c + ending)
+    os.replace(tmp, archive)
+
+
 def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str], trainers: list[str], epochs: int,
                           iterations: int, out_dir: str, configuration: str = "3d_fullres", fold: int = 0,
                           plans_identifier: str = "nnUNetPlans", test_labels: str | None = None,
                           order: str = "first", seed: int = 12345, val_iterations: int | None = None,
-                          device: torch.device | None = None) -> list[dict]:
+                          device: torch.device | None = None, num_val: int | None = None, repeats: int = 1,
+                          rampup_iterations: int | None = None, predict_test: bool = False,
+                          checkpoint_every: int | None = None, extra_columns: dict | None = None) -> list[dict]:
     """Train, predict and score; writes ``results.csv``, ``results.md`` and ``results.png`` into ``out_dir``.
 
     Args:
@@ -117,8 +191,17 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
         num_labeled: labeled counts as strings: integers, or ``"all"`` (stock nnU-Net on the full split).
         trainers: semi-supervised trainer names; ``nnUNetTrainer`` is always added as the baseline.
         epochs, iterations: the schedule, identical for every trainer.
-        out_dir: where results and predictions go.
+        out_dir: where results and predictions go. Each finished run leaves ``runs/<run>/scores.csv`` (and its
+            training log); a run whose scores are there is not trained, predicted or scored again, so committing
+            ``out_dir`` keeps finished runs across machines.
         test_labels: folder with the labels of ``imagesTs``; None: evaluate on the fold's validation cases.
+        seed: seed of ``--order random`` and of every run (stock's repeat k: seed + k).
+        num_val: hold out the last ``num_val`` training cases as the one validation fold (see ``make_labeled_split``).
+        repeats: stock nnU-Net is trained this many times (seeds seed, seed + 1, ...): its run-to-run spread.
+        rampup_iterations: one unsupervised ramp length in steps for every method (None: each method's own).
+        predict_test: also predict ``imagesTs`` without labels and pack it as ``runs/<run>/test_predictions.tar.gz``.
+        checkpoint_every: epochs between ``checkpoint_latest.pth`` writes (None: nnU-Net's).
+        extra_columns: constant columns added to every row (e.g. the coarse mode's spacing).
     """
     from nnunet_semi.dataset_io import save_json_atomic
     from nnunet_semi.splits import SPLITS_FILE, full_splits, make_labeled_split
@@ -134,13 +217,20 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                              f"{dataset_name_or_id} -c {configuration} (and nnUNetv2_semi_preprocess) first.")
     if test_labels is not None and not isdir(test_labels):
         raise SemiInputError(f"--test_labels {test_labels} is not a folder.")
+    if repeats < 1:
+        raise SemiInputError(f"--repeats {repeats}: give at least 1.")
+    if num_val is not None and fold != 0:
+        raise SemiInputError(f"-f {fold} with --num_val: the held-out split has one fold, 0.")
     plans, dataset_json = load_plans_and_dataset_json(preprocessed, plans_identifier)
     labels = PlansManager(plans).get_label_manager(dataset_json).foreground_labels
     all_trainers = [BASELINE_TRAINER] + [t for t in trainers if t != BASELINE_TRAINER]
     classes = {t: resolve_trainer(t) for t in all_trainers}
     info = provenance(device)
     val_iterations = val_iterations if val_iterations is not None else max(1, iterations // 5)
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(join(out_dir, "runs"), exist_ok=True)
+    if rampup_iterations is not None:
+        print(f"unsupervised ramp for every method: sigmoid over {rampup_iterations} iterations "
+              f"(of {epochs * iterations})")
 
     rows = []
     for count in num_labeled:
@@ -149,38 +239,50 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
             save_json_atomic(full, join(preprocessed, SPLITS_FILE))
             split, run_trainers = full[fold], [BASELINE_TRAINER]
         else:
-            split = make_labeled_split(dataset_name, int(count), order, seed)[fold]
+            split = make_labeled_split(dataset_name, int(count), order, seed, num_val=num_val)[fold]
             run_trainers = all_trainers
         cases = _held_out_cases(raw, dataset_json, split, test_labels)
         for name in run_trainers:
-            tag = f"bench_{count}lab_{epochs}x{iterations}"
-            trainer_cls = with_schedule(classes[name], epochs, iterations, val_iterations, tag)
-            output_folder = _train(trainer_cls, plans, configuration, fold, dataset_json, device)
-            predictions = join(out_dir, "predictions", f"{name}_{count}")
-            _predict(trainer_cls, output_folder, plans, configuration, dataset_json, cases, predictions, device)
-            for case, (_, label_file) in cases.items():
-                reference_image = sitk.ReadImage(label_file)
-                reference = sitk.GetArrayFromImage(reference_image)
-                prediction = sitk.GetArrayFromImage(sitk.ReadImage(join(predictions, case + dataset_json["file_ending"])))
-                spacing = tuple(reference_image.GetSpacing())[::-1]
-                for label in labels:
-                    rows.append({"trainer": name, "num_labeled": count, "case": case, "class": label,
-                                 **case_metrics(prediction, reference, spacing, label),
-                                 "dataset": dataset_name, "configuration": configuration, "fold": fold,
-                                 "epochs": epochs, "iterations_per_epoch": iterations, "seed": seed,
-                                 "evaluated_on": "imagesTs" if test_labels else f"fold {fold} val", **info})
+            for repeat in range(repeats if name == BASELINE_TRAINER else 1):
+                tag = f"bench_{count}lab_{epochs}x{iterations}" + (f"_r{repeat}" if repeat else "")
+                trainer_cls = with_schedule(classes[name], epochs, iterations, val_iterations, tag,
+                                            rampup_iterations, seed + repeat, checkpoint_every)
+                run_dir = join(out_dir, "runs", trainer_cls.__name__)
+                scores_file, archive = join(run_dir, "scores.csv"), join(run_dir, "test_predictions.tar.gz")
+                if isfile(scores_file) and (not predict_test or isfile(archive)):
+                    print(f"{trainer_cls.__name__}: scored earlier ({scores_file}), skipping")
+                    rows += _read_csv(scores_file)
+                    continue
+                output_folder = _train(trainer_cls, plans, configuration, fold, dataset_json, device)
+                predictions = join(out_dir, "predictions", trainer_cls.__name__)
+                _predict(trainer_cls, output_folder, plans, configuration, dataset_json, cases, predictions, device)
+                common = {"trainer": name, "num_labeled": count, "repeat": repeat,
+                          "deployed": _deployed_model(output_folder), "dataset": dataset_name,
+                          "configuration": configuration, "plans": plans_identifier, "fold": fold,
+                          "num_val": len(cases) if test_labels is None else "", "epochs": epochs,
+                          "iterations_per_epoch": iterations,
+                          "rampup_iterations": "" if rampup_iterations is None else rampup_iterations,
+                          "seed": seed + repeat,
+                          "evaluated_on": "imagesTs" if test_labels else f"fold {fold} val",
+                          **(extra_columns or {}), **info}
+                run_rows = _score_run(cases, predictions, dataset_json["file_ending"], labels, common)
+                os.makedirs(run_dir, exist_ok=True)
+                _keep_run_record(output_folder, run_dir)
+                if predict_test:
+                    _pack_test_predictions(trainer_cls, output_folder, plans, configuration, dataset_json, raw,
+                                           join(out_dir, "test_predictions", trainer_cls.__name__), archive, device)
+                _write_csv(run_rows, scores_file)  # last: its presence means the run is complete
+                rows += run_rows
     write_results(rows, out_dir)
     return rows
 
 
 def write_results(rows: list[dict], out_dir: str) -> None:
-    """results.csv (every row), results.md (mean ± std and gain over the baseline) and results.png."""
+    """results.csv (every row), results.md (mean ± std, gain and paired statistics against the baseline) and
+    results.png."""
     if not rows:
         raise SemiInputError("no results to write: no trainer produced predictions.")
-    with open(join(out_dir, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    _write_csv(rows, join(out_dir, "results.csv"))
     summary = summarize(rows)
     info = rows[0]
     lines = [f"# Quality: {info['dataset']}, {info['configuration']}, fold {info['fold']}, evaluated on "
@@ -190,24 +292,60 @@ def write_results(rows: list[dict], out_dir: str) -> None:
              f"{info['date']}. Mean ± std over cases (and foreground classes); distances are NaN-excluded means "
              f"(a distance is undefined when a mask is empty). Gain: Dice points over nnUNetTrainer with the same "
              f"labeled cases.", "",
-             "| labeled | trainer | Dice % | gain | Jaccard % | 95HD mm | ASD mm | 95HD vox | ASD vox |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| labeled | trainer | deployed | Dice % | gain | Jaccard % | 95HD mm | ASD mm | 95HD vox | ASD vox |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for (count, trainer), stats in summary.items():
         cells = [f"{stats[m][0]:.2f} ± {stats[m][1]:.2f}" for m in METRICS]
         gain = stats.get("gain")
-        lines.append(f"| {count} | {trainer} | {cells[0]} | {'' if gain is None else f'{gain:+.2f}'} | "
-                     f"{' | '.join(cells[1:])} |")
+        lines.append(f"| {count} | {trainer} | {stats['deployed']} | {cells[0]} | "
+                     f"{'' if gain is None else f'{gain:+.2f}'} | {' | '.join(cells[1:])} |")
+    lines += ["", *paired_table(rows)]
     with open(join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    plot_results(rows, summary, join(out_dir, "results.png"))
+    plot_results(first_runs(rows), summary, join(out_dir, "results.png"))
+
+
+def first_runs(rows: list[dict]) -> list[dict]:
+    """The rows of every trainer's first run (stock's repeats left out)."""
+    return [r for r in rows if int(r.get("repeat", 0) or 0) == 0]
+
+
+def _dice_by_case(rows: list[dict], count, trainer: str, repeat: int = 0) -> dict:
+    return {(r["case"], r["class"]): 100 * float(r["dice"]) for r in rows
+            if r["num_labeled"] == count and r["trainer"] == trainer and int(r.get("repeat", 0) or 0) == repeat}
+
+
+def paired_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: each trainer's per-case Dice difference to stock nnU-Net (its first run) with the same
+    labeled cases, and stock's own difference between its repeats (the run-to-run spread a gain must exceed)."""
+    lines = ["Paired against nnUNetTrainer (repeat 0) on the same cases: Dice difference in points, mean and median, "
+             "wins / losses out of N, a 95 % bootstrap interval of the mean and a two-sided Wilcoxon signed-rank p. "
+             "`nnUNetTrainer (repeat k)` rows are stock against itself: the run-to-run spread.", "",
+             "| labeled | trainer | N | mean Δ | median Δ | wins | losses | 95 % CI of mean Δ | Wilcoxon p |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for count in dict.fromkeys(r["num_labeled"] for r in rows):
+        baseline = _dice_by_case(rows, count, BASELINE_TRAINER)
+        if not baseline:
+            continue
+        runs = dict.fromkeys((r["trainer"], int(r.get("repeat", 0) or 0)) for r in rows if r["num_labeled"] == count)
+        for trainer, repeat in runs:
+            if (trainer, repeat) == (BASELINE_TRAINER, 0):
+                continue
+            c = paired_comparison(_dice_by_case(rows, count, trainer, repeat), baseline)
+            label = f"{trainer} (repeat {repeat})" if trainer == BASELINE_TRAINER else trainer
+            lines.append(f"| {count} | {label} | {c['n']} | {c['mean']:+.2f} | {c['median']:+.2f} | {c['wins']} | "
+                         f"{c['losses']} | [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | {c['p_wilcoxon']:.3f} |")
+    return lines
 
 
 def summarize(rows: list[dict]) -> dict:
-    """(labeled count, trainer) -> metric -> (mean, std) with Dice and Jaccard in %, plus 'gain' in Dice points."""
+    """(labeled count, trainer) -> metric -> (mean, std) with Dice and Jaccard in %, plus 'gain' in Dice points and
+    'deployed' (what the checkpoint deploys); first runs (repeat 0) only."""
     summary = {}
+    rows = first_runs(rows)  # stock's repeats are in the paired table
     for key in dict.fromkeys((r["num_labeled"], r["trainer"]) for r in rows):
         selected = [r for r in rows if (r["num_labeled"], r["trainer"]) == key]
-        stats = {}
+        stats = {"deployed": "/".join(sorted({str(r.get("deployed", "")) for r in selected}))}
         for metric in METRICS:
             values = np.array([r[metric] for r in selected], dtype=float)
             values = values * 100 if metric in ("dice", "jaccard") else values

@@ -47,6 +47,8 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         unlabeled_batch_size: unlabeled samples per step and GPU; None = the labeled batch size.
         unsup_weight: maximum weight of the unsupervised terms.
         unsup_rampup_fraction: fraction of all training steps over which that weight ramps up (sigmoid).
+        unsup_rampup_iterations: when set, the ramp length in steps instead, whatever the schedule (the benchmark
+            sets one length for every method this way).
         teacher_momentum: EMA momentum of the teacher; None = no teacher.
         grad_clip_norm: gradient clipping norm (nnU-Net's 12).
         unsup_uses_deep_supervision: whether the unsupervised terms use every deep-supervision scale (else only the
@@ -61,6 +63,7 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
     unlabeled_batch_size: int | None = None
     unsup_weight: float = 1.0
     unsup_rampup_fraction: float = 0.25
+    unsup_rampup_iterations: int | None = None
     teacher_momentum: float | None = 0.99
     grad_clip_norm: float = 12.0
     unsup_uses_deep_supervision: bool = False
@@ -217,6 +220,8 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         return self.current_epoch * self.num_iterations_per_epoch + self._iteration_in_epoch
 
     def _rampup_steps(self) -> int:
+        if self.unsup_rampup_iterations is not None:
+            return self.unsup_rampup_iterations
         return int(self.unsup_rampup_fraction * self.num_epochs * self.num_iterations_per_epoch)
 
     def unsupervised_ramp(self) -> float:
