@@ -87,6 +87,17 @@ def holdout_split(cases: list[str], num_val: int) -> list[dict]:
     return [{"train": ordered[:-num_val], "val": ordered[-num_val:]}]
 
 
+def check_held_out_size(num_cases: int, num_labeled: int, num_val: int, dataset_name: str,
+                        option: str | None = None) -> None:
+    """A one-line error unless ``num_val`` cases can be held out with ``num_labeled`` labeled and at least one
+    unlabeled training case left; ``option`` names the value in it (default ``--num_val N``)."""
+    if not 1 <= num_val <= num_cases - num_labeled - 1:
+        raise SemiInputError(
+            f"{option or f'--num_val {num_val}'} is out of range for {dataset_name}: with {num_cases} labeled cases and "
+            f"--num_labeled {num_labeled} it must be at least 1 and at most {num_cases - num_labeled - 1} (at "
+            f"least one training case must stay unlabeled).")
+
+
 def make_labeled_split(dataset_name_or_id: int | str, num_labeled: int, order: str = "first",
                        seed: int = 12345, num_val: int | None = None) -> list[dict]:
     """Rewrite ``splits_final.json`` so that every fold trains on ``num_labeled`` labeled cases.
@@ -114,11 +125,7 @@ def make_labeled_split(dataset_name_or_id: int | str, num_labeled: int, order: s
     original_source = source
     if num_val is not None:
         cases = sorted(source[0]["train"] + source[0]["val"])  # every fold of a cross-validation covers all cases
-        if not 1 <= num_val <= len(cases) - num_labeled - 1:
-            raise SemiInputError(
-                f"--num_val {num_val} is out of range for {dataset_name}: with {len(cases)} labeled cases and "
-                f"--num_labeled {num_labeled} it must be at least 1 and at most {len(cases) - num_labeled - 1} (at "
-                f"least one training case must stay unlabeled).")
+        check_held_out_size(len(cases), num_labeled, num_val, dataset_name)
         source = holdout_split(cases, num_val)
     smallest = min(len(fold["train"]) for fold in source)
     if not 1 <= num_labeled <= smallest:

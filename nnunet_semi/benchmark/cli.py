@@ -73,6 +73,8 @@ def main(argv=None) -> None:
     quality.add_argument("--rampup_iterations", type=int, default=None,
                          help=f"one unsupervised ramp length in iterations for every method; default: each "
                               f"method's own; --coarse: {COARSE_RAMPUP_FRACTION:.0%}% of the run")
+    quality.add_argument("--score_ema_pair", action="store_true",
+                         help="also score the student and the teacher of every trainer with an EMA teacher")
     quality.add_argument("--predict_test", action="store_true",
                          help="also predict imagesTs (no labels needed) and pack it per run (--coarse: on when "
                               "imagesTs exists)")
@@ -121,17 +123,26 @@ def run_quality_command(args, dataset, plans: str, trainers: list[str], tiny_raw
     epochs = args.epochs or (2 if tiny_raw else COARSE_EPOCHS if args.coarse else 50)
     iterations = args.iterations or (4 if tiny_raw else COARSE_ITERATIONS if args.coarse else 250)
     predict_test, checkpoint_every = args.predict_test, None
+    if args.repeats < 1:
+        raise SemiInputError(f"--repeats {args.repeats}: give at least 1.")
     if args.coarse:
         from nnunet_semi.benchmark.coarse import COARSE_CONFIGURATION, plan_coarse
-        from nnunet_semi.dataset_io import require_env_folder, resolve_dataset_name
+        from nnunet_semi.dataset_io import labeled_case_ids, load_json, require_env_folder, resolve_dataset_name
+        from nnunet_semi.splits import check_held_out_size
 
+        name = resolve_dataset_name(dataset)
+        raw = join(require_env_folder("nnUNet_raw"), name)
+        num_val = COARSE_NUM_VAL if num_val is None else (num_val or None)
+        if num_val is not None:  # before planning: a bad size costs nothing
+            num_cases = len(labeled_case_ids(raw, load_json(join(raw, "dataset.json"))))
+            for count in args.num_labeled:
+                check_held_out_size(num_cases, 0 if count == "all" else int(count), num_val, name,
+                                    None if args.num_val else f"--num_val {num_val} (the --coarse default)")
         coarse = plan_coarse(dataset, args.coarse_voxels, args.coarse_spacing,
                              num_processes=int(os.environ.get("nnUNet_def_n_proc", 2)))
         plans, configuration = coarse["plans"], COARSE_CONFIGURATION
-        num_val = COARSE_NUM_VAL if num_val is None else (num_val or None)
         rampup = round(COARSE_RAMPUP_FRACTION * epochs * iterations) if rampup is None else rampup
         checkpoint_every = 1  # short runs: resume a killed run from its last epoch
-        raw = join(require_env_folder("nnUNet_raw"), resolve_dataset_name(dataset))
         predict_test = predict_test or os.path.isdir(join(raw, "imagesTs"))
         extra = {"spacing_mm": "x".join(f"{s:g}" for s in coarse["spacing"]),
                  "patch_size": "x".join(map(str, coarse["patch_size"])), "batch_size": coarse["batch_size"],
@@ -144,5 +155,6 @@ def run_quality_command(args, dataset, plans: str, trainers: list[str], tiny_raw
     run_quality_benchmark(dataset, counts, trainers, epochs, iterations, args.o, configuration, args.f, plans,
                           test_labels, args.order, args.seed, num_val=num_val, repeats=args.repeats,
                           rampup_iterations=rampup, predict_test=predict_test, checkpoint_every=checkpoint_every,
-                          extra_columns=extra)
+                          extra_columns=extra, score_ema_pair=args.score_ema_pair,
+                          run_suffix="" if args.rampup_iterations is None else f"_ramp{args.rampup_iterations}")
     print(open(join(args.o, "results.md")).read())

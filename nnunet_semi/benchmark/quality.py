@@ -86,7 +86,9 @@ def _train(trainer_cls: type, plans: dict, configuration: str, fold: int, datase
 
 
 def _predict(trainer_cls: type, output_folder: str, plans: dict, configuration: str, dataset_json: dict,
-             cases: dict, prediction_folder: str, device: torch.device) -> None:
+             cases: dict, prediction_folder: str, device: torch.device, weights: dict | None = None) -> None:
+    """Predict ``cases`` (id -> (image files, ...)) into ``prediction_folder`` with nnU-Net's predictor, from the
+    checkpoint's ``network_weights`` or from ``weights``; cases predicted earlier are kept."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -99,7 +101,8 @@ def _predict(trainer_cls: type, output_folder: str, plans: dict, configuration: 
         plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
     predictor = nnUNetPredictor(device=device, perform_everything_on_device=device.type == "cuda",
                                 allow_tqdm=False)
-    predictor.manual_initialization(network, plans_manager, cm, [checkpoint["network_weights"]], dataset_json,
+    weights = checkpoint["network_weights"] if weights is None else weights
+    predictor.manual_initialization(network, plans_manager, cm, [weights], dataset_json,
                                     trainer_cls.__name__, checkpoint["inference_allowed_mirroring_axes"])
     os.makedirs(prediction_folder, exist_ok=True)
     todo = [c for c in cases if not isfile(join(prediction_folder, c + dataset_json["file_ending"]))]
@@ -113,6 +116,21 @@ def _deployed_model(output_folder: str) -> str:
     checkpoint = torch.load(join(output_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False,
                             mmap=True)
     return checkpoint.get("semi_state", {}).get("deployed_weights", "network")
+
+
+def ema_pair_weights(output_folder: str) -> dict[str, dict]:
+    """Student and teacher weights of a checkpoint whose trainer keeps an EMA teacher beside the student
+    (``{"student": ..., "teacher": ...}``, one of them the deployed ``network_weights``); empty for other trainers."""
+    checkpoint = torch.load(join(output_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False,
+                            mmap=True)
+    state = checkpoint.get("semi_state")
+    if state is None or state["deployed_weights"] not in ("student", "teacher"):
+        return {}
+    deployed = state["deployed_weights"]
+    other = "teacher" if deployed == "student" else "student"
+    prefix = other + "."
+    weights = {k[len(prefix):]: v for k, v in state["auxiliary"].items() if k.startswith(prefix)}
+    return {deployed: checkpoint["network_weights"], other: weights} if weights else {}
 
 
 def _score_run(cases: dict, prediction_folder: str, file_ending: str, labels: list[int], common: dict) -> list[dict]:
@@ -141,16 +159,12 @@ def _write_csv(rows: list[dict], filename: str) -> None:
 
 def _read_csv(filename: str) -> list[dict]:
     with open(filename, newline="") as f:
-        return [{k: _parse(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        return list(csv.DictReader(f))
 
 
-def _parse(value: str):
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
+def _as_written(rows: list[dict]) -> list[dict]:
+    """Rows as ``_read_csv`` gives them back (every value a string), so fresh and earlier runs compare alike."""
+    return [{k: "" if v is None else str(v) for k, v in r.items()} for r in rows]
 
 
 def _keep_run_record(output_folder: str, run_dir: str) -> None:
@@ -183,7 +197,8 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                           order: str = "first", seed: int = 12345, val_iterations: int | None = None,
                           device: torch.device | None = None, num_val: int | None = None, repeats: int = 1,
                           rampup_iterations: int | None = None, predict_test: bool = False,
-                          checkpoint_every: int | None = None, extra_columns: dict | None = None) -> list[dict]:
+                          checkpoint_every: int | None = None, extra_columns: dict | None = None,
+                          score_ema_pair: bool = False, run_suffix: str = "") -> list[dict]:
     """Train, predict and score; writes ``results.csv``, ``results.md`` and ``results.png`` into ``out_dir``.
 
     Args:
@@ -202,9 +217,12 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
         predict_test: also predict ``imagesTs`` without labels and pack it as ``runs/<run>/test_predictions.tar.gz``.
         checkpoint_every: epochs between ``checkpoint_latest.pth`` writes (None: nnU-Net's).
         extra_columns: constant columns added to every row (e.g. the coarse mode's spacing).
+        score_ema_pair: also score the student and the teacher of every trainer with an EMA teacher, whichever is
+            deployed (``ema_pair.csv`` and a table in ``results.md``).
+        run_suffix: appended to every run name (e.g. ``_ramp1500`` for a run with a non-default ramp).
     """
     from nnunet_semi.dataset_io import save_json_atomic
-    from nnunet_semi.splits import SPLITS_FILE, full_splits, make_labeled_split
+    from nnunet_semi.splits import SPLITS_FILE, full_splits, holdout_split, make_labeled_split
 
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -232,10 +250,12 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
         print(f"unsupervised ramp for every method: sigmoid over {rampup_iterations} iterations "
               f"(of {epochs * iterations})")
 
-    rows = []
+    rows, member_rows = [], []
     for count in num_labeled:
         if count == "all":  # the full split: stock nnU-Net on every label, the upper bound
             full = full_splits(preprocessed, raw)
+            if num_val is not None:  # the same held-out cases as the labeled subsets
+                full = holdout_split(sorted(full[0]["train"] + full[0]["val"]), num_val)
             save_json_atomic(full, join(preprocessed, SPLITS_FILE))
             split, run_trainers = full[fold], [BASELINE_TRAINER]
         else:
@@ -244,7 +264,7 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
         cases = _held_out_cases(raw, dataset_json, split, test_labels)
         for name in run_trainers:
             for repeat in range(repeats if name == BASELINE_TRAINER else 1):
-                tag = f"bench_{count}lab_{epochs}x{iterations}" + (f"_r{repeat}" if repeat else "")
+                tag = f"bench_{count}lab_{epochs}x{iterations}{run_suffix}" + (f"_r{repeat}" if repeat else "")
                 trainer_cls = with_schedule(classes[name], epochs, iterations, val_iterations, tag,
                                             rampup_iterations, seed + repeat, checkpoint_every)
                 run_dir = join(out_dir, "runs", trainer_cls.__name__)
@@ -252,6 +272,9 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                 if isfile(scores_file) and (not predict_test or isfile(archive)):
                     print(f"{trainer_cls.__name__}: scored earlier ({scores_file}), skipping")
                     rows += _read_csv(scores_file)
+                    if score_ema_pair:
+                        member_rows += _score_ema_pair(trainer_cls, _read_csv(scores_file)[0], run_dir, cases,
+                                                       out_dir, plans, configuration, dataset_json, labels, device)
                     continue
                 output_folder = _train(trainer_cls, plans, configuration, fold, dataset_json, device)
                 predictions = join(out_dir, "predictions", trainer_cls.__name__)
@@ -265,7 +288,7 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                           "seed": seed + repeat,
                           "evaluated_on": "imagesTs" if test_labels else f"fold {fold} val",
                           **(extra_columns or {}), **info}
-                run_rows = _score_run(cases, predictions, dataset_json["file_ending"], labels, common)
+                run_rows = _as_written(_score_run(cases, predictions, dataset_json["file_ending"], labels, common))
                 os.makedirs(run_dir, exist_ok=True)
                 _keep_run_record(output_folder, run_dir)
                 if predict_test:
@@ -273,13 +296,41 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                                            join(out_dir, "test_predictions", trainer_cls.__name__), archive, device)
                 _write_csv(run_rows, scores_file)  # last: its presence means the run is complete
                 rows += run_rows
-    write_results(rows, out_dir)
+                if score_ema_pair:
+                    member_rows += _score_ema_pair(trainer_cls, run_rows[0], run_dir, cases, out_dir, plans,
+                                                   configuration, dataset_json, labels, device)
+    write_results(rows, out_dir, member_rows)
     return rows
 
 
-def write_results(rows: list[dict], out_dir: str) -> None:
-    """results.csv (every row), results.md (mean ± std, gain and paired statistics against the baseline) and
-    results.png."""
+def _score_ema_pair(trainer_cls: type, run_row: dict, run_dir: str, cases: dict, out_dir: str, plans: dict,
+                    configuration: str, dataset_json: dict, labels: list[int], device: torch.device) -> list[dict]:
+    """Student and teacher of one run, each scored on the held-out cases (``runs/<run>/ema_pair_scores.csv``, rows
+    with ``scored_model``); from the file when it exists, else from the run's checkpoint if it is still there."""
+    scores_file = join(run_dir, "ema_pair_scores.csv")
+    if isfile(scores_file):
+        return _read_csv(scores_file)
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    output_folder = get_output_folder(run_row["dataset"], trainer_cls.__name__, run_row["plans"], configuration,
+                                      int(run_row["fold"]))
+    if not isfile(join(output_folder, "checkpoint_final.pth")):
+        return []
+    pair = ema_pair_weights(output_folder)
+    rows = []
+    for member, weights in pair.items():
+        predictions = join(out_dir, "predictions", f"{trainer_cls.__name__}__{member}")
+        _predict(trainer_cls, output_folder, plans, configuration, dataset_json, cases, predictions, device, weights)
+        common = {k: v for k, v in run_row.items() if k not in ("case", "class", *METRICS)} | {"scored_model": member}
+        rows += _as_written(_score_run(cases, predictions, dataset_json["file_ending"], labels, common))
+    if rows:
+        _write_csv(rows, scores_file)
+    return rows
+
+
+def write_results(rows: list[dict], out_dir: str, ema_pair_rows: list[dict] | None = None) -> None:
+    """results.csv (every row), results.md (mean ± std, gain and paired statistics against the baseline, and the
+    teacher against the student where ``ema_pair_rows`` are given: ema_pair.csv) and results.png."""
     if not rows:
         raise SemiInputError("no results to write: no trainer produced predictions.")
     _write_csv(rows, join(out_dir, "results.csv"))
@@ -300,9 +351,31 @@ def write_results(rows: list[dict], out_dir: str) -> None:
         lines.append(f"| {count} | {trainer} | {stats['deployed']} | {cells[0]} | "
                      f"{'' if gain is None else f'{gain:+.2f}'} | {' | '.join(cells[1:])} |")
     lines += ["", *paired_table(rows)]
+    if ema_pair_rows:
+        _write_csv(ema_pair_rows, join(out_dir, "ema_pair.csv"))
+        lines += ["", *ema_pair_table(ema_pair_rows)]
     with open(join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot_results(first_runs(rows), summary, join(out_dir, "results.png"))
+
+
+def ema_pair_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: the teacher against the student of the same run, case by case (deployed: which of the two
+    the checkpoint deploys)."""
+    lines = ["Teacher against student of the same run (Dice %, paired on the same cases; positive: the teacher is "
+             "better).", "",
+             "| labeled | trainer | deployed | student Dice % | teacher Dice % | mean Δ | median Δ | wins | losses | "
+             "95 % CI of mean Δ | Wilcoxon p |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for count, trainer in dict.fromkeys((r["num_labeled"], r["trainer"]) for r in rows):
+        member = {m: {(r["case"], r["class"]): 100 * float(r["dice"]) for r in rows if r["num_labeled"] == count
+                      and r["trainer"] == trainer and r["scored_model"] == m} for m in ("student", "teacher")}
+        deployed = next(r["deployed"] for r in rows if r["num_labeled"] == count and r["trainer"] == trainer)
+        c = paired_comparison(member["teacher"], member["student"])
+        means = {m: np.mean(list(v.values())) if v else math.nan for m, v in member.items()}
+        lines.append(f"| {count} | {trainer} | {deployed} | {means['student']:.2f} | {means['teacher']:.2f} | "
+                     f"{c['mean']:+.2f} | {c['median']:+.2f} | {c['wins']} | {c['losses']} | "
+                     f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | {c['p_wilcoxon']:.3f} |")
+    return lines
 
 
 def first_runs(rows: list[dict]) -> list[dict]:
@@ -375,7 +448,7 @@ def plot_results(rows: list[dict], summary: dict, filename: str) -> None:
         stds = [summary[(counts[j], trainer)]["dice"][1] for j in xs]
         left.errorbar(np.array(xs) + 0.05 * i, means, yerr=stds, marker="o", capsize=3, label=trainer)
         for j in xs:
-            values = [100 * r["dice"] for r in rows if r["trainer"] == trainer and r["num_labeled"] == counts[j]]
+            values = [100 * float(r["dice"]) for r in rows if r["trainer"] == trainer and r["num_labeled"] == counts[j]]
             right.scatter(np.full(len(values), j + 0.12 * (i - (len(trainers) - 1) / 2)), values, s=12,
                           alpha=0.7, color=f"C{i}", label=trainer if j == xs[0] else None)
     for axis in (left, right):
