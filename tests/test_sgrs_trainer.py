@@ -9,7 +9,7 @@ import torch
 from nnunet_semi.ema import ema_momentum
 from nnunet_semi.training import nnUNetTrainerSGRS, nnUNetTrainerSGRS_doubleEMA
 
-from conftest import make_trainer
+from conftest import make_trainer, next_batches
 
 
 class _Tiny:
@@ -43,3 +43,30 @@ def test_double_ema_variant_applies_two_updates(semi_dataset):
         if v.dtype.is_floating_point:
             once = m1 * before[k] + (1 - m1) * student[k]
             torch.testing.assert_close(v, m2 * once + (1 - m2) * student[k])
+
+
+@pytest.mark.parametrize("views", [("plain", "mixed"), ("plain",)])
+def test_regional_loss_supervises_the_declared_views_only(semi_dataset, views):
+    """The pseudo-label terms send gradient into the student's input rows of the views they supervise: the plain
+    unlabeled rows always, the mixed rows unless the one-view ablation drops them, the labeled rows never."""
+    trainer = make_trainer(semi_dataset, type("TinySGRSViews", (_Tiny, nnUNetTrainerSGRS),
+                                              {"pseudo_label_views": views}))
+    labeled, unlabeled = next_batches(trainer)
+    captured = {}
+
+    class CaptureInput(torch.nn.Module):
+        def __init__(self, network):
+            super().__init__()
+            self.network = network
+
+        def forward(self, x):
+            captured["x"] = x = x.detach().requires_grad_(True)
+            return self.network(x)
+
+    trainer.network = CaptureInput(trainer.network)
+    terms = trainer.compute_losses(labeled, unlabeled)
+    (terms["pseudo_ce"] + terms["pseudo_dice"]).backward()
+    grad = captured["x"].grad.abs().flatten(1).sum(1)
+    n_l, n_u = labeled["data"].shape[0], unlabeled["data_weak"].shape[0]
+    assert (grad[:n_l] == 0).all() and (grad[n_l:n_l + n_u] > 0).all()
+    assert ((grad[n_l + n_u:] > 0).all() if "mixed" in views else (grad[n_l + n_u:] == 0).all())

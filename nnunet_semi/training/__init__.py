@@ -54,7 +54,9 @@ from nnunet_semi.training.sgrs import (
     nnUNetTrainerSGRS_doubleEMA,
     nnUNetTrainerSGRS_maxProbAmbiguity,
     nnUNetTrainerSGRS_plainViewAmbiguity,
+    nnUNetTrainerSGRS_plainViewLossOnly,
     nnUNetTrainerSGRS_strongView,
+    nnUNetTrainerSGRS_unsupWeight0p1,
 )
 
 __all__ = [
@@ -68,6 +70,8 @@ __all__ = [
     "nnUNetTrainerSGRS_maxProbAmbiguity",
     "nnUNetTrainerSGRS_plainViewAmbiguity",
     "nnUNetTrainerSGRS_strongView",
+    "nnUNetTrainerSGRS_unsupWeight0p1",
+    "nnUNetTrainerSGRS_plainViewLossOnly",
     "nnUNetTrainerNPCal",
     "nnUNetTrainerNPCal_50epochs",
     "nnUNetTrainerNPCal_100epochs",

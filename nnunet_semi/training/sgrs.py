@@ -35,6 +35,8 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
         student_uses_strong_view: student sees nnU-Net's intensity-augmented view of the unlabeled crop instead of
             the plain one (the released code feeds the plain image).
         double_ema: the released code's two EMA updates per step (fixed 0.99 then the warm-up schedule).
+        pseudo_label_views: the student views the regional loss supervises: the plain and the mixed unlabeled
+            prediction (paper), or one of them (an ablation; the partition always uses both).
     The regional loss uses the full-resolution output only (``unsup_uses_deep_supervision = False``); the supervised
     loss is nnU-Net's deep-supervised Dice + CE.
     """
@@ -51,6 +53,7 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
     noise_clip: float = 0.2
     student_uses_strong_view: bool = False
     double_ema: bool = False
+    pseudo_label_views: tuple[str, ...] = ("plain", "mixed")
     unsup_rampup_fraction = 0.4  # the release ramps over 6 000 of 15 000 iterations
     supports_regions = False  # the partition is defined on mutually exclusive classes
 
@@ -81,7 +84,8 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
             else regions.agree_certain
 
         ce, dice = 0.0, 0.0
-        for view_logits, view_probs in ((logits_u, probs_u), (logits_m, probs_m)):
+        views = {"plain": (logits_u, probs_u), "mixed": (logits_m, probs_m)}
+        for view_logits, view_probs in (views[v] for v in self.pseudo_label_views):
             # mean over all voxels, as the paper: masked-out voxels count as zeros (per-sample masks)
             ce = ce + (voxel_cross_entropy(view_logits, pseudo) * hard_ce_region
                        + voxel_cross_entropy(view_logits, pseudo, self.disagree_label_smoothing)
@@ -94,9 +98,10 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
                            ("disagree_certain_fraction", regions.disagree_certain),
                            ("ambiguous_fraction", regions.ambiguous)):
             self.log_step_statistic(name, mask.float().mean())
-        # L_pseudo = 0.5 * (mean of the 4 Dice terms + mean of the 2 CE terms)
+        # L_pseudo = 0.5 * (mean of the 2 Dice terms per view + mean of the CE terms, one per view)
+        n_views = len(self.pseudo_label_views)
         return {"sup": self.supervised_loss(take_samples(output, n_l), labeled["target"]),
-                "pseudo_ce": 0.5 * ce / 2, "pseudo_dice": 0.5 * dice / 4}
+                "pseudo_ce": 0.5 * ce / n_views, "pseudo_dice": 0.5 * dice / (2 * n_views)}
 
     def after_optimizer_step(self) -> None:
         if self.double_ema:  # released: a fixed-0.99 EMA, then the warm-up EMA, every step
@@ -122,6 +127,15 @@ class nnUNetTrainerSGRS_maxProbAmbiguity(nnUNetTrainerSGRS):
 
 class nnUNetTrainerSGRS_strongView(nnUNetTrainerSGRS):
     student_uses_strong_view = True
+
+
+# ablations of the real-data check (issue #22): the unsupervised weight, and the regional loss on one view only
+class nnUNetTrainerSGRS_unsupWeight0p1(nnUNetTrainerSGRS):
+    unsup_weight = 0.1
+
+
+class nnUNetTrainerSGRS_plainViewLossOnly(nnUNetTrainerSGRS):
+    pseudo_label_views = ("plain",)
 
 
 class nnUNetTrainerSGRS_50epochs(nnUNetTrainerSGRS):
