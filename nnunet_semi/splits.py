@@ -92,8 +92,9 @@ def check_held_out_size(num_cases: int, num_labeled: int, num_val: int, dataset_
     """A one-line error unless ``num_val`` cases can be held out with ``num_labeled`` labeled and at least one
     unlabeled training case left; ``option`` names the value in it (default ``--num_val N``)."""
     if not 1 <= num_val <= num_cases - num_labeled - 1:
+        option = option or f"--num_val {num_val}"
         raise SemiInputError(
-            f"{option or f'--num_val {num_val}'} is out of range for {dataset_name}: with {num_cases} labeled cases and "
+            f"{option} is out of range for {dataset_name}: with {num_cases} labeled cases and "
             f"--num_labeled {num_labeled} it must be at least 1 and at most {num_cases - num_labeled - 1} (at "
             f"least one training case must stay unlabeled).")
 

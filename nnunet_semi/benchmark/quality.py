@@ -271,10 +271,11 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                 scores_file, archive = join(run_dir, "scores.csv"), join(run_dir, "test_predictions.tar.gz")
                 if isfile(scores_file) and (not predict_test or isfile(archive)):
                     print(f"{trainer_cls.__name__}: scored earlier ({scores_file}), skipping")
-                    rows += _read_csv(scores_file)
+                    run_rows = _read_csv(scores_file)
+                    rows += run_rows
                     if score_ema_pair:
-                        member_rows += _score_ema_pair(trainer_cls, _read_csv(scores_file)[0], run_dir, cases,
-                                                       out_dir, plans, configuration, dataset_json, labels, device)
+                        member_rows += _score_ema_pair(trainer_cls, run_rows[0], run_dir, cases, out_dir, plans,
+                                                       configuration, dataset_json, labels, device)
                     continue
                 output_folder = _train(trainer_cls, plans, configuration, fold, dataset_json, device)
                 predictions = join(out_dir, "predictions", trainer_cls.__name__)
@@ -367,9 +368,9 @@ def ema_pair_table(rows: list[dict]) -> list[str]:
              "| labeled | trainer | deployed | student Dice % | teacher Dice % | mean Δ | median Δ | wins | losses | "
              "95 % CI of mean Δ | Wilcoxon p |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for count, trainer in dict.fromkeys((r["num_labeled"], r["trainer"]) for r in rows):
-        member = {m: {(r["case"], r["class"]): 100 * float(r["dice"]) for r in rows if r["num_labeled"] == count
-                      and r["trainer"] == trainer and r["scored_model"] == m} for m in ("student", "teacher")}
-        deployed = next(r["deployed"] for r in rows if r["num_labeled"] == count and r["trainer"] == trainer)
+        run = [r for r in rows if r["num_labeled"] == count and r["trainer"] == trainer]
+        member = {m: _dice_by_case([r for r in run if r["scored_model"] == m]) for m in ("student", "teacher")}
+        deployed = run[0]["deployed"]
         c = paired_comparison(member["teacher"], member["student"])
         means = {m: np.mean(list(v.values())) if v else math.nan for m, v in member.items()}
         lines.append(f"| {count} | {trainer} | {deployed} | {means['student']:.2f} | {means['teacher']:.2f} | "
@@ -378,14 +379,18 @@ def ema_pair_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _repeat(row: dict) -> int:
+    return int(row.get("repeat") or 0)  # results written before repeats existed have no column
+
+
 def first_runs(rows: list[dict]) -> list[dict]:
     """The rows of every trainer's first run (stock's repeats left out)."""
-    return [r for r in rows if int(r.get("repeat", 0) or 0) == 0]
+    return [r for r in rows if _repeat(r) == 0]
 
 
-def _dice_by_case(rows: list[dict], count, trainer: str, repeat: int = 0) -> dict:
-    return {(r["case"], r["class"]): 100 * float(r["dice"]) for r in rows
-            if r["num_labeled"] == count and r["trainer"] == trainer and int(r.get("repeat", 0) or 0) == repeat}
+def _dice_by_case(rows: list[dict]) -> dict:
+    """(case, class) -> Dice in % of one run's rows."""
+    return {(r["case"], r["class"]): 100 * float(r["dice"]) for r in rows}
 
 
 def paired_table(rows: list[dict]) -> list[str]:
@@ -397,14 +402,17 @@ def paired_table(rows: list[dict]) -> list[str]:
              "| labeled | trainer | N | mean Δ | median Δ | wins | losses | 95 % CI of mean Δ | Wilcoxon p |",
              "|---|---|---|---|---|---|---|---|---|"]
     for count in dict.fromkeys(r["num_labeled"] for r in rows):
-        baseline = _dice_by_case(rows, count, BASELINE_TRAINER)
-        if not baseline:
+        runs = {}
+        for r in rows:
+            if r["num_labeled"] == count:
+                runs.setdefault((r["trainer"], _repeat(r)), []).append(r)
+        if (BASELINE_TRAINER, 0) not in runs:
             continue
-        runs = dict.fromkeys((r["trainer"], int(r.get("repeat", 0) or 0)) for r in rows if r["num_labeled"] == count)
-        for trainer, repeat in runs:
+        baseline = _dice_by_case(runs[(BASELINE_TRAINER, 0)])
+        for (trainer, repeat), run in runs.items():
             if (trainer, repeat) == (BASELINE_TRAINER, 0):
                 continue
-            c = paired_comparison(_dice_by_case(rows, count, trainer, repeat), baseline)
+            c = paired_comparison(_dice_by_case(run), baseline)
             label = f"{trainer} (repeat {repeat})" if trainer == BASELINE_TRAINER else trainer
             lines.append(f"| {count} | {label} | {c['n']} | {c['mean']:+.2f} | {c['median']:+.2f} | {c['wins']} | "
                          f"{c['losses']} | [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | {c['p_wilcoxon']:.3f} |")
@@ -448,7 +456,8 @@ def plot_results(rows: list[dict], summary: dict, filename: str) -> None:
         stds = [summary[(counts[j], trainer)]["dice"][1] for j in xs]
         left.errorbar(np.array(xs) + 0.05 * i, means, yerr=stds, marker="o", capsize=3, label=trainer)
         for j in xs:
-            values = [100 * float(r["dice"]) for r in rows if r["trainer"] == trainer and r["num_labeled"] == counts[j]]
+            values = list(_dice_by_case([r for r in rows if r["trainer"] == trainer
+                                         and r["num_labeled"] == counts[j]]).values())
             right.scatter(np.full(len(values), j + 0.12 * (i - (len(trainers) - 1) / 2)), values, s=12,
                           alpha=0.7, color=f"C{i}", label=trainer if j == xs[0] else None)
     for axis in (left, right):
