@@ -129,6 +129,10 @@ def test_coarse_quality_end_to_end(planned_dataset, monkeypatch, capsys):
     run = out / "runs" / "nnUNetTrainerMeanTeacher__bench_2lab_2x2"
     log = next(run.glob("training_log*.txt")).read_text()
     assert "sigmoid ramp-up over 2 steps" in log and (run / "progress.png").is_file()
+    curves = _rows(run / "curves.csv")
+    assert [c["epoch"] for c in curves] == ["0", "1"]
+    assert all(math.isfinite(float(c[k])) for c in curves for k in ("train_losses", "mean_fg_dice", "lrs"))
+    assert "semi_loss_consistency" in curves[0] and "semi_teacher_dice" in curves[0]
     with tarfile.open(run / "test_predictions.tar.gz") as tar:
         assert sorted(tar.getnames()) == ["test_000.nii.gz", "test_001.nii.gz"]
 

@@ -168,10 +168,18 @@ def _as_written(rows: list[dict]) -> list[dict]:
 
 
 def _keep_run_record(output_folder: str, run_dir: str) -> None:
-    """Copy the run's training logs and progress plots (small) next to its scores."""
+    """Copy the run's training logs and progress plots (small) next to its scores, and write ``curves.csv``: every
+    per-epoch value nnU-Net's logger kept (losses, pseudo Dice, learning rate, the semi-supervised terms and
+    statistics), one row per epoch, from the final checkpoint."""
     for name in sorted(os.listdir(output_folder)):
         if name.startswith("training_log") or name in ("progress.png", "progress_semi.png", "debug.json"):
             shutil.copy2(join(output_folder, name), join(run_dir, name))
+    logged = torch.load(join(output_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False,
+                        mmap=True)["logging"]
+    scalars = {k: v for k, v in logged.items() if v and all(np.isscalar(x) for x in v)}
+    epochs = min(len(v) for v in scalars.values())
+    _write_csv([{"epoch": e} | {k: float(v[e]) for k, v in scalars.items()} for e in range(epochs)],
+               join(run_dir, "curves.csv"))
 
 
 def _pack_test_predictions(trainer_cls: type, output_folder: str, plans: dict, configuration: str,
