@@ -227,7 +227,8 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
         extra_columns: constant columns added to every row (e.g. the coarse mode's spacing).
         score_ema_pair: also score the student and the teacher of every trainer with an EMA teacher, whichever is
             deployed (``ema_pair.csv`` and a table in ``results.md``).
-        run_suffix: appended to every run name (e.g. ``_ramp1500`` for a run with a non-default ramp).
+        run_suffix: appended to the run names of the semi-supervised trainers (e.g. ``_ramp1500`` for a non-default
+            ramp); stock nnU-Net has no ramp, so its runs keep their names and are shared.
     """
     from nnunet_semi.dataset_io import save_json_atomic
     from nnunet_semi.splits import SPLITS_FILE, full_splits, holdout_split, make_labeled_split
@@ -272,7 +273,8 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
         cases = _held_out_cases(raw, dataset_json, split, test_labels)
         for name in run_trainers:
             for repeat in range(repeats if name == BASELINE_TRAINER else 1):
-                tag = f"bench_{count}lab_{epochs}x{iterations}{run_suffix}" + (f"_r{repeat}" if repeat else "")
+                ramp_suffix = run_suffix if hasattr(classes[name], "unsup_rampup_iterations") else ""  # stock: none
+                tag = f"bench_{count}lab_{epochs}x{iterations}{ramp_suffix}" + (f"_r{repeat}" if repeat else "")
                 trainer_cls = with_schedule(classes[name], epochs, iterations, val_iterations, tag,
                                             rampup_iterations, seed + repeat, checkpoint_every)
                 run_dir = join(out_dir, "runs", trainer_cls.__name__)
