@@ -80,10 +80,11 @@ def _fold_back(fold: dict) -> dict:
     return rest | {"train": sorted(fold["train"] + fold[UNLABELED_KEY])}
 
 
-def holdout_split(cases: list[str], num_val: int) -> list[dict]:
+def holdout_split(splits: list[dict], num_val: int) -> list[dict]:
     """One fold that validates on the last ``num_val`` cases in sorted order and trains on the others (LA: the
-    papers' training list with its tail held out)."""
-    ordered = sorted(cases)
+    papers' training list with its tail held out). ``splits``: a cross-validation, whose every fold covers all
+    cases."""
+    ordered = sorted(splits[0]["train"] + splits[0]["val"])
     return [{"train": ordered[:-num_val], "val": ordered[-num_val:]}]
 
 
@@ -125,9 +126,8 @@ def make_labeled_split(dataset_name_or_id: int | str, num_labeled: int, order: s
     source = full_splits(preprocessed, raw)
     original_source = source
     if num_val is not None:
-        cases = sorted(source[0]["train"] + source[0]["val"])  # every fold of a cross-validation covers all cases
-        check_held_out_size(len(cases), num_labeled, num_val, dataset_name)
-        source = holdout_split(cases, num_val)
+        check_held_out_size(len(source[0]["train"]) + len(source[0]["val"]), num_labeled, num_val, dataset_name)
+        source = holdout_split(source, num_val)
     smallest = min(len(fold["train"]) for fold in source)
     if not 1 <= num_labeled <= smallest:
         raise SemiInputError(

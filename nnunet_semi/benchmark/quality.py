@@ -264,7 +264,7 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
         if count == "all":  # the full split: stock nnU-Net on every label, the upper bound
             full = full_splits(preprocessed, raw)
             if num_val is not None:  # the same held-out cases as the labeled subsets
-                full = holdout_split(sorted(full[0]["train"] + full[0]["val"]), num_val)
+                full = holdout_split(full, num_val)
             save_json_atomic(full, join(preprocessed, SPLITS_FILE))
             split, run_trainers = full[fold], [BASELINE_TRAINER]
         else:
