@@ -19,6 +19,7 @@ from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from batchgeneratorsv2.transforms.utils.nnunet_masking import MaskImageTransform
 from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, Convert3DTo2DTransform
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
@@ -59,18 +60,53 @@ class ImageOnlyDataset:
                            dparams={"nthreads": 1}, **self.mmap_kwargs)
 
 
-def split_spatial_and_photometric(pipeline: ComposeTransforms) -> tuple[ComposeTransforms, ComposeTransforms]:
-    """Split nnU-Net's training pipeline into (spatial part, photometric part), dropping segmentation-only steps.
+def split_spatial_and_photometric(pipeline: ComposeTransforms
+                                  ) -> tuple[ComposeTransforms, ComposeTransforms, MaskImageTransform | None]:
+    """Split nnU-Net's training pipeline into (spatial part, photometric part, mask-for-norm step or None), dropping
+    segmentation-only steps.
 
-    Keeps the order within each part and whatever settings a trainer variant gave nnU-Net's transforms.
+    Keeps the order within each part and whatever settings a trainer variant gave nnU-Net's transforms. The
+    mask-for-norm step (present when the plans normalise inside the nonzero mask) zeroes the image outside that mask
+    after the photometric changes, as nnU-Net does for labeled crops.
     """
-    spatial, photometric = [], []
+    spatial, photometric, masking = [], [], None
     for t in pipeline.transforms:
         if isinstance(t, _SPATIAL):
             spatial.append(t)
         elif isinstance(t, RandomTransform) and isinstance(t.transform, _PHOTOMETRIC) or isinstance(t, _PHOTOMETRIC):
             photometric.append(t)
-    return ComposeTransforms(spatial), ComposeTransforms(photometric)
+        elif isinstance(t, MaskImageTransform):
+            masking = t
+    return ComposeTransforms(spatial), ComposeTransforms(photometric), masking
+
+
+class PerturbedUntilChanged(BasicTransform):
+    """A random photometric pipeline, drawn again (on the original image) until the image has changed.
+
+    nnU-Net's intensity transforms each fire with their own probability, so with one channel about a third of all
+    crops pass through unchanged; a student view equal to the teacher's teaches a consistency loss nothing. This is
+    nnU-Net's own augmentation conditioned on changing the image. An empty pipeline returns the image as it is, and
+    an image no transform can change (a constant crop) is returned after ``max_attempts`` draws.
+    """
+
+    def __init__(self, pipeline: BasicTransform, max_attempts: int = 20):
+        super().__init__()
+        self.pipeline = pipeline
+        self.max_attempts = max_attempts
+
+    def __call__(self, **data_dict) -> dict:
+        if isinstance(self.pipeline, ComposeTransforms) and not self.pipeline.transforms:
+            return data_dict
+        image = data_dict["image"]
+        for _ in range(self.max_attempts):
+            # clone: batchgeneratorsv2 transforms may work in place
+            out = self.pipeline(**(data_dict | {"image": image.clone()}))
+            if not torch.equal(out["image"], image):
+                break
+        return out
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.pipeline})"
 
 
 class TwoViewUnlabeledLoader(nnUNetDataLoader):
@@ -84,13 +120,17 @@ class TwoViewUnlabeledLoader(nnUNetDataLoader):
         label_manager: the dataset's label manager (only needed by nnU-Net's parent class).
         spatial_transforms: applied once per crop (rotation, scaling, mirroring).
         weak_transforms, strong_transforms: photometric pipelines applied to separate clones of the crop.
+        mask_for_norm: nnU-Net's mask-for-norm step (None: the plans normalise without a mask). The outside of the
+            nonzero mask is read from the image itself (every masked channel exactly 0, as nnU-Net's preprocessing
+            leaves it), carried through the spatial transform like a segmentation, and zeroed again in both views
+            after their photometric changes. No segmentation file is opened for it.
 
     Batches: ``{"data_weak": (B, C, *final_patch_size), "data_strong": same shape, "keys": case ids}``.
     """
 
     def __init__(self, data: ImageOnlyDataset, batch_size: int, patch_size, final_patch_size,
                  label_manager: LabelManager, spatial_transforms: BasicTransform, weak_transforms: BasicTransform,
-                 strong_transforms: BasicTransform):
+                 strong_transforms: BasicTransform, mask_for_norm: MaskImageTransform | None = None):
         super().__init__(data, batch_size, patch_size, final_patch_size, label_manager,
                          oversample_foreground_percent=0.0, transforms=None)
         # unlabeled crops are uniform: never the foreground or annotated-voxel sampling paths (they need labels)
@@ -98,6 +138,7 @@ class TwoViewUnlabeledLoader(nnUNetDataLoader):
         self.spatial_transforms = spatial_transforms
         self.weak_transforms = weak_transforms
         self.strong_transforms = strong_transforms
+        self.mask_for_norm = mask_for_norm
 
     def generate_train_batch(self) -> dict:
         keys = self.get_indices()
@@ -110,8 +151,19 @@ class TwoViewUnlabeledLoader(nnUNetDataLoader):
                 crop = crop.float()
                 if self.patch_size_was_2d:
                     crop = crop[:, 0]
-                shared = self.spatial_transforms(image=crop)["image"]
-                # clone before branching: some batchgeneratorsv2 transforms work in place
-                weak.append(self.weak_transforms(image=shared.clone())["image"])
-                strong.append(self.strong_transforms(image=shared.clone())["image"])
+                shared = self.spatial_transforms(**self._with_outside_mask(crop))
+                for views, transforms in ((weak, self.weak_transforms), (strong, self.strong_transforms)):
+                    # clone before branching: some batchgeneratorsv2 transforms work in place
+                    view = transforms(**{k: v.clone() for k, v in shared.items()})
+                    if self.mask_for_norm is not None:
+                        view = self.mask_for_norm(**view)
+                    views.append(view["image"])
         return {"data_weak": torch.stack(weak), "data_strong": torch.stack(strong), "keys": np.array(keys)}
+
+    def _with_outside_mask(self, crop: torch.Tensor) -> dict:
+        """``{"image": crop}``, plus under mask-for-norm a one-channel ``segmentation`` that is -1 outside the nonzero
+        mask (every masked channel exactly 0) and 0 inside, nnU-Net's encoding of that mask."""
+        if self.mask_for_norm is None or not self.mask_for_norm.apply_to_channels:
+            return {"image": crop}
+        outside = (crop[self.mask_for_norm.apply_to_channels] == 0).all(0, keepdim=True)
+        return {"image": crop, "segmentation": torch.where(outside, -1, 0).to(torch.int16)}

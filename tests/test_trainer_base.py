@@ -65,6 +65,75 @@ def test_unlabeled_views_share_the_crop_and_carry_no_target(semi_dataset):
         assert batch["data_weak"].std() > 0  # a real image, not padding
 
 
+def test_strong_view_differs_from_the_weak_one_on_every_sample(semi_dataset):
+    trainer = _make_trainer(semi_dataset)
+    loader = trainer.dataloader_unlabeled.data_loader
+
+    def unchanged_samples(n_batches=10):
+        batches = [next(trainer.dataloader_unlabeled) for _ in range(n_batches)]
+        return sum(torch.equal(w, s) for b in batches for w, s in zip(b["data_weak"], b["data_strong"]))
+
+    assert unchanged_samples() == 0
+    loader.strong_transforms = loader.strong_transforms.pipeline  # nnU-Net's pipeline as it is: many crops untouched
+    assert unchanged_samples() >= 2
+
+
+def test_a_pipeline_that_cannot_change_the_image_returns_it():
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+
+    from nnunet_semi.data import PerturbedUntilChanged
+
+    image = torch.ones(1, 4, 4, 4)
+    assert PerturbedUntilChanged(ComposeTransforms([]))(image=image)["image"] is image
+    calls = []
+    never_changes = ComposeTransforms([type("Identity", (), {"__call__": lambda self, **d: (calls.append(1), d)[1]})()])
+    assert torch.equal(PerturbedUntilChanged(never_changes, max_attempts=5)(image=image)["image"], image)
+    assert len(calls) == 5
+
+
+def _zero_background_case(folder, name="bg_000", shape=(24, 24, 24)):
+    """A preprocessed image-only case that is exactly 0 outside a central box, as nnU-Net's mask-for-norm leaves it."""
+    import blosc2
+
+    image = np.zeros((1, *shape), dtype=np.float32)
+    image[:, 6:18, 6:18, 6:18] = np.random.default_rng(0).normal(size=(12, 12, 12))
+    blosc2.asarray(np.ascontiguousarray(image), urlpath=str(folder / f"{name}.b2nd"), mode="w")
+    return name
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_mask_for_norm_keeps_the_background_of_both_views_at_zero(tmp_path, masked):
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from nnunet_semi.data import ImageOnlyDataset, PerturbedUntilChanged, TwoViewUnlabeledLoader, \
+        split_spatial_and_photometric
+
+    case = _zero_background_case(tmp_path)
+    pipeline = nnUNetTrainer.get_training_transforms((24, 24, 24), (0, 0), None, (0, 1, 2), False,
+                                                     use_mask_for_norm=[masked])
+    spatial, photometric, mask_for_norm = split_spatial_and_photometric(pipeline)
+    assert (mask_for_norm is not None) == masked
+    loader = TwoViewUnlabeledLoader(ImageOnlyDataset({case: str(tmp_path)}), 4, (24, 24, 24), (24, 24, 24),
+                                    LabelManager({"background": 0, "x": 1}, None), spatial, ComposeTransforms([]),
+                                    PerturbedUntilChanged(photometric), mask_for_norm)
+    background = torch.ones(24, 24, 24, dtype=torch.bool)
+    background[6:18, 6:18, 6:18] = False  # no rotation or scaling in this pipeline: only mirroring moves voxels
+    batch = loader.generate_train_batch()
+    assert torch.all(batch["data_weak"][:, 0, background] == 0)  # no photometric change: stays 0 either way
+    # the student's intensity changes (contrast, gamma, noise, blur) reach the background unless it is masked again
+    assert torch.all(batch["data_strong"][:, 0, background] == 0) == masked
+    assert batch["data_strong"][:, 0, ~background].abs().sum() > 0
+
+
+def test_unlabeled_loader_takes_the_plans_mask_for_norm(semi_dataset):
+    trainer = _make_trainer(semi_dataset)
+    assert trainer.dataloader_unlabeled.data_loader.mask_for_norm is None
+    trainer.configuration_manager.configuration["use_mask_for_norm"] = [True]
+    assert trainer._build_unlabeled_dataloader(0).data_loader.mask_for_norm.apply_to_channels == [0]
+
+
 def test_unlabeled_pool_is_split_cases_plus_images_unlabeled(semi_dataset):
     trainer = _make_trainer(semi_dataset)
     split = json.loads((semi_dataset.preprocessed_dataset / "splits_final.json").read_text())[0]

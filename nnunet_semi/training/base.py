@@ -30,7 +30,8 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 
-from nnunet_semi.data import ImageOnlyDataset, TwoViewUnlabeledLoader, split_spatial_and_photometric
+from nnunet_semi.data import (ImageOnlyDataset, PerturbedUntilChanged, TwoViewUnlabeledLoader,
+                              split_spatial_and_photometric)
 from nnunet_semi.dataset_io import UNLABELED_SUFFIX, load_json
 from nnunet_semi.ema import ema_momentum, ema_update, make_teacher
 from nnunet_semi.schedules import sigmoid_rampup
@@ -50,6 +51,8 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         unsup_rampup_iterations: when set, the ramp length in steps instead, whatever the schedule (the benchmark
             sets one length for every method this way).
         teacher_momentum: EMA momentum of the teacher; None = no teacher.
+        strong_view_always_changed: draw the student's photometric pipeline again until the crop has changed (nnU-Net's
+            transforms each fire with their own probability and leave about a third of crops untouched).
         grad_clip_norm: gradient clipping norm (nnU-Net's 12).
         unsup_uses_deep_supervision: whether the unsupervised terms use every deep-supervision scale (else only the
             full-resolution output); the contract tests check it.
@@ -65,6 +68,7 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
     unsup_rampup_fraction: float = 0.25
     unsup_rampup_iterations: int | None = None
     teacher_momentum: float | None = 0.99
+    strong_view_always_changed: bool = True
     grad_clip_norm: float = 12.0
     unsup_uses_deep_supervision: bool = False
     confidence_threshold: float = 0.9
@@ -197,13 +201,16 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         nnunet_pipeline = self.get_training_transforms(
             self.configuration_manager.patch_size, rotation, None, mirror_axes, dummy_2d,
-            use_mask_for_norm=None, is_cascaded=False, foreground_labels=self.label_manager.foreground_labels,
-            regions=None, ignore_label=None)
-        spatial, photometric = split_spatial_and_photometric(nnunet_pipeline)
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
+            foreground_labels=self.label_manager.foreground_labels, regions=None, ignore_label=None)
+        spatial, photometric, mask_for_norm = split_spatial_and_photometric(nnunet_pipeline)
+        strong = self.build_strong_transforms(photometric)
+        if self.strong_view_always_changed:
+            strong = PerturbedUntilChanged(strong)
         loader = TwoViewUnlabeledLoader(
             self.unlabeled_pool, self.unlabeled_batch_size or self.batch_size, initial_patch_size,
             self.configuration_manager.patch_size, self.label_manager, spatial, self.build_weak_transforms(),
-            self.build_strong_transforms(photometric))
+            strong, mask_for_norm)
         self.print_to_log_file(
             f"Unlabeled cases: {len(self.unlabeled_pool)}, unlabeled batch size: {loader.batch_size}, "
             f"unsupervised weight: {self.unsup_weight} (sigmoid ramp-up over {self._rampup_steps()} steps), "
