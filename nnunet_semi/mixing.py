@@ -42,6 +42,7 @@ def mixup_with_labeled_partners(unlabeled: torch.Tensor, labeled: torch.Tensor, 
 
 def clipped_gaussian_noise(x: torch.Tensor, std: float = 0.1, clip: float = 0.2,
                            generator: torch.Generator | None = None) -> torch.Tensor:
-    """x + clip(N(0, std^2), -clip, clip), noise drawn on the CPU generator and moved to x's device."""
-    noise = (std * torch.randn(x.shape, generator=generator, dtype=torch.float32)).clamp_(-clip, clip)
-    return x + noise.to(device=x.device, dtype=x.dtype)
+    """x + clip(N(0, std^2), -clip, clip), the noise drawn where ``x`` lives (``generator`` must be on that device).
+    """
+    noise = (std * torch.randn(x.shape, generator=generator, dtype=torch.float32, device=x.device)).clamp_(-clip, clip)
+    return x + noise.to(x.dtype)

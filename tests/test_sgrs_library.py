@@ -131,3 +131,15 @@ def test_clipped_noise_stays_within_the_clip():
     x = torch.zeros(1000)
     noisy = clipped_gaussian_noise(x, std=0.1, clip=0.2, generator=torch.Generator().manual_seed(0))
     assert noisy.abs().max() <= 0.2 and noisy.std() == pytest.approx(0.1, rel=0.15)
+
+
+def test_clipped_noise_is_drawn_on_the_tensors_device(monkeypatch):
+    import nnunet_semi.mixing
+
+    devices = []
+    original = torch.randn
+    monkeypatch.setattr(nnunet_semi.mixing.torch, "randn", lambda *a, **k: (devices.append(k.get("device")),
+                                                                            original(*a, **k))[1])
+    x = torch.zeros(2, 3, device="meta")
+    assert clipped_gaussian_noise(x).device == x.device
+    assert devices == [x.device]

@@ -173,6 +173,15 @@ def test_consistency_alone_trains_the_student_not_the_teacher(semi_dataset):
                    for q in g["params"])
 
 
+def test_teacher_computes_the_full_resolution_output_only(semi_dataset):
+    trainer = _make_trainer(semi_dataset)
+    x = next(trainer.dataloader_train)["data"]
+    with torch.no_grad():
+        student, teacher = trainer.network(x), trainer.teacher(x)
+    assert isinstance(student, (list, tuple)) and len(student) > 1  # the student keeps deep supervision
+    assert isinstance(teacher, torch.Tensor) and teacher.shape == student[0].shape
+
+
 def test_train_step_is_one_optimizer_step_and_one_ema_update(semi_dataset):
     trainer = _make_trainer(semi_dataset)
     calls = []

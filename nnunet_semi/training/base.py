@@ -134,6 +134,9 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         modules = nn.ModuleDict()
         if self.teacher_momentum is not None:
             modules["teacher"] = make_teacher(self.unwrapped_network())
+            decoder = getattr(modules["teacher"], "decoder", None)
+            if hasattr(decoder, "deep_supervision"):  # every teacher reader takes the full-resolution output only
+                decoder.deep_supervision = False
         return modules
 
     @property
