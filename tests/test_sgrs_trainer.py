@@ -18,9 +18,9 @@ class _Tiny:
 
 def test_sgrs_step_reports_terms_and_a_full_region_partition(semi_dataset):
     trainer = make_trainer(semi_dataset, type("TinySGRS", (_Tiny, nnUNetTrainerSGRS), {}))
-    assert trainer.unsup_rampup_fraction == 0.4 and trainer.unsup_weight == 1.0
+    assert trainer.unsup_rampup_iterations == 6000 and trainer.unsup_weight == 1.0
     # the student sees the plain unlabeled crop: the strong pipeline is empty unless student_uses_strong_view
-    assert len(trainer.dataloader_unlabeled.data_loader.strong_transforms.transforms) == 0
+    assert len(trainer.dataloader_unlabeled.data_loader.strong_transforms.pipeline.transforms) == 0
     out = trainer.train_step(next(trainer.dataloader_train))
     assert {"loss_sup", "loss_pseudo_ce", "loss_pseudo_dice"} <= set(out)
     fractions = [out[f"stat_{k}"] for k in ("agree_certain_fraction", "disagree_certain_fraction",

@@ -198,7 +198,7 @@ def test_train_step_is_one_optimizer_step_and_one_ema_update(semi_dataset):
             torch.testing.assert_close(v, m * teacher_before[k] + (1 - m) * student[k])
     assert {"loss", "loss_sup", "loss_consistency", "stat_confident_fraction",
             "stat_teacher_student_agreement"} <= set(out)
-    assert out["unsup_weight"] == pytest.approx(trainer.unsup_weight * sigmoid_rampup(1, trainer._rampup_steps()))
+    assert out["unsup_weight"] == pytest.approx(trainer.unsup_weight * sigmoid_rampup(1, 6000))
     expected = out["loss_sup"] + out["unsup_weight"] * out["loss_consistency"]
     assert out["loss"] == pytest.approx(expected, rel=1e-5)
 
@@ -221,7 +221,44 @@ def test_resume_restores_teacher_and_ramp_step(semi_dataset):
         torch.testing.assert_close(resumed.teacher.state_dict()[k], v)
     # the step (and with it the ramp and the EMA momentum) continues from the 2 steps of the finished epoch
     assert resumed.current_epoch == 1 and resumed.global_step == trainer.num_iterations_per_epoch == 2
-    assert resumed.unsupervised_ramp() == pytest.approx(trainer.unsup_weight * sigmoid_rampup(2, 2))
+    assert resumed.unsupervised_ramp() == pytest.approx(trainer.unsup_weight * sigmoid_rampup(2, 6000))
+
+
+def _bare(cls, **attributes):
+    """An instance of ``cls`` (with class attributes overridden) that has not run nnU-Net's __init__: enough for the
+    methods that read class attributes only."""
+    variant = type(cls.__name__, (cls,), attributes)
+    return variant.__new__(variant)
+
+
+def test_ramp_length_is_iterations_whatever_the_schedule():
+    short, long = _bare(_TinyMeanTeacher), _bare(_TinyMeanTeacher, epochs=1000, iterations_per_epoch=250)
+    for trainer in (short, long):
+        trainer.current_epoch, trainer._iteration_in_epoch, trainer.num_iterations_per_epoch = 0, 3000, 1
+    assert short.unsupervised_ramp() == long.unsupervised_ramp() == pytest.approx(0.1 * sigmoid_rampup(3000, 6000))
+
+
+def test_each_method_declares_its_papers_ramp_and_only_the_declared_terms_ramp():
+    from nnunet_semi.training import (nnUNetTrainerCIFP, nnUNetTrainerCPS, nnUNetTrainerDualCCE,
+                                      nnUNetTrainerNPCal, nnUNetTrainerSGRS)
+
+    declared = {cls: (cls.unsup_weight, cls.unsup_rampup_iterations, _bare(cls).ramped_unsupervised_terms())
+                for cls in (nnUNetTrainerMeanTeacher, nnUNetTrainerSGRS, nnUNetTrainerCPS, nnUNetTrainerCIFP,
+                            nnUNetTrainerNPCal, nnUNetTrainerDualCCE)}
+    assert declared == {nnUNetTrainerMeanTeacher: (0.1, 6000, ("consistency",)),
+                        nnUNetTrainerSGRS: (1.0, 6000, ("pseudo_ce", "pseudo_dice")),
+                        nnUNetTrainerCPS: (1.5, 6000, ()),
+                        nnUNetTrainerCIFP: (1.0, 6000, ()),
+                        nnUNetTrainerNPCal: (1.0, 6000, ("pseudo", "np_pseudo")),
+                        nnUNetTrainerDualCCE: (1.0, 6000, ("prototype",))}
+    one = torch.tensor(1.0)
+    # early in the ramp (0.01): CPS's cross term already weighs 1.5; of DualCCE's terms only the prototype is ramped
+    assert float(_bare(nnUNetTrainerCPS).combine_losses({"sup": one, "sup_peer": one, "cross_pseudo": one}, 0.01)) \
+        == pytest.approx(3.5)
+    dual_terms = dict.fromkeys(nnUNetTrainerDualCCE.loss_terms, one)
+    assert float(_bare(nnUNetTrainerDualCCE).combine_losses(dual_terms, 0.01)) == pytest.approx(3 + 3 + 0.01)
+    with pytest.raises(ValueError, match="not unsupervised terms"):
+        _bare(nnUNetTrainerMeanTeacher, ramped_terms=("sup", "nonsense")).ramped_unsupervised_terms()
 
 
 def test_missing_unlabeled_preprocessing_is_reported(planned_dataset, monkeypatch):

@@ -15,6 +15,7 @@ from nnunet_semi.training.cps import (
     nnUNetTrainerCPS_100epochs,
     nnUNetTrainerCPS_250epochs,
     nnUNetTrainerCPS_500epochs,
+    nnUNetTrainerCPS_ssl4mis,
 )
 from nnunet_semi.training.dual_cce import (
     nnUNetTrainerDualCCE,
@@ -33,6 +34,7 @@ from nnunet_semi.training.mean_teacher import (
     nnUNetTrainerMeanTeacher_100epochs,
     nnUNetTrainerMeanTeacher_250epochs,
     nnUNetTrainerMeanTeacher_500epochs,
+    nnUNetTrainerMeanTeacher_unsupWeight1,
 )
 from nnunet_semi.training.np_calibration import (
     nnUNetTrainerNPCal,
@@ -100,11 +102,13 @@ __all__ = [
     "nnUNetTrainerCPS_100epochs",
     "nnUNetTrainerCPS_250epochs",
     "nnUNetTrainerCPS_500epochs",
+    "nnUNetTrainerCPS_ssl4mis",
     "nnUNetTrainerMeanTeacher",
     "nnUNetTrainerMeanTeacher_50epochs",
     "nnUNetTrainerMeanTeacher_100epochs",
     "nnUNetTrainerMeanTeacher_250epochs",
     "nnUNetTrainerMeanTeacher_500epochs",
+    "nnUNetTrainerMeanTeacher_unsupWeight1",
     "nnUNetTrainer_demo",
     "nnUNetTrainerMeanTeacher_demo",
 ]

@@ -46,10 +46,11 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
 
     Class attributes (the hyperparameters; a variant is a subclass that overrides some):
         unlabeled_batch_size: unlabeled samples per step and GPU; None = the labeled batch size.
-        unsup_weight: maximum weight of the unsupervised terms.
-        unsup_rampup_fraction: fraction of all training steps over which that weight ramps up (sigmoid).
-        unsup_rampup_iterations: when set, the ramp length in steps instead, whatever the schedule (the benchmark
-            sets one length for every method this way).
+        unsup_weight: weight of the unsupervised terms (the ramped ones reach it at the end of their ramp).
+        unsup_rampup_iterations: length of the sigmoid ramp in optimizer steps, the same whatever the number of
+            epochs (a method declares its paper's; the benchmark may set one length for every method).
+        ramped_terms: the unsupervised terms that the ramp multiplies; None: all of them. The others enter with
+            ``unsup_weight`` from the first step, as their papers have them.
         teacher_momentum: EMA momentum of the teacher; None = no teacher.
         strong_view_always_changed: draw the student's photometric pipeline again until the crop has changed (nnU-Net's
             transforms each fire with their own probability and leave about a third of crops untouched).
@@ -65,8 +66,8 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
 
     unlabeled_batch_size: int | None = None
     unsup_weight: float = 1.0
-    unsup_rampup_fraction: float = 0.25
-    unsup_rampup_iterations: int | None = None
+    unsup_rampup_iterations: int = 6000  # UA-MT's 40 x 150 iterations, which most of the LA literature keeps
+    ramped_terms: tuple[str, ...] | None = None
     teacher_momentum: float | None = 0.99
     strong_view_always_changed: bool = True
     grad_clip_norm: float = 12.0
@@ -216,7 +217,7 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
             strong, mask_for_norm)
         self.print_to_log_file(
             f"Unlabeled cases: {len(self.unlabeled_pool)}, unlabeled batch size: {loader.batch_size}, "
-            f"unsupervised weight: {self.unsup_weight} (sigmoid ramp-up over {self._rampup_steps()} steps), "
+            f"unsupervised weight: {self.unsup_weight} ({self._describe_ramp()}), "
             f"teacher momentum: {self.teacher_momentum}")
         if num_workers == 0:
             return SingleThreadedAugmenter(loader, None)
@@ -229,13 +230,28 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         """Steps taken so far, derived from the epoch (restored by ``--c``) and the step within the epoch."""
         return self.current_epoch * self.num_iterations_per_epoch + self._iteration_in_epoch
 
-    def _rampup_steps(self) -> int:
-        if self.unsup_rampup_iterations is not None:
-            return self.unsup_rampup_iterations
-        return int(self.unsup_rampup_fraction * self.num_epochs * self.num_iterations_per_epoch)
+    def unsupervised_terms(self) -> tuple[str, ...]:
+        return tuple(t for t in self.loss_terms if not t.startswith("sup"))
+
+    def ramped_unsupervised_terms(self) -> tuple[str, ...]:
+        if self.ramped_terms is None:
+            return self.unsupervised_terms()
+        unknown = set(self.ramped_terms) - set(self.unsupervised_terms())
+        if unknown:
+            raise ValueError(f"{self.__class__.__name__}.ramped_terms names {sorted(unknown)}, which are not "
+                             f"unsupervised terms of loss_terms {self.loss_terms}")
+        return tuple(self.ramped_terms)
+
+    def _describe_ramp(self) -> str:
+        ramped = self.ramped_unsupervised_terms()
+        constant = [t for t in self.unsupervised_terms() if t not in ramped]
+        text = f"sigmoid ramp over {self.unsup_rampup_iterations} iterations for {', '.join(ramped)}" if ramped \
+            else "no ramp"
+        return text + (f"; from the first step for {', '.join(constant)}" if constant and ramped else "")
 
     def unsupervised_ramp(self) -> float:
-        return self.unsup_weight * sigmoid_rampup(self.global_step, self._rampup_steps())
+        """The weight of the ramped unsupervised terms at this step: ``unsup_weight`` times the sigmoid ramp."""
+        return self.unsup_weight * sigmoid_rampup(self.global_step, self.unsup_rampup_iterations)
 
     def compute_losses(self, labeled: dict, unlabeled: dict) -> dict[str, torch.Tensor]:
         """The method's loss terms for one step; called inside autocast.
@@ -247,13 +263,19 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
 
         Returns:
             term name -> scalar tensor, one entry per name in ``loss_terms``. Terms named ``sup*`` enter the total
-            as they are; every other term is multiplied by ``unsupervised_ramp()``.
+            as they are; the ``ramped_terms`` are multiplied by ``unsupervised_ramp()``, the other unsupervised
+            terms by ``unsup_weight``.
         """
         raise NotImplementedError
 
     def combine_losses(self, terms: dict[str, torch.Tensor], ramp: float) -> torch.Tensor:
-        """Supervised terms plus ``ramp`` times the unsupervised ones."""
-        return sum(v if k.startswith("sup") else ramp * v for k, v in terms.items())
+        """Supervised terms, plus ``ramp`` times the ramped unsupervised terms, plus ``unsup_weight`` times the
+        others."""
+        ramped = self.ramped_unsupervised_terms()
+
+        def weight(name: str) -> float:
+            return 1.0 if name.startswith("sup") else ramp if name in ramped else self.unsup_weight
+        return sum(weight(k) * v for k, v in terms.items())
 
     def log_step_statistic(self, name: str, value: torch.Tensor | float) -> None:
         """Record a per-step statistic (averaged per epoch and plotted); names must be in ``statistics``."""

@@ -60,6 +60,8 @@ class nnUNetTrainerCIFP(nnUNetTrainerMeanTeacher):
     strong_weight: float = 0.5
     feature_weight: float = 0.5
     cross_image_weight: float = 0.5
+    unsup_weight = 1.0
+    ramped_terms = ()  # UniMatch, which this reconstruction follows, weights its streams from the first step
     supports_regions = False  # the fusion and pseudo labels are defined on mutually exclusive classes
 
     loss_terms = ("sup", "strong", "feature", "cross_image")

@@ -21,7 +21,8 @@ class nnUNetTrainerCPS(SemiSupervisedTrainerBase):
     """
 
     teacher_momentum = None
-    unsup_weight = 1.5  # the paper's lambda
+    unsup_weight = 1.5  # the paper's lambda, constant from the first step
+    ramped_terms = ()
     cps_on_labeled: bool = True
     loss_terms = ("sup", "sup_peer", "cross_pseudo")
     statistics = ("confident_fraction", "network_agreement")
@@ -62,6 +63,15 @@ class nnUNetTrainerCPS(SemiSupervisedTrainerBase):
         return {"sup": self.supervised_loss(take_samples(outputs[0], num_labeled), labeled["target"]),
                 "sup_peer": self.supervised_loss(take_samples(outputs[1], num_labeled), labeled["target"]),
                 "cross_pseudo": cross}
+
+
+class nnUNetTrainerCPS_ssl4mis(nnUNetTrainerCPS):
+    """The medical 3D form of SSL4MIS: weight 0.1 ramped over its 30 000-iteration run, unlabeled samples only."""
+
+    unsup_weight = 0.1
+    unsup_rampup_iterations = 30_000
+    ramped_terms = None
+    cps_on_labeled = False
 
 
 class nnUNetTrainerCPS_50epochs(nnUNetTrainerCPS):

@@ -35,7 +35,8 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
     """Two networks of the same plans (by default the plans' U-Net and a residual-encoder sibling) trained on the
     same batch, with cross consistency enhancement, KL-weighted pseudo supervision and prototype contrast.
 
-    Terms (``loss_terms``; each already multiplied by its weight attribute; terms after ``sup*`` also by the ramp):
+    Terms (``loss_terms``; each already multiplied by its weight attribute; only ``prototype`` is ramped, as the
+    release ramps lambda_c, the others enter from the first step):
         sup, sup_peer: nnU-Net's loss with deep supervision, per network.
         sup_cross_reliable: on labeled voxels where exactly one network is confidently foreground, the squared
             error of each network's probabilities to the one-hot label (the paper's L_cr, multi-class).
@@ -62,6 +63,8 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
     network_pair: tuple[str, str] = ("plans", "residual_encoder")
     peer_blocks_per_stage: tuple[int, ...] | None = RESENC_BLOCKS_PER_STAGE
     unsup_weight = 1.0
+    unsup_rampup_iterations = 6000  # lambda_c: 40 x 150 iterations
+    ramped_terms = ("prototype",)
     cross_pseudo_weight: float = 1.0
     entropy_percent: float = 20.0
     entropy_filtered_weight: float = 1.0

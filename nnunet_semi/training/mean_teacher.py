@@ -16,6 +16,8 @@ class nnUNetTrainerMeanTeacher(SemiSupervisedTrainerBase):
     supervised term uses nnU-Net's deep supervision. One student forward covers labeled and unlabeled samples.
     """
 
+    unsup_weight = 0.1  # UA-MT's Mean Teacher, the LA literature's baseline: 0.1 ramped over 6 000 iterations
+    unsup_rampup_iterations = 6000
     loss_terms = ("sup", "consistency")
     statistics = ("confident_fraction", "teacher_student_agreement")
 
@@ -27,6 +29,10 @@ class nnUNetTrainerMeanTeacher(SemiSupervisedTrainerBase):
         self.log_confidence_and_agreement(teacher, student, "teacher_student_agreement")
         return {"sup": self.supervised_loss(take_samples(output, num_labeled), labeled["target"]),
                 "consistency": probability_mse(student, teacher)}
+
+
+class nnUNetTrainerMeanTeacher_unsupWeight1(nnUNetTrainerMeanTeacher):
+    unsup_weight = 1.0  # Tarvainen & Valpola's weight range; this project's default before issue #19
 
 
 class nnUNetTrainerMeanTeacher_50epochs(nnUNetTrainerMeanTeacher):

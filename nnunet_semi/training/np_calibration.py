@@ -56,7 +56,8 @@ class nnUNetTrainerNPCal(nnUNetTrainerMeanTeacher):
     Terms: ``sup`` (nnU-Net's loss, deep supervision), ``sup_np`` (NP head CE on labeled voxels), ``pseudo``
     (dual-confidence weighted CE + Dice of the student's strong-view output against the calibrated pseudo label,
     full resolution), ``np_pseudo`` (the same weighting for the NP head on the sampled unlabeled voxels), ``np_kl``.
-    ``sup*`` terms are not ramped; the others follow the base's sigmoid ramp. Inference uses the plain network.
+    ``sup*`` terms and ``np_kl`` (NP-SemiSeg's beta-weighted KL) are not ramped; ``pseudo`` and ``np_pseudo`` follow
+    the base's sigmoid ramp (lambda(t) of the reconstruction, methods.md 3.2). Inference uses the plain network.
     """
 
     np_latent_dim: int = 32
@@ -73,6 +74,9 @@ class nnUNetTrainerNPCal(nnUNetTrainerMeanTeacher):
     dual_confidence_tau: float = 0.2
     np_confidence: str = "max_prob"
     pseudo_label_source: str = "np"
+    unsup_weight = 1.0
+    unsup_rampup_iterations = 6000
+    ramped_terms = ("pseudo", "np_pseudo")
     supports_regions = False  # the NP head predicts mutually exclusive classes
 
     loss_terms = ("sup", "sup_np", "pseudo", "np_pseudo", "np_kl")

@@ -54,7 +54,8 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
     student_uses_strong_view: bool = False
     double_ema: bool = False
     pseudo_label_views: tuple[str, ...] = ("plain", "mixed")
-    unsup_rampup_fraction = 0.4  # the release ramps over 6 000 of 15 000 iterations
+    unsup_weight = 1.0
+    unsup_rampup_iterations = 6000  # the release: 40 x 150 iterations, of 15 000
     supports_regions = False  # the partition is defined on mutually exclusive classes
 
     loss_terms = ("sup", "pseudo_ce", "pseudo_dice")
