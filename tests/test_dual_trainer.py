@@ -17,6 +17,7 @@ from nnunet_semi.errors import SemiInputError
 from nnunet_semi.export import export_vanilla
 from nnunet_semi.training import (
     nnUNetTrainerDualCCE,
+    nnUNetTrainerDualCCE_deployBestValidated,
     nnUNetTrainerDualCCE_oneWayKL,
     nnUNetTrainerDualCCE_samePair,
 )
@@ -98,6 +99,17 @@ def test_step_statistics_are_logged_per_epoch_and_prototypes_follow_kept_voxels(
     assert 0 <= trainer.logger.get_value("semi_ensemble_dice", step=-1) <= 1
 
 
+def test_the_fixed_ensemble_is_deployed_by_default_and_a_nan_never_wins(semi_dataset):
+    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE))
+    _log_scores(trainer, student=0.9, peer=0.1, ensemble=0.2)
+    trainer.finalize_deployed_weights()
+    assert (trainer.deployed_weights, trainer.best_single_network) == ("ensemble", "student")
+    chooser = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE_deployBestValidated))
+    _log_scores(chooser, student=float("nan"), peer=0.6, ensemble=0.5)
+    chooser.finalize_deployed_weights()
+    assert (chooser.deployed_weights, chooser.best_single_network) == ("peer", "peer")
+
+
 def _log_scores(trainer, student, peer, ensemble):
     store = trainer.logger.local_logger.my_fantastic_logging
     store["mean_fg_dice"], store["semi_peer_dice"], store["semi_ensemble_dice"] = [student], [peer], [ensemble]
@@ -113,7 +125,7 @@ def _model_folder(trainer, semi_dataset, tmp_path, checkpoint_file):
 
 
 def test_ensemble_deployment_round_trips_through_checkpoint_predictor_builder_and_export(semi_dataset, tmp_path):
-    cls = tiny_schedule(nnUNetTrainerDualCCE)
+    cls = tiny_schedule(nnUNetTrainerDualCCE_deployBestValidated)
     trainer = make_trainer(semi_dataset, cls)
     trainer.train_step(next(trainer.dataloader_train))
     _log_scores(trainer, student=0.5, peer=0.6, ensemble=0.7)
@@ -163,7 +175,7 @@ def test_ensemble_deployment_round_trips_through_checkpoint_predictor_builder_an
 
 
 def test_network_one_deployment_keeps_vanilla_network_weights(semi_dataset, tmp_path):
-    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE))
+    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE_deployBestValidated))
     _log_scores(trainer, student=0.8, peer=0.6, ensemble=0.7)
     trainer.finalize_deployed_weights()
     assert (trainer.deployed_weights, trainer.best_single_network) == ("student", "student")
@@ -173,7 +185,7 @@ def test_network_one_deployment_keeps_vanilla_network_weights(semi_dataset, tmp_
 
 
 def test_export_refuses_folds_whose_better_networks_differ_unless_one_is_chosen(semi_dataset, tmp_path):
-    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE))
+    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE_deployBestValidated))
     _log_scores(trainer, student=0.5, peer=0.6, ensemble=0.7)
     trainer.finalize_deployed_weights()
     trainer.save_checkpoint(str(tmp_path / "checkpoint_final.pth"))

@@ -287,7 +287,7 @@ def test_cascade_is_refused(semi_dataset):
 
 
 def test_teacher_is_deployed_when_it_validates_better_and_the_student_is_kept(semi_dataset):
-    trainer = _make_trainer(semi_dataset)
+    trainer = _make_trainer(semi_dataset, type("BestValidated", (_TinyMeanTeacher,), {"deployed_model": "best_validated"}))
     trainer.train_step(next(trainer.dataloader_train))
     trainer.train_step(next(trainer.dataloader_train))
     student = {k: v.clone() for k, v in trainer.network.state_dict().items()}
@@ -301,11 +301,28 @@ def test_teacher_is_deployed_when_it_validates_better_and_the_student_is_kept(se
             torch.testing.assert_close(v, teacher[k])
             torch.testing.assert_close(trainer.auxiliary["student"].state_dict()[k], student[k])
 
-    other = _make_trainer(semi_dataset)
+    other = _make_trainer(semi_dataset, type(trainer))
     store = other.logger.local_logger.my_fantastic_logging
     store["semi_teacher_dice"], store["mean_fg_dice"] = [0.5], [0.6]
     other.finalize_deployed_weights()
     assert other.deployed_weights == "student" and "student" not in other.auxiliary
+
+
+def test_the_declared_model_is_deployed_whatever_validates_better(semi_dataset):
+    trainer = _make_trainer(semi_dataset)
+    store = trainer.logger.local_logger.my_fantastic_logging
+    store["semi_teacher_dice"], store["mean_fg_dice"] = [0.9], [0.1]
+    trainer.finalize_deployed_weights()
+    assert trainer.deployed_model == "student" and trainer.deployed_weights == "student"
+    with pytest.raises(ValueError, match="deployed_model is 'techer'"):
+        _make_trainer(semi_dataset, type("Misspelt", (_TinyMeanTeacher,), {"deployed_model": "techer"}))
+
+
+def test_a_nan_validation_score_never_wins():
+    trainer = _bare(_TinyMeanTeacher)
+    assert trainer.choose_deployed_weights({"student": float("nan"), "teacher": 0.8}) == "teacher"
+    assert trainer.choose_deployed_weights({"student": 0.8, "teacher": float("nan")}) == "student"
+    assert trainer.choose_deployed_weights({"student": 0.8, "teacher": 0.8}) == "teacher"  # ties: the later one
 
 
 def test_cps_trains_both_networks_with_one_optimizer(semi_dataset):

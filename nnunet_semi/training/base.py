@@ -39,6 +39,7 @@ from nnunet_semi.splits import UNLABELED_KEY
 from nnunet_semi.unlabeled import unlabeled_preprocessing_is_current
 
 SEMI_STATE_KEY = "semi_state"
+BEST_VALIDATED = "best_validated"
 
 
 class SemiSupervisedTrainerBase(nnUNetTrainer):
@@ -60,8 +61,13 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         confidence_threshold: teacher probability above which a voxel counts as confident in the statistics.
         loss_terms: names of the terms ``compute_losses`` returns; terms named ``sup*`` are supervised, the rest are
             unsupervised and weighted by the ramp.
-        deploy_selection_epochs: epochs at the end of training over which teacher and student validation Dice are
-            averaged to decide which of the two becomes ``network_weights`` in ``checkpoint_final.pth``.
+        deployed_model: what ``checkpoint_final.pth`` deploys as ``network_weights``: "student" (``self.network``),
+            a model of ``validated_models()`` (e.g. "teacher"), or "best_validated", the one with the best
+            validation pseudo Dice over the last ``deploy_selection_epochs`` epochs. Each method declares its
+            paper's; "best_validated" is opt-in because it selects on the fold's validation cases, which a benchmark
+            may also score.
+        deploy_selection_epochs: epochs at the end of training over which validation Dice is averaged for
+            "best_validated" (and logged for every run).
     """
 
     unlabeled_batch_size: int | None = None
@@ -74,6 +80,7 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
     unsup_uses_deep_supervision: bool = False
     confidence_threshold: float = 0.9
     loss_terms: tuple[str, ...] = ("sup",)
+    deployed_model: str = "student"
     deploy_selection_epochs: int = 10
     statistics: tuple[str, ...] = ()
 
@@ -111,6 +118,7 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         if trainable:
             # one optimizer, one parameter group per network: nnU-Net's poly LR and GradScaler drive both
             self.optimizer.add_param_group({"params": trainable})
+        self.deployment_candidates()  # a misspelt deployed_model fails now, not after training
         self._register_log_keys()
 
     def _refuse_unsupported_modes(self) -> None:
@@ -519,18 +527,32 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         """The model with the best ``scores`` (default: ``validation_scores()``); a tie goes to the later one in
         ``validated_models`` (the teacher over the student). A NaN score is never chosen over a number."""
         scores = self.validation_scores() if scores is None else scores
-        best = "student"
+        best = next(iter(scores))
         for name, score in scores.items():
-            if score >= scores[best]:
+            if not np.isnan(score) and (np.isnan(scores[best]) or score >= scores[best]):
                 best = name
         return best
 
+    def deployment_candidates(self) -> tuple[str, ...]:
+        """The models ``deployed_model`` may name (besides "best_validated"); raises ValueError for another."""
+        candidates = ("student",) + tuple(self.validated_models())
+        if self.deployed_model not in candidates + (BEST_VALIDATED,):
+            raise ValueError(f"{self.__class__.__name__}.deployed_model is {self.deployed_model!r}; it must be one "
+                             f"of {candidates + (BEST_VALIDATED,)}")
+        return candidates
+
+    def declared_deployment(self, scores: dict[str, float]) -> str:
+        """What ``deployed_model`` deploys: the declared model, or under "best_validated" the best of ``scores``."""
+        self.deployment_candidates()
+        return self.choose_deployed_weights(scores) if self.deployed_model == BEST_VALIDATED else self.deployed_model
+
     def finalize_deployed_weights(self) -> None:
-        """Put the teacher into ``self.network`` if it validates better, keeping the student in ``auxiliary``.
+        """Put the teacher into ``self.network`` when it is what ``deployed_model`` deploys, keeping the student in
+        ``auxiliary``.
 
         Idempotent: a run resumed from ``checkpoint_final.pth`` that already deploys the teacher is left as it is.
         """
-        if self.deployed_weights == "student" and self.choose_deployed_weights() == "teacher":
+        if self.deployed_weights == "student" and self.declared_deployment(self.validation_scores()) == "teacher":
             student = make_teacher(self.unwrapped_network())
             self.unwrapped_network().load_state_dict(self.teacher.state_dict())
             self.auxiliary["student"] = student

@@ -131,6 +131,10 @@ class nnUNetTrainerCIFP_prototypeKeys(nnUNetTrainerCIFP):
     refinement_keys = "prototypes"
 
 
+class nnUNetTrainerCIFP_deployBestValidated(nnUNetTrainerCIFP):
+    deployed_model = "best_validated"
+
+
 class nnUNetTrainerCIFP_50epochs(nnUNetTrainerCIFP):
     epochs = 50
 

@@ -25,7 +25,7 @@ from nnunet_semi.networks import (
     residual_encoder_sibling,
 )
 from nnunet_semi.prototypes import DecoderFeatures, PrototypeBank, gather_voxels
-from nnunet_semi.training.base import full_resolution, take_samples
+from nnunet_semi.training.base import BEST_VALIDATED, full_resolution, take_samples
 from nnunet_semi.training.cps import nnUNetTrainerCPS
 
 NETWORK_KINDS = ("plans", "residual_encoder")
@@ -53,14 +53,15 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
     Deep supervision: only ``sup`` and ``sup_peer``; every other term uses the full-resolution output and decoder
     features.
 
-    Deployment: after training, network 1, the peer and their softmax-average ensemble are compared by validation
-    pseudo Dice over the last ``deploy_selection_epochs`` epochs; the ensemble is deployed when it is at least as
-    good as both. ``build_network_architecture`` (what ``nnUNetv2_predict`` calls) returns a ``DualNetworkEnsemble``
+    Deployment: the softmax-average ensemble of both networks (``deployed_model``, the release's test code), or
+    "student" (network 1), "peer", or "best_validated": the best of the three by validation pseudo Dice over the
+    last ``deploy_selection_epochs`` epochs (ties: ensemble, then peer). ``build_network_architecture`` (what ``nnUNetv2_predict`` calls) returns a ``DualNetworkEnsemble``
     whose ``deployed_member`` buffer says which of the three predicts; during training ``self.network`` is the
     plain plans network.
     """
 
     network_pair: tuple[str, str] = ("plans", "residual_encoder")
+    deployed_model = "ensemble"
     peer_blocks_per_stage: tuple[int, ...] | None = RESENC_BLOCKS_PER_STAGE
     unsup_weight = 1.0
     unsup_rampup_iterations = 6000  # lambda_c: 40 x 150 iterations
@@ -212,12 +213,14 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
         return {"peer": peer, "ensemble": (first + peer) / 2}
 
     def finalize_deployed_weights(self) -> None:
-        """Deploy network 1 ('student'), the peer or the ensemble, whichever validates best (ties go to the
-        ensemble, then the peer: the order of ``validated_models``), and remember the better single network for
-        ``nnUNetv2_semi_export``."""
+        """Deploy what ``deployed_model`` says, and remember the single network ``nnUNetv2_semi_export`` writes:
+        the deployed one, network 1 for the ensemble, or under "best_validated" the better validated of the two."""
         scores = self.validation_scores()
-        self.best_single_network = "peer" if scores["peer"] > scores["student"] else "student"
-        self.deployed_weights = self.choose_deployed_weights(scores)
+        self.deployed_weights = self.declared_deployment(scores)
+        if self.deployed_model == BEST_VALIDATED:
+            self.best_single_network = self.choose_deployed_weights({k: scores[k] for k in ("student", "peer")})
+        else:
+            self.best_single_network = "peer" if self.deployed_weights == "peer" else "student"
         self.print_to_log_file(f"network_weights in checkpoint_final.pth: {self.deployed_weights} (better single "
                                f"network, for export: {self.best_single_network})")
 
@@ -271,6 +274,10 @@ class nnUNetTrainerDualCCE_oneWayKL(nnUNetTrainerDualCCE):
 
 class nnUNetTrainerDualCCE_noPrototype(nnUNetTrainerDualCCE):
     prototype_weight = 0.0
+
+
+class nnUNetTrainerDualCCE_deployBestValidated(nnUNetTrainerDualCCE):
+    deployed_model = BEST_VALIDATED
 
 
 class nnUNetTrainerDualCCE_50epochs(nnUNetTrainerDualCCE):

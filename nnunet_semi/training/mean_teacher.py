@@ -18,6 +18,7 @@ class nnUNetTrainerMeanTeacher(SemiSupervisedTrainerBase):
 
     unsup_weight = 0.1  # UA-MT's Mean Teacher, the LA literature's baseline: 0.1 ramped over 6 000 iterations
     unsup_rampup_iterations = 6000
+    deployed_model = "student"  # UA-MT's test code loads the student
     loss_terms = ("sup", "consistency")
     statistics = ("confident_fraction", "teacher_student_agreement")
 
@@ -33,6 +34,10 @@ class nnUNetTrainerMeanTeacher(SemiSupervisedTrainerBase):
 
 class nnUNetTrainerMeanTeacher_unsupWeight1(nnUNetTrainerMeanTeacher):
     unsup_weight = 1.0  # Tarvainen & Valpola's weight range; this project's default before issue #19
+
+
+class nnUNetTrainerMeanTeacher_deployBestValidated(nnUNetTrainerMeanTeacher):
+    deployed_model = "best_validated"
 
 
 class nnUNetTrainerMeanTeacher_50epochs(nnUNetTrainerMeanTeacher):

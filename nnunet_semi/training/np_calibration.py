@@ -181,6 +181,10 @@ class nnUNetTrainerNPCal_fusedPseudoLabel(nnUNetTrainerNPCal):
     pseudo_label_source = "fused"
 
 
+class nnUNetTrainerNPCal_deployBestValidated(nnUNetTrainerNPCal):
+    deployed_model = "best_validated"
+
+
 class nnUNetTrainerNPCal_50epochs(nnUNetTrainerNPCal):
     epochs = 50
 

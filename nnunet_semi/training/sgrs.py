@@ -56,6 +56,7 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
     pseudo_label_views: tuple[str, ...] = ("plain", "mixed")
     unsup_weight = 1.0
     unsup_rampup_iterations = 6000  # the release: 40 x 150 iterations, of 15 000
+    deployed_model = "student"  # the release's test_3d.py loads the student
     supports_regions = False  # the partition is defined on mutually exclusive classes
 
     loss_terms = ("sup", "pseudo_ce", "pseudo_dice")
@@ -137,6 +138,10 @@ class nnUNetTrainerSGRS_unsupWeight0p1(nnUNetTrainerSGRS):
 
 class nnUNetTrainerSGRS_plainViewLossOnly(nnUNetTrainerSGRS):
     pseudo_label_views = ("plain",)
+
+
+class nnUNetTrainerSGRS_deployBestValidated(nnUNetTrainerSGRS):
+    deployed_model = "best_validated"
 
 
 class nnUNetTrainerSGRS_50epochs(nnUNetTrainerSGRS):
