@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import torch
+import torch._dynamo
 from torch import nn
 
 from nnunet_semi.losses import prototype_infonce
+
+# By default torch.compile does not guard on module hooks: a graph traced without DecoderFeatures' hook (for this
+# network, or for another network of the same class earlier in the process, e.g. the benchmark's stock run) is
+# reused and the hook never runs. Guarding on hooks costs a recompile when hooks change, nothing per step. Set at
+# import, before nnU-Net compiles anything, so that every graph of the process carries the guard.
+torch._dynamo.config.skip_nnmodule_hook_guards = False
 
 
 class PrototypeBank(nn.Module):
@@ -93,22 +100,46 @@ def gather_voxels(features: torch.Tensor, labels: torch.Tensor, mask: torch.Tens
 class DecoderFeatures:
     """Captures the full-resolution decoder features of an nnU-Net network (input of its last segmentation layer).
 
-    ``with DecoderFeatures(network) as captured: network(x)``, then ``captured.features`` is (B, F, *spatial), with
-    F = ``features_per_stage[0]``, whether deep supervision is on or off. Works for PlainConvUNet and
-    ResidualEncoderUNet (both keep ``decoder.stages``).
+    ``capture = DecoderFeatures(network)`` once, then per forward ``with capture: network(x)``, after which
+    ``capture.features`` is (B, F, *spatial), with F = ``features_per_stage[0]``, whether deep supervision is on or
+    off. Works for PlainConvUNet and ResidualEncoderUNet (both keep ``decoder.stages``).
+
+    The forward hook stays registered and records only inside ``with``. Trainers attach it before the network's
+    first forward: torch.compile traces the hooks present at its first call and silently skips hooks added later.
+    ``features`` raises a RuntimeError when the last forward inside ``with`` recorded nothing, instead of handing
+    on None. A deep copy of the network (an EMA teacher) gets an inert copy of the hook.
     """
 
     def __init__(self, network: nn.Module):
         self.stage = network.decoder.stages[-1]
-        self.features: torch.Tensor | None = None
-        self._handle = None
+        self._active = False
+        self._features: torch.Tensor | None = None
+        self._handle = self.stage.register_forward_hook(self._capture)
 
     def __enter__(self) -> "DecoderFeatures":
-        self._handle = self.stage.register_forward_hook(self._capture)
+        self._features, self._active = None, True
         return self
 
-    def _capture(self, module, inputs, output) -> None:
-        self.features = output
-
     def __exit__(self, *exc) -> None:
+        self._active = False
+
+    def _capture(self, module, inputs, output) -> None:
+        if self._active:
+            self._features = output
+
+    @property
+    def features(self) -> torch.Tensor:
+        if self._features is None:
+            raise RuntimeError(
+                "no decoder features were recorded in the last forward: the hook on decoder.stages[-1] did not run. "
+                "Attach DecoderFeatures before the network's first forward (torch.compile skips hooks added after "
+                "it), and run the forward inside 'with'.")
+        return self._features
+
+    def remove(self) -> None:
         self._handle.remove()
+
+    def __deepcopy__(self, memo) -> "DecoderFeatures":
+        inert = self.__class__.__new__(self.__class__)
+        inert.stage, inert._active, inert._features, inert._handle = None, False, None, None
+        return inert

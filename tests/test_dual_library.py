@@ -3,6 +3,8 @@ prototype bank and InfoNCE, decoder features. Tiny hand-made tensors; gradient f
 
 from __future__ import annotations
 
+import copy
+
 import math
 
 import pytest
@@ -104,10 +106,40 @@ def test_decoder_features_are_the_full_resolution_input_of_the_last_head(dim):
     assert captured.features.shape == (2, 4, *([16] * dim))
     # the last segmentation layer applied to the captured features is the full-resolution output
     torch.testing.assert_close(network.decoder.seg_layers[-1](captured.features), outputs[0])
-    # the hook is removed afterwards
-    captured.features = None
+    # outside 'with' nothing is recorded, and asking for features then is a clear error, not None
+    with captured:
+        pass
     network(x)
-    assert captured.features is None
+    with pytest.raises(RuntimeError, match="no decoder features were recorded"):
+        captured.features
+    # an EMA copy of the network carries an inert hook
+    copy.deepcopy(network)(x)
+    with pytest.raises(RuntimeError):
+        captured.features
+
+
+def test_decoder_features_are_recorded_by_a_compiled_network_after_another_was_compiled_without_the_hook():
+    """torch.compile reuses a graph traced for another instance of the class (nnU-Net's stock run before ours in one
+    process) unless it guards on hooks; then the hook would silently never run."""
+    import torch._dynamo
+
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    def unet():
+        return PlainConvUNet(1, 3, (4, 8, 16), torch.nn.Conv3d, 3, (1, 2, 2), (1, 1, 1), 2, (1, 1), True,
+                             torch.nn.InstanceNorm3d, {"affine": True}, None, None, torch.nn.LeakyReLU, None,
+                             deep_supervision=True)
+
+    torch._dynamo.reset()
+    x = torch.randn(1, 1, 16, 16, 16)
+    torch.compile(unet(), backend="aot_eager")(x)  # a graph without the hook
+    network = unet()
+    captured = DecoderFeatures(network)
+    compiled = torch.compile(network, backend="aot_eager")
+    for _ in range(2):
+        with captured:
+            outputs = compiled(x)
+        torch.testing.assert_close(network.decoder.seg_layers[-1](captured.features), outputs[0])
 
 
 def _probs(*columns):

@@ -132,6 +132,12 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
                                           self.prototype_momentum)
         return modules
 
+    def initialize(self):
+        super().initialize()
+        # before the first (possibly compiled) forward: torch.compile skips hooks added after it
+        self.first_features = DecoderFeatures(self.unwrapped_network())
+        self.peer_features = DecoderFeatures(self.auxiliary["peer"])
+
     def set_deep_supervision_enabled(self, enabled: bool):
         if isinstance(self.network, DualNetworkEnsemble):  # final validation of a deployed peer or ensemble
             for network in (self.network.first, self.network.second):
@@ -145,8 +151,7 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
     def compute_losses(self, labeled: dict, unlabeled: dict) -> dict[str, torch.Tensor]:
         num_labeled = labeled["data"].shape[0]
         data = torch.cat([labeled["data"], unlabeled["data_strong"]])
-        peer = self.auxiliary["peer"]
-        with DecoderFeatures(self.unwrapped_network()) as first_features, DecoderFeatures(peer) as peer_features:
+        with self.first_features as first_features, self.peer_features as peer_features:
             outputs = [self.network(data), self.peer_forward(data)]
         logits = [full_resolution(o) for o in outputs]
         probs = [self.probabilities(z).detach() for z in logits]

@@ -96,6 +96,12 @@ class nnUNetTrainerNPCal(nnUNetTrainerMeanTeacher):
         modules["target_bank"] = ClassMemoryBank(classes, self.np_latent_dim, self.bank_length)
         return modules
 
+    def initialize(self):
+        super().initialize()
+        # before the first (possibly compiled) forward: torch.compile skips hooks added after it
+        self.student_features = DecoderFeatures(self.unwrapped_network())
+        self.teacher_features = DecoderFeatures(self.teacher)
+
     def after_optimizer_step(self) -> None:
         super().after_optimizer_step()
         ema_update(self.auxiliary["np_head_teacher"], self.auxiliary["np_head"],
@@ -112,10 +118,10 @@ class nnUNetTrainerNPCal(nnUNetTrainerMeanTeacher):
             torch.ones_like(labels, dtype=torch.bool)
         n = self.np_voxels_per_image
 
-        with DecoderFeatures(self.unwrapped_network()) as student_captured:
+        with self.student_features as student_captured:
             output = self.network(torch.cat([x_l, unlabeled["data_strong"]]))
         logits = full_resolution(output)
-        with DecoderFeatures(self.teacher) as teacher_captured:
+        with self.teacher_features as teacher_captured:
             teacher_probs = self.teacher_probabilities(torch.cat([x_l, unlabeled["data_weak"]]))[num_labeled:]
         teacher_features = teacher_captured.features
 
