@@ -64,7 +64,7 @@ def test_train_resume_and_predict_through_nnunet_commands(TRAINER, command_env, 
     checkpoint = torch.load(fold / "checkpoint_final.pth", weights_only=False)
     assert checkpoint["trainer_name"] == TRAINER
     assert all(len(v) == 2 for k, v in checkpoint["logging"].items() if k.startswith("semi_"))
-    assert checkpoint["semi_state"]["deployed_weights"] in ("teacher", "student")
+    assert checkpoint["semi_state"]["deployed_weights"] == "student"  # Mean Teacher declares the student
     # network_weights is exactly the stock network that nnUNetv2_predict builds
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunet_semi.training import nnUNetTrainerMeanTeacher
