@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-AMBIGUITY_MEASURES = ("entropy", "max_prob")
+AMBIGUITY_MEASURES = ("margin", "entropy", "max_prob")
 
 
 def binary_entropy(p: float, base: float = math.e) -> float:
@@ -24,18 +24,24 @@ def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
     return entropy / math.log(probs.shape[1])
 
 
-def ambiguity_mask(probs: torch.Tensor, tau: float = 0.425, measure: str = "entropy") -> torch.Tensor:
+def ambiguity_mask(probs: torch.Tensor, tau: float = 0.425, measure: str = "margin") -> torch.Tensor:
     """Voxels whose prediction is ambiguous, (B, 1, *spatial) bool.
 
     Args:
         probs: softmax probabilities (B, C, *spatial), C >= 2.
         tau: SGRS-Net's binary threshold: a two-class voxel is ambiguous when tau < p_background < 1 - tau.
-        measure: ``"entropy"``: normalised entropy above that of (tau, 1 - tau), i.e. H(p)/ln C > H_2(tau). For two
-            classes this is exactly the paper's rule (its "log10 entropy > 0.296" is H_10(0.425)). ``"max_prob"``:
-            max_c p_c < 1 - tau, which is also exact for two classes.
+        measure: ``"margin"``: the top-2 margin p_(1) - p_(2) < 1 - 2 tau. For two classes this is exactly the
+            paper's rule (its "log10 entropy > 0.296" is H_10(0.425)), and for any C it flags a near-tie between
+            two classes. ``"entropy"``: normalised entropy above that of (tau, 1 - tau), i.e. H(p)/ln C > H_2(tau):
+            exact for two classes, but a 50/50 tie between two of C >= 3 classes (normalised entropy 0.63 for C = 3,
+            0.5 for C = 4) is never flagged. ``"max_prob"``: max_c p_c < 1 - tau, exact for two classes; for more it
+            also flags a clear but diffuse winner.
     """
     if not 0.0 < tau < 0.5:
         raise ValueError(f"tau must be in (0, 0.5), got {tau}")
+    if measure == "margin":
+        top2 = probs.float().topk(2, dim=1).values
+        return (top2[:, :1] - top2[:, 1:2]) < 1 - 2 * tau
     if measure == "entropy":
         return normalized_entropy(probs) > binary_entropy(tau, base=2)
     if measure == "max_prob":
@@ -54,7 +60,7 @@ class SynergyRegions(NamedTuple):
 
 
 def synergy_regions(probs_plain: torch.Tensor, probs_mixed: torch.Tensor, tau: float = 0.425,
-                    measure: str = "entropy", ambiguity_from_both_views: bool = True) -> SynergyRegions:
+                    measure: str = "margin", ambiguity_from_both_views: bool = True) -> SynergyRegions:
     """Partition voxels by the student's predictions before and after mixing (SGRS-Net's synergy evaluation).
 
     Args:

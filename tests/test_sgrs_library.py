@@ -24,7 +24,7 @@ def test_paper_threshold_is_the_log10_entropy_of_tau():
     assert binary_entropy(0.5, base=2) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("measure", ["entropy", "max_prob"])
+@pytest.mark.parametrize("measure", ["margin", "entropy", "max_prob"])
 def test_binary_ambiguity_is_tau_below_background_below_one_minus_tau(measure):
     probs = _two_class([0.42, 0.43, 0.5, 0.57, 0.58, 0.9], spatial=(6,))
     expected = torch.tensor([False, True, True, True, False, False]).reshape(1, 1, 6)
@@ -39,10 +39,25 @@ def test_multiclass_ambiguity_measures():
     assert ambiguity_mask(probs, measure="entropy").flatten().tolist() == [True, False, False]
     # max probability below 1 - tau = 0.575: the third voxel (0.5) is ambiguous here
     assert ambiguity_mask(probs, measure="max_prob").flatten().tolist() == [True, False, True]
+    # top-2 margin below 1 - 2 tau = 0.15: the uniform voxel only (0.5 vs 0.3 is a clear enough winner)
+    assert ambiguity_mask(probs, measure="margin").flatten().tolist() == [True, False, False]
+    assert ambiguity_mask(probs).flatten().tolist() == [True, False, False]  # the default
     with pytest.raises(ValueError, match="measure"):
         ambiguity_mask(probs, measure="variance")
     with pytest.raises(ValueError, match="tau"):
         ambiguity_mask(probs, tau=0.6)
+
+
+def test_margin_is_the_papers_rule_for_two_classes_and_flags_two_class_ties_for_four():
+    p_background = torch.rand(1, 1, 1000, generator=torch.Generator().manual_seed(0))
+    two_class = torch.cat([p_background, 1 - p_background], 1)
+    paper = (0.425 < p_background) & (p_background < 0.575)
+    assert torch.equal(ambiguity_mask(two_class, 0.425, "margin"), paper)
+    # four classes, a 50/50 tie between two of them: ambiguous by the margin; normalised entropy 0.5 misses it
+    tie = torch.tensor([0.5, 0.5, 0.0, 0.0]).reshape(1, 4, 1)
+    assert ambiguity_mask(tie, measure="margin").item() and not ambiguity_mask(tie, measure="entropy").item()
+    clear = torch.tensor([0.7, 0.1, 0.1, 0.1]).reshape(1, 4, 1)
+    assert not ambiguity_mask(clear, measure="margin").item()
 
 
 def test_synergy_regions_by_hand():

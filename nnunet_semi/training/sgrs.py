@@ -25,7 +25,8 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
 
     Attributes (beyond the base's):
         ambiguity_tau: binary threshold tau (ambiguous: tau < p_bg < 1 - tau), generalised to C classes by
-            ``ambiguity_measure`` ("entropy": normalised entropy > H_2(tau); "max_prob": max p < 1 - tau).
+            ``ambiguity_measure`` ("margin": top-2 margin < 1 - 2 tau, flags a two-class tie for any C; "entropy":
+            normalised entropy > H_2(tau); "max_prob": max p < 1 - tau; all three are the paper's rule for C = 2).
         ambiguity_from_both_views: ambiguity from the plain and the mixed prediction (paper) or the plain one only.
         ce_on_ambiguous_agree: also apply the hard CE on agreeing ambiguous voxels (released code).
         disagree_label_smoothing: epsilon of the CE on disagree-certain voxels (0.2: targets 0.9/0.1 for 2 classes).
@@ -42,7 +43,7 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
     """
 
     ambiguity_tau: float = 0.425
-    ambiguity_measure: str = "entropy"
+    ambiguity_measure: str = "margin"
     ambiguity_from_both_views: bool = True
     ce_on_ambiguous_agree: bool = False
     disagree_label_smoothing: float = 0.2
@@ -125,6 +126,10 @@ class nnUNetTrainerSGRS_plainViewAmbiguity(nnUNetTrainerSGRS):
 
 class nnUNetTrainerSGRS_maxProbAmbiguity(nnUNetTrainerSGRS):
     ambiguity_measure = "max_prob"
+
+
+class nnUNetTrainerSGRS_entropyAmbiguity(nnUNetTrainerSGRS):
+    ambiguity_measure = "entropy"  # the default before issue #20: misses two-class ties for C >= 3
 
 
 class nnUNetTrainerSGRS_strongView(nnUNetTrainerSGRS):
