@@ -107,7 +107,9 @@ class DecoderFeatures:
     The forward hook stays registered and records only inside ``with``. Trainers attach it before the network's
     first forward: torch.compile traces the hooks present at its first call and silently skips hooks added later.
     ``features`` raises a RuntimeError when the last forward inside ``with`` recorded nothing, instead of handing
-    on None. A deep copy of the network (an EMA teacher) gets an inert copy of the hook.
+    on None; ``take()`` returns them and drops the reference, so that a long-lived capture does not keep a feature
+    map alive into the next step's forward. A deep copy of the network (an EMA teacher) gets an inert copy of the
+    hook.
     """
 
     def __init__(self, network: nn.Module):
@@ -135,6 +137,11 @@ class DecoderFeatures:
                 "Attach DecoderFeatures before the network's first forward (torch.compile skips hooks added after "
                 "it), and run the forward inside 'with'.")
         return self._features
+
+    def take(self) -> torch.Tensor:
+        """``features``, after which the capture holds no reference to them."""
+        features, self._features = self.features, None
+        return features
 
     def remove(self) -> None:
         self._handle.remove()

@@ -106,6 +106,10 @@ def test_decoder_features_are_the_full_resolution_input_of_the_last_head(dim):
     assert captured.features.shape == (2, 4, *([16] * dim))
     # the last segmentation layer applied to the captured features is the full-resolution output
     torch.testing.assert_close(network.decoder.seg_layers[-1](captured.features), outputs[0])
+    # take() hands the features over and keeps no reference
+    assert captured.take().shape == (2, 4, *([16] * dim))
+    with pytest.raises(RuntimeError, match="no decoder features were recorded"):
+        captured.features
     # outside 'with' nothing is recorded, and asking for features then is a clear error, not None
     with captured:
         pass

@@ -23,7 +23,7 @@ from nnunet_semi.feature_perturbation import (
 from nnunet_semi.losses import weighted_ce_dice_loss
 from nnunet_semi.masks import normalized_entropy
 from nnunet_semi.networks import features_per_stage
-from nnunet_semi.training.base import full_resolution, take_samples
+from nnunet_semi.training.base import BEST_VALIDATED, full_resolution, take_samples
 from nnunet_semi.training.mean_teacher import nnUNetTrainerMeanTeacher
 
 FUSION_SOURCES = ("weak", "strong", "feature", "cross_image")
@@ -132,7 +132,7 @@ class nnUNetTrainerCIFP_prototypeKeys(nnUNetTrainerCIFP):
 
 
 class nnUNetTrainerCIFP_deployBestValidated(nnUNetTrainerCIFP):
-    deployed_model = "best_validated"
+    deployed_model = BEST_VALIDATED
 
 
 class nnUNetTrainerCIFP_50epochs(nnUNetTrainerCIFP):

@@ -55,9 +55,9 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
 
     Deployment: the softmax-average ensemble of both networks (``deployed_model``, the release's test code), or
     "student" (network 1), "peer", or "best_validated": the best of the three by validation pseudo Dice over the
-    last ``deploy_selection_epochs`` epochs (ties: ensemble, then peer). ``build_network_architecture`` (what ``nnUNetv2_predict`` calls) returns a ``DualNetworkEnsemble``
-    whose ``deployed_member`` buffer says which of the three predicts; during training ``self.network`` is the
-    plain plans network.
+    last ``deploy_selection_epochs`` epochs (ties: ensemble, then peer). ``build_network_architecture`` (what
+    ``nnUNetv2_predict`` calls) returns a ``DualNetworkEnsemble`` whose ``deployed_member`` buffer says which of the
+    three predicts; during training ``self.network`` is the plain plans network.
     """
 
     network_pair: tuple[str, str] = ("plans", "residual_encoder")
@@ -181,7 +181,7 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
         prototype_loss, similarities = 0.0, []
         for captured, bank, own_probs in ((first_features, self.auxiliary["prototypes_first"], unlabeled_probs[0]),
                                           (peer_features, self.auxiliary["prototypes_peer"], unlabeled_probs[1])):
-            features = captured.features[num_labeled:]
+            features = captured.take()[num_labeled:]
             bank.update(*gather_voxels(features.detach(), union, kept, self.max_contrast_voxels))
             uncertain_features, uncertain_labels = gather_voxels(
                 features, own_probs.argmax(1, keepdim=True), ~kept, self.max_contrast_voxels)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from nnunet_semi.losses import probability_mse
-from nnunet_semi.training.base import SemiSupervisedTrainerBase, full_resolution, take_samples
+from nnunet_semi.training.base import BEST_VALIDATED, SemiSupervisedTrainerBase, full_resolution, take_samples
 
 
 class nnUNetTrainerMeanTeacher(SemiSupervisedTrainerBase):
@@ -37,7 +37,7 @@ class nnUNetTrainerMeanTeacher_unsupWeight1(nnUNetTrainerMeanTeacher):
 
 
 class nnUNetTrainerMeanTeacher_deployBestValidated(nnUNetTrainerMeanTeacher):
-    deployed_model = "best_validated"
+    deployed_model = BEST_VALIDATED
 
 
 class nnUNetTrainerMeanTeacher_50epochs(nnUNetTrainerMeanTeacher):

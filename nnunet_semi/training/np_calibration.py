@@ -29,7 +29,7 @@ from nnunet_semi.neural_process import (
     sample_voxels_per_image,
 )
 from nnunet_semi.prototypes import DecoderFeatures
-from nnunet_semi.training.base import full_resolution, take_samples
+from nnunet_semi.training.base import BEST_VALIDATED, full_resolution, take_samples
 from nnunet_semi.training.mean_teacher import nnUNetTrainerMeanTeacher
 
 PSEUDO_LABEL_SOURCES = ("np", "fused")
@@ -123,7 +123,7 @@ class nnUNetTrainerNPCal(nnUNetTrainerMeanTeacher):
         logits = full_resolution(output)
         with self.teacher_features as teacher_captured:
             teacher_probs = self.teacher_probabilities(torch.cat([x_l, unlabeled["data_weak"]]))[num_labeled:]
-        teacher_features = teacher_captured.features
+        teacher_features = teacher_captured.take()
 
         with torch.no_grad():
             # banks hold the EMA head's projections (a slowly moving key space, as the EMA teacher)
@@ -144,7 +144,7 @@ class nnUNetTrainerNPCal(nnUNetTrainerMeanTeacher):
                         self.bank_push_per_class)
 
         # the student's NP head on a voxel subsample of labeled (labels) and unlabeled (pseudo labels) images
-        student_features = student_captured.features
+        student_features = student_captured.take()
         sampled_l, sampled_labels_l, index_l = sample_voxels_per_image(student_features[:num_labeled], labels, valid, n)
         sampled_valid_l = torch.gather(valid.flatten(1), 1, index_l)
         sampled_u, sampled_labels_u, index_u = sample_voxels_per_image(
@@ -188,7 +188,7 @@ class nnUNetTrainerNPCal_fusedPseudoLabel(nnUNetTrainerNPCal):
 
 
 class nnUNetTrainerNPCal_deployBestValidated(nnUNetTrainerNPCal):
-    deployed_model = "best_validated"
+    deployed_model = BEST_VALIDATED
 
 
 class nnUNetTrainerNPCal_50epochs(nnUNetTrainerNPCal):

@@ -16,7 +16,7 @@ from nnunet_semi.ema import ema_update
 from nnunet_semi.losses import masked_soft_dice_loss, voxel_cross_entropy
 from nnunet_semi.masks import synergy_regions
 from nnunet_semi.mixing import clipped_gaussian_noise, mixup_with_labeled_partners
-from nnunet_semi.training.base import full_resolution, take_samples
+from nnunet_semi.training.base import BEST_VALIDATED, full_resolution, take_samples
 from nnunet_semi.training.mean_teacher import nnUNetTrainerMeanTeacher
 
 
@@ -146,7 +146,7 @@ class nnUNetTrainerSGRS_plainViewLossOnly(nnUNetTrainerSGRS):
 
 
 class nnUNetTrainerSGRS_deployBestValidated(nnUNetTrainerSGRS):
-    deployed_model = "best_validated"
+    deployed_model = BEST_VALIDATED
 
 
 class nnUNetTrainerSGRS_50epochs(nnUNetTrainerSGRS):
