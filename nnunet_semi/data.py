@@ -109,6 +109,9 @@ class PerturbedUntilChanged(BasicTransform):
         return f"{type(self).__name__}({self.pipeline})"
 
 
+UNLABELED_VIEWS = ("weak", "strong")
+
+
 class TwoViewUnlabeledLoader(nnUNetDataLoader):
     """Random crops of unlabeled cases, each returned as a weak and a strong view of the same geometry.
 
@@ -124,15 +127,22 @@ class TwoViewUnlabeledLoader(nnUNetDataLoader):
             nonzero mask is read from the image itself (every masked channel exactly 0, as nnU-Net's preprocessing
             leaves it), carried through the spatial transform like a segmentation, and zeroed again in both views
             after their photometric changes. No segmentation file is opened for it.
+        views: the views to build, a subset of ("weak", "strong"): a method that reads one view does not pay for
+            the other's photometric draws and transfer.
 
-    Batches: ``{"data_weak": (B, C, *final_patch_size), "data_strong": same shape, "keys": case ids}``.
+    Batches: ``{"data_weak": (B, C, *final_patch_size), "data_strong": same shape, "keys": case ids}``, with only
+    the ``views`` asked for.
     """
 
     def __init__(self, data: ImageOnlyDataset, batch_size: int, patch_size, final_patch_size,
                  label_manager: LabelManager, spatial_transforms: BasicTransform, weak_transforms: BasicTransform,
-                 strong_transforms: BasicTransform, mask_for_norm: MaskImageTransform | None = None):
+                 strong_transforms: BasicTransform, mask_for_norm: MaskImageTransform | None = None,
+                 views: tuple[str, ...] = UNLABELED_VIEWS):
         super().__init__(data, batch_size, patch_size, final_patch_size, label_manager,
                          oversample_foreground_percent=0.0, transforms=None)
+        if not views or set(views) - set(UNLABELED_VIEWS):
+            raise ValueError(f"views must be a non-empty subset of {UNLABELED_VIEWS}, got {views}")
+        self.views = tuple(v for v in UNLABELED_VIEWS if v in views)
         # unlabeled crops are uniform: never the foreground or annotated-voxel sampling paths (they need labels)
         self.has_ignore = False
         self.spatial_transforms = spatial_transforms
@@ -142,7 +152,8 @@ class TwoViewUnlabeledLoader(nnUNetDataLoader):
 
     def generate_train_batch(self) -> dict:
         keys = self.get_indices()
-        weak, strong = [], []
+        pipelines = {"weak": self.weak_transforms, "strong": self.strong_transforms}
+        views = {name: [] for name in self.views}
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
             for key in keys:
                 image = self._data.load_image(key)
@@ -152,13 +163,13 @@ class TwoViewUnlabeledLoader(nnUNetDataLoader):
                 if self.patch_size_was_2d:
                     crop = crop[:, 0]
                 shared = self.spatial_transforms(**self._with_outside_mask(crop))
-                for views, transforms in ((weak, self.weak_transforms), (strong, self.strong_transforms)):
+                for name, images in views.items():
                     # clone before branching: some batchgeneratorsv2 transforms work in place
-                    view = transforms(**{k: v.clone() for k, v in shared.items()})
+                    view = pipelines[name](**{k: v.clone() for k, v in shared.items()})
                     if self.mask_for_norm is not None:
                         view = self.mask_for_norm(**view)
-                    views.append(view["image"])
-        return {"data_weak": torch.stack(weak), "data_strong": torch.stack(strong), "keys": np.array(keys)}
+                    images.append(view["image"])
+        return {f"data_{name}": torch.stack(images) for name, images in views.items()} | {"keys": np.array(keys)}
 
     def _with_outside_mask(self, crop: torch.Tensor) -> dict:
         """``{"image": crop}``, plus under mask-for-norm a one-channel ``segmentation`` that is -1 outside the nonzero

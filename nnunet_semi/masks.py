@@ -145,8 +145,13 @@ def union_pseudo_label(probs_a: torch.Tensor, probs_b: torch.Tensor) -> torch.Te
 
 
 def cross_reliable_mask(probs_a: torch.Tensor, probs_b: torch.Tensor, confidence: float = 0.6) -> torch.Tensor:
-    """Voxels where exactly one of two networks predicts foreground confidently (the dual network's cross-reliable
-    region): ``[argmax_a != 0 and max p_a >= t] XOR [argmax_b != 0 and max p_b >= t]``.
+    """Voxels where the two networks' confident foreground decisions differ (the dual network's cross-reliable
+    region): each network's decision is its argmax class where that is foreground with max p >= t, else "none";
+    a voxel is selected where the two decisions differ and at least one is a class.
+
+    For two classes this is the release's ``[argmax_a = 1 and max p_a >= t] XOR [argmax_b = 1 and max p_b >= t]``.
+    With more classes it also selects confident disagreement between two foreground classes (network A confidently
+    right ventricle, network B confidently left ventricle), which a XOR of "confidently foreground" misses.
 
     Args:
         probs_a, probs_b: softmax probabilities (B, C, *spatial).
@@ -158,8 +163,9 @@ def cross_reliable_mask(probs_a: torch.Tensor, probs_b: torch.Tensor, confidence
     if probs_a.shape != probs_b.shape:
         raise ValueError(f"shape mismatch: {tuple(probs_a.shape)} vs {tuple(probs_b.shape)}")
 
-    def confident_foreground(probs):
+    def confident_foreground_class(probs):  # 0: no confident foreground decision
         value, label = probs.detach().max(1, keepdim=True)
-        return (label != 0) & (value >= confidence)
+        return torch.where(value >= confidence, label, torch.zeros_like(label))
 
-    return confident_foreground(probs_a) ^ confident_foreground(probs_b)
+    decision_a, decision_b = confident_foreground_class(probs_a), confident_foreground_class(probs_b)
+    return decision_a != decision_b

@@ -77,24 +77,33 @@ class PrototypeBank(nn.Module):
 
 
 def gather_voxels(features: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                  max_voxels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Feature vectors and labels of the voxels in ``mask``, optionally a uniform random subset (bounds memory on
-    full 3D patches).
+                  max_per_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature vectors and labels of the voxels in ``mask``, optionally at most ``max_per_class`` of each class (a
+    uniform random subset per class, as the dual network's release draws class-balanced counts): a uniform subset
+    over all voxels would be mostly background on small structures, and the bound keeps memory fixed on 3D patches.
 
     Args:
         features: (B, D, *spatial).
         labels: (B, 1, *spatial) class indices.
         mask: (B, 1, *spatial) bool.
-        max_voxels: keep at most this many voxels (None: all).
+        max_per_class: keep at most this many voxels of every class (None: all).
 
     Returns:
-        (N, D) features (gradient flows back to ``features``) and (N,) labels.
+        (N, D) features (gradient flows back to ``features``) and (N,) labels, grouped by class when subsampled.
     """
     index = mask[:, 0].reshape(-1).nonzero()[:, 0]
-    if max_voxels is not None and index.numel() > max_voxels:
-        index = index[torch.randperm(index.numel(), device=index.device)[:max_voxels]]
+    flat_labels = labels[:, 0].reshape(-1)
+    if max_per_class is not None:
+        chosen = []
+        selected_labels = flat_labels[index]
+        for c in selected_labels.unique():
+            of_class = index[selected_labels == c]
+            if of_class.numel() > max_per_class:
+                of_class = of_class[torch.randperm(of_class.numel(), device=of_class.device)[:max_per_class]]
+            chosen.append(of_class)
+        index = torch.cat(chosen) if chosen else index
     flat_features = features.movedim(1, -1).reshape(-1, features.shape[1])
-    return flat_features[index], labels[:, 0].reshape(-1)[index]
+    return flat_features[index], flat_labels[index]
 
 
 class DecoderFeatures:

@@ -12,6 +12,7 @@ import torch
 
 from nnunet_semi.ensemble import DualNetworkEnsemble, is_ensemble_state, member_state
 from nnunet_semi.losses import (
+    cosine_consistency_loss,
     kl_weighted_pseudo_label_loss,
     masked_probability_mse,
     masked_pseudo_label_cross_entropy,
@@ -169,16 +170,26 @@ def test_cross_reliable_mask_marks_voxels_where_exactly_one_network_is_confident
     assert cross_reliable_mask(a, b, 0.6)[0, 0].tolist() == [False, True, True, False]
 
 
-def test_masked_pseudo_label_cross_entropy_is_the_ignore_index_ce_times_n_over_n_kept():
+def test_cross_reliable_mask_selects_confident_disagreement_between_two_foreground_classes():
+    a = _probs([0.1, 0.8, 0.1], [0.1, 0.8, 0.1], [0.1, 0.8, 0.1], [0.8, 0.1, 0.1])
+    b = _probs([0.1, 0.1, 0.8], [0.1, 0.8, 0.1], [0.3, 0.4, 0.3], [0.9, 0.05, 0.05])
+    # a confidently class 1, b confidently class 2 | both confidently class 1 | only a confident | both background
+    assert cross_reliable_mask(a, b, 0.6)[0, 0].tolist() == [True, False, True, False]
+
+
+def test_masked_pseudo_label_cross_entropy_is_the_kept_voxel_mean_and_the_release_scale_is_n_over_n_kept():
     logits = torch.randn(2, 3, 4, 5, requires_grad=True)
     labels = torch.randint(0, 3, (2, 1, 4, 5))
     kept = torch.rand(2, 1, 4, 5) > 0.6
     ignored = torch.where(kept, labels, torch.full_like(labels, 3))[:, 0]
-    # the paper's form: w * CE with ignored voxels counting 0, w = N / N_kept
-    reference = torch.nn.functional.cross_entropy(logits, ignored, ignore_index=3, reduction="none").mean() \
-        * kept.numel() / kept.sum()
+    # PyTorch's CE with ignore_index already averages over the kept voxels
+    kept_mean = torch.nn.functional.cross_entropy(logits, ignored, ignore_index=3)
     loss = masked_pseudo_label_cross_entropy(logits, labels, kept)
-    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(loss, kept_mean)
+    # the release multiplies that by w = N / N_kept once more
+    released = masked_pseudo_label_cross_entropy(logits, labels, kept, rescale_by_kept_fraction=True)
+    torch.testing.assert_close(released, kept_mean * kept.numel() / kept.sum())
+    assert released.item() > 2 * loss.item()  # about 40 % kept: 2.5 times
     loss.backward()
     assert logits.grad.abs().sum() > 0
     assert (logits.grad.movedim(1, -1)[~kept[:, 0]] == 0).all()  # ignored voxels get no gradient
@@ -186,20 +197,36 @@ def test_masked_pseudo_label_cross_entropy_is_the_ignore_index_ce_times_n_over_n
     assert none_kept.item() == 0.0 and none_kept.requires_grad
 
 
-def test_masked_probability_mse_by_hand_and_ignore_voxels():
+def test_masked_probability_mse_is_the_foreground_error_by_hand_and_skips_ignore_voxels():
     probs = _probs([0.6, 0.4], [0.2, 0.8], [0.5, 0.5]).requires_grad_(True)
     labels = torch.tensor([[[1, 1, 0]]])
     mask = torch.tensor([[[True, True, True]]])
-    # voxel 0: (0.6-0)^2 + (0.4-1)^2 = 0.72; voxel 1: 0.04 + 0.04 = 0.08; voxel 2: 0.25 + 0.25 = 0.5
-    assert masked_probability_mse(probs, labels, mask).item() == pytest.approx((0.72 + 0.08 + 0.5) / 3)
+    # the release's (p_fg - y)^2: 0.36, 0.04, 0.25 (background not counted a second time)
+    assert masked_probability_mse(probs, labels, mask).item() == pytest.approx((0.36 + 0.04 + 0.25) / 3)
     ignore = torch.tensor([[[False, False, True]]])
     loss = masked_probability_mse(probs, labels, mask, ignore)
-    assert loss.item() == pytest.approx((0.72 + 0.08) / 2)
+    assert loss.item() == pytest.approx((0.36 + 0.04) / 2)
     loss.backward()
-    assert (probs.grad[0, :, 2] == 0).all() and probs.grad[0, :, :2].abs().sum() > 0
+    assert (probs.grad[0, :, 2] == 0).all() and probs.grad[0, 1, :2].abs().sum() > 0
+    # three classes: summed over the two foreground classes
+    three = _probs([0.2, 0.5, 0.3])
+    assert masked_probability_mse(three, torch.tensor([[[2]]]), mask[..., :1]).item() == pytest.approx(0.25 + 0.49)
 
 
-def test_gather_voxels_takes_masked_voxels_with_gradient_and_bounds_their_number():
+def test_cosine_consistency_is_one_minus_the_cosine_over_classes_and_trains_both_networks():
+    a = _probs([1.0, 0.0], [0.5, 0.5]).requires_grad_(True)
+    b = _probs([0.0, 1.0], [0.5, 0.5]).requires_grad_(True)
+    # orthogonal: 1; parallel: 0
+    assert cosine_consistency_loss(a, b).item() == pytest.approx(0.5)
+    c = _probs([0.8, 0.2], [0.3, 0.7]).requires_grad_(True)
+    loss = cosine_consistency_loss(a, c)
+    loss.backward()
+    assert a.grad.abs().sum() > 0 and c.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="shape mismatch"):
+        cosine_consistency_loss(a, _probs([1.0, 0.0]))
+
+
+def test_gather_voxels_takes_masked_voxels_with_gradient_and_bounds_each_class():
     features = torch.randn(2, 4, 3, 3, requires_grad=True)
     labels = torch.randint(0, 2, (2, 1, 3, 3))
     mask = torch.zeros(2, 1, 3, 3, dtype=torch.bool)
@@ -209,8 +236,15 @@ def test_gather_voxels_takes_masked_voxels_with_gradient_and_bounds_their_number
     assert gathered_labels.tolist() == [labels[0, 0, 1, 2].item(), labels[1, 0, 0, 0].item()]
     gathered.sum().backward()
     assert features.grad[0, :, 1, 2].eq(1).all() and features.grad.sum() == 8
-    subset, _ = gather_voxels(features, labels, torch.ones_like(mask), max_voxels=5)
-    assert subset.shape == (5, 4)
+    # 90 background and 10 foreground candidates: a per-class bound keeps both classes balanced
+    features = torch.randn(1, 4, 10, 10)
+    labels = torch.zeros(1, 1, 10, 10, dtype=torch.long)
+    labels[0, 0, 0] = 1
+    subset, subset_labels = gather_voxels(features, labels, torch.ones_like(labels, dtype=torch.bool),
+                                          max_per_class=5)
+    assert subset.shape == (10, 4) and sorted(subset_labels.tolist()) == [0] * 5 + [1] * 5
+    few, few_labels = gather_voxels(features, labels, labels == 1, max_per_class=50)  # fewer than the bound: all
+    assert few_labels.tolist() == [1] * 10
 
 
 def test_prototype_bank_contrast_skips_classes_without_a_prototype_and_trains_features():

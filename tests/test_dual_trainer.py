@@ -19,6 +19,8 @@ from nnunet_semi.training import (
     nnUNetTrainerDualCCE,
     nnUNetTrainerDualCCE_deployBestValidated,
     nnUNetTrainerDualCCE_oneWayKL,
+    nnUNetTrainerDualCCE_plainCrossPseudo,
+    nnUNetTrainerDualCCE_releaseCCEScale,
     nnUNetTrainerDualCCE_samePair,
 )
 
@@ -54,7 +56,7 @@ def _disagreeing_step(trainer):
     return next_batches(trainer)
 
 
-@pytest.mark.parametrize("term", ["sup_cross_reliable", "cross_pseudo", "entropy_filtered", "kl_weighted",
+@pytest.mark.parametrize("term", ["sup_cross_reliable", "entropy_filtered", "kl_weighted", "output_cosine",
                                   "prototype"])
 def test_every_dual_term_trains_both_networks(term, semi_dataset):
     trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE))
@@ -69,6 +71,71 @@ def test_every_dual_term_trains_both_networks(term, semi_dataset):
         # the prototype term acts on decoder features, before the segmentation head
         assert has_grad(network, last_head) == (term != "prototype")
         assert not has_grad(network, "decoder.seg_layers.0.")  # full resolution only, no deep supervision
+
+
+def test_the_loss_is_the_papers_and_plain_cross_pseudo_supervision_is_only_a_variant(semi_dataset):
+    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE))
+    labeled, unlabeled = _disagreeing_step(trainer)
+    terms = trainer.compute_losses(labeled, unlabeled)
+    # the paper's L_s + L_cr, CCE, KL weighting, cosine consistency and lambda_c L_c; no plain CPS term
+    assert set(terms) == {"sup", "sup_peer", "sup_cross_reliable", "entropy_filtered", "kl_weighted",
+                          "output_cosine", "prototype"}
+    assert terms["output_cosine"] > 0  # the two networks were biased apart
+    variant = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE_plainCrossPseudo))
+    labeled, unlabeled = _disagreeing_step(variant)
+    variant.optimizer.zero_grad(set_to_none=True)
+    cross = variant.compute_losses(labeled, unlabeled)["cross_pseudo"]
+    cross.backward()
+    assert has_grad(variant.unwrapped_network()) and has_grad(variant.auxiliary["peer"])
+
+
+def test_the_release_cce_scale_is_n_over_n_kept_times_the_kept_voxel_mean(semi_dataset):
+    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE))
+    labeled, unlabeled = _disagreeing_step(trainer)
+    with torch.no_grad():
+        mean = trainer.compute_losses(labeled, unlabeled)["entropy_filtered"]
+        kept_fraction = trainer._step_statistics["kept_fraction"]
+        trainer.entropy_filtered_release_scale = True
+        released = trainer.compute_losses(labeled, unlabeled)["entropy_filtered"]
+    assert 0 < kept_fraction <= 0.4 + 1e-6
+    torch.testing.assert_close(released, mean / kept_fraction, rtol=1e-4, atol=0)
+    assert nnUNetTrainerDualCCE_releaseCCEScale.entropy_filtered_release_scale
+
+
+def test_prototype_voxels_are_drawn_per_class(semi_dataset, monkeypatch):
+    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE, contrast_voxels_per_class=7))
+    labeled, unlabeled = _disagreeing_step(trainer)
+    contrasted = []
+    original = type(trainer.auxiliary["prototypes_first"]).contrast_loss
+
+    def record(bank, features, labels, temperature=0.1):
+        contrasted.append(labels.bincount(minlength=2).tolist())
+        return original(bank, features, labels, temperature)
+
+    monkeypatch.setattr(type(trainer.auxiliary["prototypes_first"]), "contrast_loss", record)
+    trainer.compute_losses(labeled, unlabeled)
+    # each network's uncertain voxels: at most 7 of each class, so a rare class is not crowded out
+    assert len(contrasted) == 2 and all(max(counts) <= 7 and sum(counts) > 0 for counts in contrasted)
+
+
+def test_validation_runs_network_one_once_and_the_unlabeled_loader_builds_only_the_strong_view(semi_dataset):
+    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE))
+    assert set(next(trainer.dataloader_unlabeled)) == {"data_strong", "keys"}  # no teacher, no weak view
+    calls = []
+    handle = trainer.unwrapped_network().register_forward_hook(lambda *args: calls.append(1))
+    trainer.on_validation_epoch_start()
+    with torch.no_grad():
+        validation = trainer.validation_step(next(trainer.dataloader_val))
+    handle.remove()
+    assert len(calls) == 1 and {"peer_tp", "ensemble_tp", "tp_hard"} <= set(validation)
+
+
+def test_the_peer_is_compiled_when_nnunet_compiles(semi_dataset):
+    from torch._dynamo import OptimizedModule
+
+    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE, _do_i_compile=lambda self: True))
+    assert isinstance(trainer.peer_forward, OptimizedModule)
+    assert trainer.peer_forward._orig_mod is trainer.auxiliary["peer"]
 
 
 def test_one_way_kl_variant_trains_only_the_peer_toward_network_one(semi_dataset):

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from nnunet_semi.data import TwoViewUnlabeledLoader
 from nnunet_semi.ema import ema_momentum, ema_update, make_teacher
 from nnunet_semi.schedules import sigmoid_rampup
 from nnunet_semi.training import nnUNetTrainerMeanTeacher
 
-from conftest import make_trainer
+from conftest import make_trainer, tiny_schedule
 
 
 class _TinyMeanTeacher(nnUNetTrainerMeanTeacher):
@@ -63,6 +64,22 @@ def test_unlabeled_views_share_the_crop_and_carry_no_target(semi_dataset):
         batch = next(trainer.dataloader_unlabeled)
         torch.testing.assert_close(batch["data_weak"], batch["data_strong"])
         assert batch["data_weak"].std() > 0  # a real image, not padding
+
+
+def test_each_method_builds_only_the_unlabeled_views_it_reads(semi_dataset):
+    from nnunet_semi.training import (nnUNetTrainerCIFP, nnUNetTrainerCPS, nnUNetTrainerMeanTeacher,
+                                      nnUNetTrainerNPCal, nnUNetTrainerSGRS, nnUNetTrainerSGRS_strongView)
+
+    expected = {nnUNetTrainerMeanTeacher: {"data_weak", "data_strong"}, nnUNetTrainerSGRS: {"data_weak"},
+                nnUNetTrainerSGRS_strongView: {"data_weak", "data_strong"}, nnUNetTrainerCPS: {"data_strong"},
+                nnUNetTrainerNPCal: {"data_weak", "data_strong"}, nnUNetTrainerCIFP: {"data_weak", "data_strong"}}
+    for cls, views in expected.items():
+        trainer = make_trainer(semi_dataset, tiny_schedule(cls))
+        assert set(next(trainer.dataloader_unlabeled)) == views | {"keys"}, cls.__name__
+        trainer.train_step(next(trainer.dataloader_train))  # and it trains on them
+    with pytest.raises(ValueError, match="views must be a non-empty subset"):
+        TwoViewUnlabeledLoader(trainer.unlabeled_pool, 2, (24, 24, 24), (24, 24, 24), trainer.label_manager,
+                               None, None, None, views=("plain",))
 
 
 def test_strong_view_differs_from_the_weak_one_on_every_sample(semi_dataset):

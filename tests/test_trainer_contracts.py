@@ -101,7 +101,8 @@ def test_trainer_contract(trainer_cls, setting, _contract_templates, tmp_path, m
     # the unsupervised terms alone train the student
     labeled = next(trainer.dataloader_train)
     unlabeled = {k: v for k, v in next(trainer.dataloader_unlabeled).items() if k != "keys"}
-    assert unlabeled["data_weak"].shape[2:] == tuple(trainer.configuration_manager.patch_size)
+    assert set(unlabeled) == {f"data_{v}" for v in trainer.unlabeled_views}
+    assert all(v.shape[2:] == tuple(trainer.configuration_manager.patch_size) for v in unlabeled.values())
     # a validation step also scores the teacher (ignore label and regions included)
     validation = trainer.validation_step(next(trainer.dataloader_val))
     if trainer.teacher is not None:

@@ -27,6 +27,8 @@ from nnunet_semi.training.dual_cce import (
     nnUNetTrainerDualCCE_deployBestValidated,
     nnUNetTrainerDualCCE_noPrototype,
     nnUNetTrainerDualCCE_oneWayKL,
+    nnUNetTrainerDualCCE_plainCrossPseudo,
+    nnUNetTrainerDualCCE_releaseCCEScale,
     nnUNetTrainerDualCCE_samePair,
 )
 from nnunet_semi.training.demo import nnUNetTrainer_demo, nnUNetTrainerMeanTeacher_demo
@@ -107,6 +109,8 @@ __all__ = [
     "nnUNetTrainerDualCCE_deployBestValidated",
     "nnUNetTrainerDualCCE_noPrototype",
     "nnUNetTrainerDualCCE_oneWayKL",
+    "nnUNetTrainerDualCCE_plainCrossPseudo",
+    "nnUNetTrainerDualCCE_releaseCCEScale",
     "nnUNetTrainerDualCCE_samePair",
     "nnUNetTrainerCPS",
     "nnUNetTrainerCPS_50epochs",

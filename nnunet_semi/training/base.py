@@ -30,7 +30,7 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 
-from nnunet_semi.data import (ImageOnlyDataset, PerturbedUntilChanged, TwoViewUnlabeledLoader,
+from nnunet_semi.data import (UNLABELED_VIEWS, ImageOnlyDataset, PerturbedUntilChanged, TwoViewUnlabeledLoader,
                               split_spatial_and_photometric)
 from nnunet_semi.dataset_io import UNLABELED_SUFFIX, load_json
 from nnunet_semi.ema import ema_momentum, ema_update, make_teacher
@@ -55,6 +55,7 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         teacher_momentum: EMA momentum of the teacher; None = no teacher.
         strong_view_always_changed: draw the student's photometric pipeline again until the crop has changed (nnU-Net's
             transforms each fire with their own probability and leave about a third of crops untouched).
+        unlabeled_views: the unlabeled views ``compute_losses`` reads, of ("weak", "strong"); only these are built.
         grad_clip_norm: gradient clipping norm (nnU-Net's 12).
         unsup_uses_deep_supervision: whether the unsupervised terms use every deep-supervision scale (else only the
             full-resolution output); the contract tests check it.
@@ -76,6 +77,7 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
     ramped_terms: tuple[str, ...] | None = None
     teacher_momentum: float | None = 0.99
     strong_view_always_changed: bool = True
+    unlabeled_views: tuple[str, ...] = UNLABELED_VIEWS
     grad_clip_norm: float = 12.0
     unsup_uses_deep_supervision: bool = False
     confidence_threshold: float = 0.9
@@ -222,7 +224,7 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         loader = TwoViewUnlabeledLoader(
             self.unlabeled_pool, self.unlabeled_batch_size or self.batch_size, initial_patch_size,
             self.configuration_manager.patch_size, self.label_manager, spatial, self.build_weak_transforms(),
-            strong, mask_for_norm)
+            strong, mask_for_norm, self.unlabeled_views)
         self.print_to_log_file(
             f"Unlabeled cases: {len(self.unlabeled_pool)}, unlabeled batch size: {loader.batch_size}, "
             f"unsupervised weight: {self.unsup_weight} ({self._describe_ramp()}), "
@@ -267,7 +269,8 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         Args:
             labeled: ``data`` (B, C, *patch) on the device and ``target`` (list of (B, 1, *scale) with deep
                 supervision, else one tensor).
-            unlabeled: ``data_weak`` and ``data_strong``, each (B_u, C, *patch), on the device.
+            unlabeled: ``data_weak`` and/or ``data_strong`` (those of ``unlabeled_views``), each (B_u, C, *patch),
+                on the device.
 
         Returns:
             term name -> scalar tensor, one entry per name in ``loss_terms``. Terms named ``sup*`` enter the total
@@ -417,21 +420,30 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         return ("teacher",) if self.teacher is not None else ()
 
     @torch.no_grad()
-    def validation_probabilities(self, data: torch.Tensor) -> dict[str, torch.Tensor]:
+    def validation_probabilities(self, data: torch.Tensor, network_logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """Full-resolution probabilities (B, C, *patch) of every model in ``validated_models`` on a validation
-        batch."""
+        batch; ``network_logits`` are ``self.network``'s full-resolution logits on it (from nnU-Net's own validation
+        forward, so a model built on them does not run the network again)."""
         return {"teacher": self.teacher_probabilities(data)} if self.teacher is not None else {}
 
     def validation_step(self, batch: dict) -> dict:
-        counts = {}
-        if self.validated_models():
-            target = full_resolution(batch["target"])
-            data, target = batch["data"].to(self.device), target.to(self.device)
-            with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-                probabilities = self.validation_probabilities(data)
-            for name, probs in probabilities.items():
-                counts.update(self._hard_tp_fp_fn(probs, target, name))
-        return super().validation_step(batch) | counts
+        if not self.validated_models():
+            return super().validation_step(batch)
+        # nnU-Net's step may zero ignore-label voxels of the target in place
+        target = full_resolution(batch["target"]).to(self.device).clone()
+        network, recorder = self.network, _RecordingForward(self.network)
+        self.network = recorder  # nnU-Net's step calls self.network once; keep its output
+        try:
+            result = super().validation_step(batch)
+        finally:
+            self.network = network
+        data = batch["data"].to(self.device)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            probabilities = self.validation_probabilities(data, full_resolution(recorder.output))
+        recorder.output = None
+        for name, probs in probabilities.items():
+            result.update(self._hard_tp_fp_fn(probs, target, name))
+        return result
 
     @torch.no_grad()
     def _hard_tp_fp_fn(self, probs: torch.Tensor, target: torch.Tensor, name: str) -> dict:
@@ -583,6 +595,18 @@ def average_gradients_over_ranks(parameters: list[torch.nn.Parameter]) -> None:
     for p in parameters:
         p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
         offset += p.numel()
+
+
+class _RecordingForward(nn.Module):
+    """Calls ``network`` and keeps its last output."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network, self.output = network, None
+
+    def forward(self, x):
+        self.output = self.network(x)
+        return self.output
 
 
 def take_samples(output, n: int):

@@ -24,6 +24,7 @@ class nnUNetTrainerCPS(SemiSupervisedTrainerBase):
     unsup_weight = 1.5  # the paper's lambda, constant from the first step
     ramped_terms = ()
     cps_on_labeled: bool = True
+    unlabeled_views = ("strong",)  # both networks see the same strong view; no teacher view
     loss_terms = ("sup", "sup_peer", "cross_pseudo")
     statistics = ("confident_fraction", "network_agreement")
 
@@ -41,7 +42,9 @@ class nnUNetTrainerCPS(SemiSupervisedTrainerBase):
     def initialize(self):
         super().initialize()
         peer = self.auxiliary["peer"]
-        self.peer_forward = DDP(peer, device_ids=[self.local_rank]) if self.is_ddp else peer
+        # compiled and DDP-wrapped like nnU-Net's self.network; the parameters stay those of auxiliary["peer"]
+        forward = torch.compile(peer) if self._do_i_compile() else peer
+        self.peer_forward = DDP(forward, device_ids=[self.local_rank]) if self.is_ddp else forward
         if self.is_ddp:
             self.ddp_wrapped_auxiliary.add("peer")
 

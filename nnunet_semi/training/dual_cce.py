@@ -11,6 +11,7 @@ from torch import nn
 
 from nnunet_semi.ensemble import DualNetworkEnsemble, is_ensemble_state, member_state
 from nnunet_semi.losses import (
+    cosine_consistency_loss,
     hard_pseudo_label_loss,
     kl_weighted_pseudo_label_loss,
     masked_probability_mse,
@@ -38,17 +39,21 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
     Terms (``loss_terms``; each already multiplied by its weight attribute; only ``prototype`` is ramped, as the
     release ramps lambda_c, the others enter from the first step):
         sup, sup_peer: nnU-Net's loss with deep supervision, per network.
-        sup_cross_reliable: on labeled voxels where exactly one network is confidently foreground, the squared
-            error of each network's probabilities to the one-hot label (the paper's L_cr, multi-class).
-        cross_pseudo: cross pseudo supervision (CE of each network against the other's argmax).
+        sup_cross_reliable: on labeled voxels where the two networks' confident (max p >= 0.6) foreground decisions
+            differ, the squared error of each network's foreground probabilities to the one-hot label (the paper's
+            L_cr; the release's binary form for two classes).
         entropy_filtered: CE of each network against the union pseudo label on the unlabeled voxels whose
             normalised entropy is below the ``entropy_percent``-th percentile for at least one network, averaged
-            over the kept voxels (the paper's ``w = N / N_kept``).
+            over the kept voxels (``entropy_filtered_release_scale``: times N / N_kept once more, as released).
         kl_weighted: exp(-KL)-weighted CE toward the other network's argmax plus the KL itself, both directions
             (``kl_symmetric``; False: only the peer toward network 1, as released).
+        output_cosine: mean over voxels of 1 - cos(p_1, p_2) over the class axis, every sample, both networks.
         prototype: InfoNCE of the uncertain (not kept) unlabeled voxels' full-resolution decoder features, labeled
             by the network's own argmax, against class prototypes that are EMA means of the kept voxels' features
-            under the union label; one prototype bank per network (buffers, saved in ``semi_state``).
+            under the union label; one prototype bank per network (buffers, saved in ``semi_state``). At most
+            ``contrast_voxels_per_class`` voxels of each class enter the update and the contrast.
+        cross_pseudo (``_plainCrossPseudo`` only): plain cross pseudo supervision, in neither the paper nor the
+            release.
 
     Deep supervision: only ``sup`` and ``sup_peer``; every other term uses the full-resolution output and decoder
     features.
@@ -66,19 +71,21 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
     unsup_weight = 1.0
     unsup_rampup_iterations = 6000  # lambda_c: 40 x 150 iterations
     ramped_terms = ("prototype",)
-    cross_pseudo_weight: float = 1.0
+    cross_pseudo_weight: float = 1.0  # only where loss_terms has "cross_pseudo"
     entropy_percent: float = 20.0
     entropy_filtered_weight: float = 1.0
+    entropy_filtered_release_scale: bool = False
     kl_weight: float = 1.0
     kl_symmetric: bool = True
+    cosine_weight: float = 1.0
     prototype_weight: float = 0.1
     prototype_temperature: float = 0.1
     prototype_momentum: float = 0.99
-    max_contrast_voxels: int = 4096
+    contrast_voxels_per_class: int = 2048
     cross_reliable_weight: float = 0.5
     cross_reliable_confidence: float = 0.6
     supports_regions = False
-    loss_terms = ("sup", "sup_peer", "sup_cross_reliable", "cross_pseudo", "entropy_filtered", "kl_weighted",
+    loss_terms = ("sup", "sup_peer", "sup_cross_reliable", "entropy_filtered", "kl_weighted", "output_cosine",
                   "prototype")
     statistics = ("confident_fraction", "network_agreement", "kept_fraction", "mean_kl", "prototype_similarity")
 
@@ -162,29 +169,34 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
                      [z[:num_labeled] for z in logits], [p[:num_labeled] for p in probs], labeled["target"])}
 
         first = 0 if self.cps_on_labeled else num_labeled
-        terms["cross_pseudo"] = self.cross_pseudo_weight * (hard_pseudo_label_loss(logits[0][first:], probs[1][first:])
-                                                            + hard_pseudo_label_loss(logits[1][first:], probs[0][first:]))
+        if "cross_pseudo" in self.loss_terms:
+            terms["cross_pseudo"] = self.cross_pseudo_weight * (
+                hard_pseudo_label_loss(logits[0][first:], probs[1][first:])
+                + hard_pseudo_label_loss(logits[1][first:], probs[0][first:]))
         kl_peer, mean_kl = kl_weighted_pseudo_label_loss(logits[1][first:], probs[0][first:])
         kl_total = kl_peer
         if self.kl_symmetric:
             kl_first, mean_kl_first = kl_weighted_pseudo_label_loss(logits[0][first:], probs[1][first:])
             kl_total, mean_kl = kl_total + kl_first, (mean_kl + mean_kl_first) / 2
         terms["kl_weighted"] = self.kl_weight * kl_total
+        terms["output_cosine"] = self.cosine_weight * cosine_consistency_loss(
+            self.probabilities(logits[0][first:]), self.probabilities(logits[1][first:]))
 
         unlabeled_logits = [z[num_labeled:] for z in logits]
         unlabeled_probs = [p[num_labeled:] for p in probs]
         union = union_pseudo_label(*unlabeled_probs)
         kept = entropy_percentile_mask(*unlabeled_probs, percent=self.entropy_percent)
         terms["entropy_filtered"] = self.entropy_filtered_weight * sum(
-            masked_pseudo_label_cross_entropy(z, union, kept) for z in unlabeled_logits)
+            masked_pseudo_label_cross_entropy(z, union, kept, self.entropy_filtered_release_scale)
+            for z in unlabeled_logits)
 
         prototype_loss, similarities = 0.0, []
         for captured, bank, own_probs in ((first_features, self.auxiliary["prototypes_first"], unlabeled_probs[0]),
                                           (peer_features, self.auxiliary["prototypes_peer"], unlabeled_probs[1])):
             features = captured.take()[num_labeled:]
-            bank.update(*gather_voxels(features.detach(), union, kept, self.max_contrast_voxels))
+            bank.update(*gather_voxels(features.detach(), union, kept, self.contrast_voxels_per_class))
             uncertain_features, uncertain_labels = gather_voxels(
-                features, own_probs.argmax(1, keepdim=True), ~kept, self.max_contrast_voxels)
+                features, own_probs.argmax(1, keepdim=True), ~kept, self.contrast_voxels_per_class)
             prototype_loss = prototype_loss + bank.contrast_loss(uncertain_features, uncertain_labels,
                                                                  self.prototype_temperature)
             similarities.append(bank.similarity_to_own_class(uncertain_features.detach(), uncertain_labels))
@@ -212,9 +224,9 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
         return ("peer", "ensemble")
 
     @torch.no_grad()
-    def validation_probabilities(self, data: torch.Tensor) -> dict[str, torch.Tensor]:
-        first = self.probabilities(full_resolution(self.network(data)))
-        peer = self.probabilities(full_resolution(self.auxiliary["peer"](data)))
+    def validation_probabilities(self, data: torch.Tensor, network_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        first = self.probabilities(network_logits)
+        peer = self.probabilities(full_resolution(self.peer_forward(data)))
         return {"peer": peer, "ensemble": (first + peer) / 2}
 
     def finalize_deployed_weights(self) -> None:
@@ -267,6 +279,19 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
             converted = os.path.join(folder, "checkpoint.pth")
             torch.save(checkpoint, converted)
             super().load_checkpoint(converted)
+
+
+class nnUNetTrainerDualCCE_plainCrossPseudo(nnUNetTrainerDualCCE):
+    """Adds plain cross pseudo supervision (CE toward the other network's argmax on every voxel), which this
+    trainer had before it followed the paper; it largely cancels the KL weighting."""
+
+    loss_terms = nnUNetTrainerDualCCE.loss_terms + ("cross_pseudo",)
+
+
+class nnUNetTrainerDualCCE_releaseCCEScale(nnUNetTrainerDualCCE):
+    """The release's CCE scale: the kept-voxel mean times N / N_kept."""
+
+    entropy_filtered_release_scale = True
 
 
 class nnUNetTrainerDualCCE_samePair(nnUNetTrainerDualCCE):

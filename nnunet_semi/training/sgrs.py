@@ -67,6 +67,10 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
     def build_strong_transforms(self, nnunet_photometric: ComposeTransforms) -> ComposeTransforms:
         return nnunet_photometric if self.student_uses_strong_view else ComposeTransforms([])
 
+    @property
+    def unlabeled_views(self) -> tuple[str, ...]:
+        return ("weak", "strong") if self.student_uses_strong_view else ("weak",)
+
     def compute_losses(self, labeled: dict, unlabeled: dict) -> dict[str, torch.Tensor]:
         x_l, x_u = labeled["data"], unlabeled["data_weak"]
         n_l, n_u = x_l.shape[0], x_u.shape[0]
