@@ -14,7 +14,7 @@ from torch import nn
 from nnunet_semi.masks import normalized_entropy
 
 DUAL_CONFIDENCE_RULES = ("product", "min", "agreement")
-NP_CONFIDENCE_MEASURES = ("max_prob", "entropy")
+CONFIDENCE_MEASURES = ("pseudo_label_prob", "max_prob", "entropy")
 
 
 class ClassMemoryBank(nn.Module):
@@ -114,11 +114,13 @@ class NeuralProcessHead(nn.Module):
         return Gaussian(mean, 0.1 + 0.9 * torch.nn.functional.softplus(raw_std))
 
     def decode(self, projected: torch.Tensor, summary: NeuralProcessSummary, latent: Gaussian,
-               num_samples: int) -> torch.Tensor:
+               num_samples: int, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (T, B, n, C) for projected voxels (B, n, d), one per latent sample ``z ~ latent``
-        (reparameterised)."""
+        (reparameterised; ``noise`` (T, B, d): the standard normal draws, to decode chunks of one image with the
+        same samples)."""
         batch, voxels, dim = projected.shape
-        noise = torch.randn(num_samples, batch, dim, device=projected.device, dtype=latent.mean.dtype)
+        if noise is None:
+            noise = torch.randn(num_samples, batch, dim, device=projected.device, dtype=latent.mean.dtype)
         z = latent.mean[None] + latent.std[None] * noise  # (T, B, d)
         inputs = torch.cat([z[:, :, None].expand(-1, -1, voxels, -1),
                             projected[None].expand(num_samples, -1, -1, -1),
@@ -129,19 +131,33 @@ class NeuralProcessHead(nn.Module):
     def predict_dense(self, features: torch.Tensor, context: ClassMemoryBank, target: ClassMemoryBank,
                       num_samples: int, summary_voxels: int = 4096, chunk_voxels: int = 2**16) -> torch.Tensor:
         """Calibrated probabilities (B, C, *spatial) for every voxel: the mean over ``num_samples`` latent samples
-        of ``z ~ q_C`` (conditioned on the labeled context only). Per-image summaries come from
-        ``summary_voxels`` random voxels; voxels are decoded in chunks, so memory stays bounded."""
+        of ``z ~ q_C`` (conditioned on the labeled context only), the same samples for every voxel of an image.
+        Per-image summaries come from ``summary_voxels`` random voxels. Voxels are decoded ``chunk_voxels`` at a
+        time over batch and space together (one image per chunk), so peak memory is set by ``chunk_voxels``
+        whatever the batch size."""
         batch = features.shape[0]
         flat = features.flatten(2).transpose(1, 2)  # (B, N, F)
         index = torch.randperm(flat.shape[1], device=flat.device)[:summary_voxels]
         summary = self.summarize(self.project(flat[:, index].float()), context.centers(), context.available(),
                                  target.centers(), target.available())
-        probs = []
-        for start in range(0, flat.shape[1], chunk_voxels):
-            projected = self.project(flat[:, start:start + chunk_voxels].float())
-            logits = self.decode(projected, summary, summary.q_context, num_samples)
-            probs.append(torch.softmax(logits.float(), -1).mean(0))
-        return torch.cat(probs, 1).transpose(1, 2).reshape(batch, -1, *features.shape[2:])
+        noise = torch.randn(num_samples, batch, summary.q_context.mean.shape[-1], device=flat.device,
+                            dtype=summary.q_context.mean.dtype)
+        probs = torch.empty(batch, flat.shape[1], self.decoder[-1].out_features, device=flat.device)
+        for b in range(batch):
+            image_summary = NeuralProcessSummary(*(_take_image(x, b) for x in summary))
+            for start in range(0, flat.shape[1], chunk_voxels):
+                projected = self.project(flat[b:b + 1, start:start + chunk_voxels].float())
+                logits = self.decode(projected, image_summary, image_summary.q_context, num_samples,
+                                     noise[:, b:b + 1])
+                probs[b:b + 1, start:start + chunk_voxels] = torch.softmax(logits.float(), -1).mean(0)
+        return probs.transpose(1, 2).reshape(batch, -1, *features.shape[2:])
+
+
+def _take_image(value, b: int):
+    """Image ``b`` (kept as a batch of one) of a summary tensor or Gaussian."""
+    if isinstance(value, Gaussian):
+        return Gaussian(value.mean[b:b + 1], value.std[b:b + 1])
+    return value[b:b + 1]
 
 
 def _attend_to_centers(projected: torch.Tensor, centers: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
@@ -155,7 +171,8 @@ def _attend_to_centers(projected: torch.Tensor, centers: torch.Tensor, available
 
 
 def sample_voxels_per_image(features: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
-                            voxels_per_image: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            voxels_per_image: int, class_balanced: bool = False
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same number of random voxels from every image (the NP summaries are per image).
 
     Args:
@@ -164,45 +181,63 @@ def sample_voxels_per_image(features: torch.Tensor, labels: torch.Tensor, valid:
         valid: (B, 1, *spatial) bool, voxels that may be drawn (e.g. not the ignore label); images with fewer valid
             voxels than requested draw with replacement.
         voxels_per_image: n.
+        class_balanced: every class present in an image is drawn with the same probability mass (a small
+            structure gets about n / #classes voxels instead of its volume share); else uniform over valid voxels.
 
     Returns:
         features (B, n, F) (gradient flows), labels (B, n), flat voxel indices (B, n).
     """
     flat_valid = valid.flatten(1).float()
     flat_valid = torch.where(flat_valid.sum(1, keepdim=True) > 0, flat_valid, torch.ones_like(flat_valid))
-    replacement = bool((flat_valid.sum(1) < voxels_per_image).any())
-    index = torch.multinomial(flat_valid, voxels_per_image, replacement=replacement)  # (B, n)
+    flat_labels = labels.flatten(1)
+    probability = flat_valid
+    if class_balanced:
+        # each voxel weighs 1 / (valid voxels of its class in its image); labels outside [0, C) count as one class
+        classes = flat_labels.long().clamp_min(0)
+        counts = torch.zeros(classes.shape[0], int(classes.max()) + 1, device=classes.device)
+        counts.scatter_add_(1, classes, flat_valid)
+        probability = flat_valid / torch.gather(counts, 1, classes).clamp_min(1)
+    replacement = bool(((flat_valid > 0).sum(1) < voxels_per_image).any())
+    index = torch.multinomial(probability, voxels_per_image, replacement=replacement)  # (B, n)
     flat_features = features.flatten(2).transpose(1, 2)
     gathered = torch.gather(flat_features, 1, index[..., None].expand(-1, -1, features.shape[1]))
-    return gathered, torch.gather(labels.flatten(1), 1, index), index
+    return gathered, torch.gather(flat_labels, 1, index), index
 
 
 def dual_confidence_weights(seg_probs: torch.Tensor, np_probs: torch.Tensor, rule: str = "agreement",
-                            tau: float = 0.2, np_confidence: str = "max_prob"
+                            tau: float = 0.2, measure: str = "pseudo_label_prob",
+                            pseudo_label: torch.Tensor | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Voxel weights of pseudo supervision from two confidences of different mechanisms.
+    """Voxel weights of pseudo supervision from two confidences of different mechanisms, on one scale.
 
-    ``c_seg = max_c p_seg``; ``c_np = max_c p_np`` (``np_confidence="max_prob"``) or ``1 - H(p_np) / ln C``
-    (``"entropy"``). Rules: ``"product"`` ``c_seg * c_np``; ``"min"`` ``min(c_seg, c_np)``; ``"agreement"``
+    Confidence of each head (``measure``): ``"pseudo_label_prob"`` its probability of the pseudo label, so a head
+    that confidently predicts another class gives a low confidence; ``"max_prob"`` its max probability (blind to
+    class disagreement: (0.05, 0.95) and (0.95, 0.05) are equally confident); ``"entropy"`` 1 - H(p) / ln C (also
+    blind to it). Rules: ``"product"`` ``c_seg * c_np``; ``"min"`` ``min(c_seg, c_np)``; ``"agreement"``
     ``exp(-|c_seg - c_np| / tau) * min(c_seg, c_np)``, which explicitly down-weights voxels where one is confident
     and the other is not.
 
     Args:
         seg_probs, np_probs: (B, C, *spatial).
+        pseudo_label: (B, 1, *spatial) class indices; required for ``"pseudo_label_prob"``.
 
     Returns:
         weights, c_seg, c_np, each (B, 1, *spatial), detached.
     """
     if rule not in DUAL_CONFIDENCE_RULES:
         raise ValueError(f"rule must be one of {DUAL_CONFIDENCE_RULES}, got {rule!r}")
-    if np_confidence not in NP_CONFIDENCE_MEASURES:
-        raise ValueError(f"np_confidence must be one of {NP_CONFIDENCE_MEASURES}, got {np_confidence!r}")
+    if measure not in CONFIDENCE_MEASURES:
+        raise ValueError(f"measure must be one of {CONFIDENCE_MEASURES}, got {measure!r}")
     seg_probs, np_probs = seg_probs.detach().float(), np_probs.detach().float()
-    c_seg = seg_probs.max(1, keepdim=True).values
-    if np_confidence == "max_prob":
-        c_np = np_probs.max(1, keepdim=True).values
+    if measure == "pseudo_label_prob":
+        if pseudo_label is None:
+            raise ValueError('measure "pseudo_label_prob" needs the pseudo_label')
+        c_seg = torch.gather(seg_probs, 1, pseudo_label.long())
+        c_np = torch.gather(np_probs, 1, pseudo_label.long())
+    elif measure == "max_prob":
+        c_seg, c_np = seg_probs.max(1, keepdim=True).values, np_probs.max(1, keepdim=True).values
     else:
-        c_np = 1 - normalized_entropy(np_probs)
+        c_seg, c_np = 1 - normalized_entropy(seg_probs), 1 - normalized_entropy(np_probs)
     if rule == "product":
         weights = c_seg * c_np
     elif rule == "min":

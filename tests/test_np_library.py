@@ -118,19 +118,66 @@ def test_sample_voxels_per_image_draws_valid_voxels_with_gradient():
 
 
 def test_dual_confidence_rules_down_weight_one_sided_confidence():
-    # voxel 0: both confident; voxel 1: segmentation confident, NP not; voxel 2: both unsure
+    # voxel 0: both confident; voxel 1: segmentation confident, NP not; voxel 2: both unsure (pseudo label 0)
     seg = torch.tensor([[0.95, 0.05], [0.95, 0.05], [0.55, 0.45]]).T[None]
     np_ = torch.tensor([[0.9, 0.1], [0.55, 0.45], [0.5, 0.5]]).T[None]
-    product, c_seg, _ = dual_confidence_weights(seg, np_, "product")
+    pseudo = torch.zeros(1, 1, 3, dtype=torch.long)
+    product, c_seg, _ = dual_confidence_weights(seg, np_, "product", pseudo_label=pseudo)
     assert c_seg[0, 0].tolist() == pytest.approx([0.95, 0.95, 0.55])
     assert product[0, 0].tolist() == pytest.approx([0.855, 0.5225, 0.275])
-    minimum, _, _ = dual_confidence_weights(seg, np_, "min")
+    minimum, _, _ = dual_confidence_weights(seg, np_, "min", pseudo_label=pseudo)
     assert minimum[0, 0].tolist() == pytest.approx([0.9, 0.55, 0.5])
-    agreement, _, _ = dual_confidence_weights(seg, np_, "agreement", tau=0.2)
+    agreement, _, _ = dual_confidence_weights(seg, np_, "agreement", tau=0.2, pseudo_label=pseudo)
     assert agreement[0, 0].tolist() == pytest.approx([math.exp(-0.25) * 0.9, math.exp(-2.0) * 0.55,
                                                      math.exp(-0.25) * 0.5])
     assert agreement[0, 0, 1] < agreement[0, 0, 2]  # one-sided confidence ranks below shared doubt
-    _, _, c_np_entropy = dual_confidence_weights(seg, np_, "min", np_confidence="entropy")
-    assert c_np_entropy[0, 0, 2].item() == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="rule must be"):
-        dual_confidence_weights(seg, np_, "mean")
+        dual_confidence_weights(seg, np_, "mean", pseudo_label=pseudo)
+    with pytest.raises(ValueError, match="needs the pseudo_label"):
+        dual_confidence_weights(seg, np_)
+
+
+@pytest.mark.parametrize("rule", ["product", "min", "agreement"])
+def test_confidently_disagreeing_heads_get_a_small_weight_and_agreeing_ones_a_large_one(rule):
+    # the segmentation head says (0.05, 0.95), the NP head (0.95, 0.05); the pseudo label is the NP head's class 0
+    seg = torch.tensor([[0.05, 0.95], [0.95, 0.05]]).T[None]
+    np_ = torch.tensor([[0.95, 0.05], [0.95, 0.05]]).T[None]
+    pseudo = torch.zeros(1, 1, 2, dtype=torch.long)
+    weights, c_seg, c_np = dual_confidence_weights(seg, np_, rule, pseudo_label=pseudo)
+    assert c_seg[0, 0].tolist() == pytest.approx([0.05, 0.95]) and c_np[0, 0].tolist() == pytest.approx([0.95, 0.95])
+    assert weights[0, 0, 0] <= 0.05 and weights[0, 0, 1] >= 0.9
+    # the max-probability measure cannot tell the two voxels apart
+    blind, _, _ = dual_confidence_weights(seg, np_, rule, measure="max_prob")
+    assert blind[0, 0, 0].item() == pytest.approx(blind[0, 0, 1].item())
+    # the entropy measure is applied to both heads: two agreeing heads are on one scale
+    entropy, c_seg_entropy, c_np_entropy = dual_confidence_weights(np_, np_, rule, measure="entropy")
+    torch.testing.assert_close(c_seg_entropy, c_np_entropy)
+
+
+def test_class_balanced_voxel_sampling_gives_a_small_structure_its_share():
+    torch.manual_seed(0)
+    labels = torch.zeros(2, 1, 20, 20, dtype=torch.long)
+    labels[:, 0, :2, :10] = 1  # 20 of 400 voxels
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    features = torch.randn(2, 3, 20, 20)
+    _, uniform, _ = sample_voxels_per_image(features, labels, valid, 20)
+    _, balanced, _ = sample_voxels_per_image(features, labels, valid, 20, class_balanced=True)
+    assert uniform.float().mean() < 0.2
+    assert 0.35 < balanced.float().mean() < 0.65  # about half of the draws are the small class
+
+
+def test_dense_prediction_chunks_over_batch_and_space_and_does_not_depend_on_the_chunk_size():
+    torch.manual_seed(0)
+    head = NeuralProcessHead(feature_dim=4, num_classes=3, latent_dim=8, hidden_dim=16)
+    context, target = _banks(head)
+    features = torch.randn(6, 4, 5, 6, 7)
+    decoded = []
+    handle = head.decoder.register_forward_hook(lambda module, inputs, output: decoded.append(inputs[0].shape))
+    torch.manual_seed(1)
+    small = head.predict_dense(features, context, target, num_samples=2, summary_voxels=50, chunk_voxels=64)
+    handle.remove()
+    torch.manual_seed(1)
+    large = head.predict_dense(features, context, target, num_samples=2, summary_voxels=50, chunk_voxels=10_000)
+    # at most 64 voxels (batch x space) per decoder call, whatever the batch of 6
+    assert max(shape[1] * shape[2] for shape in decoded) <= 64
+    torch.testing.assert_close(small, large)
