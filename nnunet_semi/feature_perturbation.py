@@ -11,10 +11,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from nnunet_semi.masks import normalized_entropy
+from nnunet_semi.masks import normalized_entropy, top2_margin
 
 ATTENTION_KINDS = ("spatial", "channel")
 KEY_KINDS = ("features", "prototypes")
+UPDATE_SCALES = ("feature_norm", "none")
 
 
 def encoder_and_decoder(network: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -50,10 +51,10 @@ def dropout_skips(skips: Sequence[torch.Tensor], p: float) -> list[torch.Tensor]
 def ambiguous_positions(entropy: torch.Tensor, shape: Sequence[int], fraction: float,
                         min_entropy: float = 0.0) -> torch.Tensor:
     """The most ambiguous positions of a feature grid: per sample the ``fraction`` of positions with the highest
-    mean entropy of the voxels they cover, among those above ``min_entropy``.
+    mean uncertainty of the voxels they cover, among those above ``min_entropy``.
 
     Args:
-        entropy: voxel entropy (B, 1, *spatial), e.g. ``masks.normalized_entropy`` of the weak-view prediction.
+        entropy: voxel uncertainty (B, 1, *spatial), e.g. ``prediction_uncertainty`` of the weak-view prediction.
         shape: spatial shape of the feature grid (e.g. the bottleneck).
         fraction: in [0, 1].
         min_entropy: positions at or below this are never ambiguous.
@@ -74,7 +75,9 @@ def ambiguous_positions(entropy: torch.Tensor, shape: Sequence[int], fraction: f
 
 def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked average pooling of features per class, labels resized (nearest) to the feature grid.
+    """Masked average pooling of features per class, with soft masks: the one-hot labels average-pooled to the
+    feature grid (the fraction of each cell's voxels in each class), so a structure smaller than a cell or off the
+    cell centres still gets a prototype (nearest-neighbour label downsampling can miss it entirely).
 
     Args:
         features: (B, C, *grid) features of labeled images.
@@ -84,11 +87,11 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     Returns:
         (num_classes, C) prototypes (zero where absent) and (num_classes,) bool, which classes are present.
     """
-    grid_labels = torch.nn.functional.interpolate(labels.float(), size=features.shape[2:], mode="nearest").long()
-    onehot = torch.stack([(grid_labels[:, 0] == c) for c in range(num_classes)], 1).to(features.dtype)
-    counts = onehot.flatten(2).sum((0, 2))
-    sums = torch.einsum("bkn,bcn->kc", onehot.flatten(2), features.flatten(2))
-    return sums / counts.clamp_min(1.0)[:, None], counts > 0
+    onehot = torch.stack([(labels[:, 0] == c) for c in range(num_classes)], 1).to(features.dtype)
+    soft = _adaptive_avg_pool(onehot, features.shape[2:])  # (B, K, *grid), class fractions per cell
+    mass = soft.flatten(2).sum((0, 2))
+    sums = torch.einsum("bkn,bcn->kc", soft.flatten(2), features.flatten(2))
+    return sums / mass.clamp_min(1e-6)[:, None], mass > 0
 
 
 class CrossImageRefinement(nn.Module):
@@ -99,23 +102,35 @@ class CrossImageRefinement(nn.Module):
         channels: C of the features (the bottleneck's ``features_per_stage[-1]``).
         attention: ``"spatial"`` (tokens are positions: each unlabeled position attends to every labeled position
             of the batch, or to the class prototypes) or ``"channel"`` (each unlabeled sample's channels attend to the
-            channels of a labeled partner, C x C affinity over positions; cheaper on large grids).
+            channels of a labeled partner, C x C affinity over positions; cheaper on large grids, but the affinity
+            pairs grid position n of one patient with position n of another, which have no anatomical
+            correspondence: an ablation, not a recommended setting).
         keys: ``"features"`` (labeled feature tokens) or ``"prototypes"`` (per-class masked averages of the labeled
             features, more stable with 1-2 labeled samples; spatial attention only).
         num_heads: attention heads (spatial); must divide ``channels``.
         gamma: initial residual scale (learned).
+        update_scale: ``"feature_norm"``: each position's attention update is rescaled to the norm of the feature it
+            updates, so ``gamma`` is the relative size of the perturbation (at initialisation the attention is near
+            uniform and its raw update, about the mean labeled token, is tiny: the stream would perturb nothing, and
+            gamma's gradient, proportional to that update, would barely move it). ``"none"``: the raw update.
+
+    ``last_update_ratio`` holds the mean ||F_u' - F_u|| / ||F_u|| over the refined positions of the last forward
+    (detached; NaN when nothing was refined), for logging.
     """
 
     def __init__(self, channels: int, attention: str = "spatial", keys: str = "features", num_heads: int = 1,
-                 gamma: float = 0.1):
+                 gamma: float = 0.1, update_scale: str = "feature_norm"):
         super().__init__()
         if attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
         if keys not in KEY_KINDS:
             raise ValueError(f"keys must be one of {KEY_KINDS}, got {keys!r}")
+        if update_scale not in UPDATE_SCALES:
+            raise ValueError(f"update_scale must be one of {UPDATE_SCALES}, got {update_scale!r}")
         if attention == "channel" and keys == "prototypes":
             raise ValueError("channel attention needs labeled feature maps as keys, not prototypes")
-        self.attention, self.keys = attention, keys
+        self.attention, self.keys, self.update_scale = attention, keys, update_scale
+        self.last_update_ratio = float("nan")
         self.norm = nn.LayerNorm(channels)
         if attention == "spatial":
             self.attend = nn.MultiheadAttention(channels, num_heads, batch_first=True)
@@ -153,15 +168,36 @@ class CrossImageRefinement(nn.Module):
             affinity = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(q.shape[1]), -1)  # (B_u, C, C)
             update = (affinity @ v.transpose(1, 2)).transpose(1, 2)  # (B_u, N, C)
         update = update.transpose(1, 2).reshape(unlabeled.shape)
-        return torch.where(ambiguous, unlabeled + self.gamma * update, unlabeled)
+        feature_norm = unlabeled.norm(dim=1, keepdim=True)
+        if self.update_scale == "feature_norm":
+            update = update * (feature_norm / update.norm(dim=1, keepdim=True).clamp_min(1e-6))
+        step = self.gamma * update
+        with torch.no_grad():
+            ratio = step.norm(dim=1, keepdim=True) / feature_norm.clamp_min(1e-6)
+            self.last_update_ratio = float(ratio[ambiguous].mean()) if ambiguous.any() else float("nan")
+        return torch.where(ambiguous, unlabeled + step, unlabeled)
+
+
+UNCERTAINTY_MEASURES = ("margin", "entropy")
+
+
+def prediction_uncertainty(probs: torch.Tensor, measure: str = "margin") -> torch.Tensor:
+    """Voxel uncertainty in [0, 1], (B, C, *spatial) -> (B, 1, *spatial): ``"margin"``: 1 - (p_(1) - p_(2)), the same
+    for any number of classes (a tie between two classes is 1); ``"entropy"``: H(p) / ln C, which depends on C (a
+    tie between two of four classes is 0.5)."""
+    if measure == "margin":
+        return 1 - top2_margin(probs)
+    if measure == "entropy":
+        return normalized_entropy(probs)
+    raise ValueError(f"measure must be one of {UNCERTAINTY_MEASURES}, got {measure!r}")
 
 
 class FusedPseudoLabel(NamedTuple):
-    """Entropy-weighted fusion of K predictions.
+    """Uncertainty-weighted fusion of K predictions.
 
     probs: (B, C, *spatial) fused probabilities; labels: (B, 1, *spatial) their argmax; voxel_weight:
-    (B, 1, *spatial) 1 - normalised entropy of the fused probabilities; source_weights: (K, B, 1, *spatial), summing
-    to 1 over K.
+    (B, 1, *spatial) 1 - uncertainty of the fused probabilities; source_weights: (K, B, 1, *spatial), summing to 1
+    over K.
     """
 
     probs: torch.Tensor
@@ -171,21 +207,25 @@ class FusedPseudoLabel(NamedTuple):
 
 
 @torch.no_grad()
-def entropy_weighted_fusion(probs: Sequence[torch.Tensor], temperature: float = 0.5) -> FusedPseudoLabel:
+def uncertainty_weighted_fusion(probs: Sequence[torch.Tensor], temperature: float = 0.5,
+                                measure: str = "margin") -> FusedPseudoLabel:
     """Fuse predictions by their certainty instead of thresholding them: per voxel and source k,
-    ``alpha_k = softmax_k(-H(p_k) / (ln C * T))``, ``p = sum_k alpha_k p_k``, weight ``1 - H(p) / ln C``.
+    ``alpha_k = softmax_k(-u(p_k) / T)``, ``p = sum_k alpha_k p_k``, weight ``1 - u(p)``, with ``u`` the
+    ``prediction_uncertainty`` (default the top-2 margin's complement, so weights mean the same for any C).
 
     Args:
         probs: K probability maps (B, C, *spatial) (detached here).
         temperature: T > 0; small T follows the most certain source, large T averages.
+        measure: see ``prediction_uncertainty``.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     stacked = torch.stack([p.detach().float() for p in probs])  # (K, B, C, *spatial)
-    uncertainty = torch.stack([normalized_entropy(p) for p in stacked])  # (K, B, 1, *spatial)
+    uncertainty = torch.stack([prediction_uncertainty(p, measure) for p in stacked])  # (K, B, 1, *spatial)
     source_weights = torch.softmax(-uncertainty / temperature, 0)
     fused = (source_weights * stacked).sum(0)
-    return FusedPseudoLabel(fused, fused.argmax(1, keepdim=True), 1 - normalized_entropy(fused), source_weights)
+    return FusedPseudoLabel(fused, fused.argmax(1, keepdim=True), 1 - prediction_uncertainty(fused, measure),
+                            source_weights)
 
 
 def _adaptive_avg_pool(values: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

@@ -202,7 +202,11 @@ def cosine_consistency_loss(probs_a: torch.Tensor, probs_b: torch.Tensor) -> tor
     return (1 - torch.nn.functional.cosine_similarity(probs_a.float(), probs_b.float(), dim=1)).mean()
 
 
-def weighted_ce_dice_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+WEIGHT_NORMALIZATIONS = ("weights", "voxels")
+
+
+def weighted_ce_dice_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+                          normalization: str = "weights") -> torch.Tensor:
     """Voxel-weighted CE plus voxel-weighted soft Dice against hard pseudo labels (weights replace a confidence
     threshold).
 
@@ -210,11 +214,21 @@ def weighted_ce_dice_loss(logits: torch.Tensor, labels: torch.Tensor, weight: to
         logits: (B, C, *spatial), receive gradient.
         labels: (B, 1, *spatial) hard pseudo labels.
         weight: (B, 1, *spatial) voxel weights in [0, 1] (detached here).
+        normalization: ``"weights"``: ``sum(w * CE) / sum(w)`` + the soft Dice weighted by ``w / mean(w)``, so the
+            weights only rank voxels within the batch and scaling them all leaves the loss unchanged. ``"voxels"``:
+            ``sum(w * CE) / N`` + ``mean(w)`` times that Dice, so a batch whose voxels are all uncertain trains
+            weakly (a confidence threshold's masked mean over all voxels, made soft).
 
     Returns:
-        Scalar: sum(w * CE) / sum(w) + weighted soft Dice loss (all classes, smooth 1).
+        Scalar.
     """
+    if normalization not in WEIGHT_NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {WEIGHT_NORMALIZATIONS}, got {normalization!r}")
     weight = weight.detach().float()
-    ce = weighted_mean(voxel_cross_entropy(logits, labels.detach()), weight)
-    dice = masked_soft_dice_loss(torch.softmax(logits.float(), 1), labels.detach(), weight)
-    return ce + dice
+    ce_map = voxel_cross_entropy(logits, labels.detach())
+    # the Dice sees weights of mean 1, so that its smoothing stays in units of voxels whatever the weights' scale
+    relative = weight / weight.mean().clamp_min(1e-6)
+    dice = masked_soft_dice_loss(torch.softmax(logits.float(), 1), labels.detach(), relative)
+    if normalization == "weights":
+        return weighted_mean(ce_map, weight) + dice
+    return (ce_map * weight).mean() + weight.mean() * dice

@@ -24,6 +24,14 @@ def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
     return entropy / math.log(probs.shape[1])
 
 
+def top2_margin(probs: torch.Tensor) -> torch.Tensor:
+    """p_(1) - p_(2), the gap between the two largest class probabilities: (B, C, *spatial) -> (B, 1, *spatial) in
+    [0, 1]. A 50/50 tie between two classes is 0 and a one-hot prediction 1, whatever the number of classes C
+    (unlike 1 - H(p) / ln C, which gives such a tie 0 for two classes and 0.5 for four)."""
+    top2 = probs.float().topk(2, dim=1).values
+    return top2[:, :1] - top2[:, 1:2]
+
+
 def ambiguity_mask(probs: torch.Tensor, tau: float = 0.425, measure: str = "margin") -> torch.Tensor:
     """Voxels whose prediction is ambiguous, (B, 1, *spatial) bool.
 
@@ -40,8 +48,7 @@ def ambiguity_mask(probs: torch.Tensor, tau: float = 0.425, measure: str = "marg
     if not 0.0 < tau < 0.5:
         raise ValueError(f"tau must be in (0, 0.5), got {tau}")
     if measure == "margin":
-        top2 = probs.float().topk(2, dim=1).values
-        return (top2[:, :1] - top2[:, 1:2]) < 1 - 2 * tau
+        return top2_margin(probs) < 1 - 2 * tau
     if measure == "entropy":
         return normalized_entropy(probs) > binary_entropy(tau, base=2)
     if measure == "max_prob":

@@ -46,3 +46,44 @@ def clipped_gaussian_noise(x: torch.Tensor, std: float = 0.1, clip: float = 0.2,
     """
     noise = (std * torch.randn(x.shape, generator=generator, dtype=torch.float32, device=x.device)).clamp_(-clip, clip)
     return x + noise.to(x.dtype)
+
+
+def cutmix_boxes(batch_size: int, spatial_shape, probability: float = 0.5, fraction: float = 0.5,
+                 device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random CutMix boxes, one per sample: with ``probability`` a box of ``fraction`` of the patch along every axis at
+    a uniform random position, else none (UniMatch draws its 2D box with p = 0.5).
+
+    Args:
+        batch_size: B.
+        spatial_shape: the patch's spatial shape (2 or 3 entries).
+        probability: chance that a sample gets a box.
+        fraction: box side over patch side, per axis.
+        generator: source of randomness (a CPU generator; None: torch's global one).
+
+    Returns:
+        (B, 1, *spatial_shape) bool, True inside each sample's box.
+    """
+    if not 0.0 <= probability <= 1.0 or not 0.0 < fraction <= 1.0:
+        raise ValueError(f"probability must be in [0, 1] and fraction in (0, 1], got {probability}, {fraction}")
+    boxes = torch.zeros(batch_size, 1, *spatial_shape, dtype=torch.bool)
+    for b in range(batch_size):
+        if float(torch.rand(1, generator=generator)) >= probability:
+            continue
+        region = [slice(None), slice(None)]
+        for size in spatial_shape:
+            side = max(1, round(fraction * size))
+            start = int(torch.randint(0, size - side + 1, (1,), generator=generator))
+            region.append(slice(start, start + side))
+        boxes[b][tuple(region[1:])] = True
+    return boxes.to(device)
+
+
+def paste_from_partners(values: torch.Tensor, boxes: torch.Tensor, partners: torch.Tensor) -> torch.Tensor:
+    """``values`` with each sample's box taken from sample ``partners[b]`` of the same batch (CutMix).
+
+    Args:
+        values: (B, C, *spatial) images, labels or weights.
+        boxes: (B, 1, *spatial) bool.
+        partners: (B,) indices into the batch.
+    """
+    return torch.where(boxes, values[partners.to(values.device)], values)

@@ -106,29 +106,26 @@ def gather_voxels(features: torch.Tensor, labels: torch.Tensor, mask: torch.Tens
     return flat_features[index], flat_labels[index]
 
 
-class DecoderFeatures:
-    """Captures the full-resolution decoder features of an nnU-Net network (input of its last segmentation layer).
+class ModuleOutputs:
+    """Records the output of one submodule of a network during a forward.
 
-    ``capture = DecoderFeatures(network)`` once, then per forward ``with capture: network(x)``, after which
-    ``capture.features`` is (B, F, *spatial), with F = ``features_per_stage[0]``, whether deep supervision is on or
-    off. Works for PlainConvUNet and ResidualEncoderUNet (both keep ``decoder.stages``).
-
-    The forward hook stays registered and records only inside ``with``. Trainers attach it before the network's
-    first forward: torch.compile traces the hooks present at its first call and silently skips hooks added later.
-    ``features`` raises a RuntimeError when the last forward inside ``with`` recorded nothing, instead of handing
-    on None; ``take()`` returns them and drops the reference, so that a long-lived capture does not keep a feature
-    map alive into the next step's forward. A deep copy of the network (an EMA teacher) gets an inert copy of the
-    hook.
+    ``capture = ModuleOutputs(module)`` once, then per forward ``with capture: network(x)``, after which
+    ``capture.output`` (or ``take()``) is what ``module`` returned in that forward. The forward hook stays registered
+    and records only inside ``with``. Attach it before the network's first forward: torch.compile traces the hooks
+    present at its first call and silently skips hooks added later. ``output`` raises a RuntimeError when the last
+    forward inside ``with`` recorded nothing, instead of handing on None; ``take()`` returns it and drops the
+    reference, so that a long-lived capture does not keep a feature map alive into the next step's forward. A deep
+    copy of the network (an EMA teacher) gets an inert copy of the hook.
     """
 
-    def __init__(self, network: nn.Module):
-        self.stage = network.decoder.stages[-1]
+    def __init__(self, module: nn.Module):
+        self.module_name = type(module).__name__
         self._active = False
-        self._features: torch.Tensor | None = None
-        self._handle = self.stage.register_forward_hook(self._capture)
+        self._output = None
+        self._handle = module.register_forward_hook(self._capture)
 
-    def __enter__(self) -> "DecoderFeatures":
-        self._features, self._active = None, True
+    def __enter__(self):
+        self._output, self._active = None, True
         return self
 
     def __exit__(self, *exc) -> None:
@@ -136,26 +133,44 @@ class DecoderFeatures:
 
     def _capture(self, module, inputs, output) -> None:
         if self._active:
-            self._features = output
+            self._output = output
 
     @property
-    def features(self) -> torch.Tensor:
-        if self._features is None:
+    def output(self):
+        if self._output is None:
             raise RuntimeError(
-                "no decoder features were recorded in the last forward: the hook on decoder.stages[-1] did not run. "
-                "Attach DecoderFeatures before the network's first forward (torch.compile skips hooks added after "
-                "it), and run the forward inside 'with'.")
-        return self._features
+                f"nothing was recorded from {self.module_name} in the last forward: its hook did not run. Attach the "
+                f"capture before the network's first forward (torch.compile skips hooks added after it), and run "
+                f"the forward inside 'with'.")
+        return self._output
 
-    def take(self) -> torch.Tensor:
-        """``features``, after which the capture holds no reference to them."""
-        features, self._features = self.features, None
-        return features
+    def take(self):
+        """``output``, after which the capture holds no reference to it."""
+        output, self._output = self.output, None
+        return output
 
     def remove(self) -> None:
         self._handle.remove()
 
-    def __deepcopy__(self, memo) -> "DecoderFeatures":
+    def __deepcopy__(self, memo):
         inert = self.__class__.__new__(self.__class__)
-        inert.stage, inert._active, inert._features, inert._handle = None, False, None, None
+        inert.module_name, inert._active, inert._output, inert._handle = self.module_name, False, None, None
         return inert
+
+
+class DecoderFeatures(ModuleOutputs):
+    """Captures the full-resolution decoder features of an nnU-Net network (input of its last segmentation layer).
+
+    ``capture = DecoderFeatures(network)`` once, then per forward ``with capture: network(x)``, after which
+    ``capture.features`` is (B, F, *spatial), with F = ``features_per_stage[0]``, whether deep supervision is on or
+    off. Works for PlainConvUNet and ResidualEncoderUNet (both keep ``decoder.stages``). Recording, ``take()``,
+    compile and deep-copy behaviour: ``ModuleOutputs``.
+    """
+
+    def __init__(self, network: nn.Module):
+        super().__init__(network.decoder.stages[-1])
+        self.module_name = "decoder.stages[-1]"
+
+    @property
+    def features(self) -> torch.Tensor:
+        return self.output

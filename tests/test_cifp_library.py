@@ -16,9 +16,12 @@ from nnunet_semi.feature_perturbation import (
     class_prototypes,
     dropout_skips,
     encoder_and_decoder,
-    entropy_weighted_fusion,
+    prediction_uncertainty,
+    uncertainty_weighted_fusion,
 )
 from nnunet_semi.losses import weighted_ce_dice_loss
+from nnunet_semi.masks import normalized_entropy
+from nnunet_semi.mixing import cutmix_boxes, paste_from_partners
 from nnunet_semi.networks import build_network
 
 from conftest import plain_unet_architecture
@@ -59,7 +62,7 @@ def test_ambiguous_positions_are_the_top_fraction_of_pooled_entropy_per_sample()
     assert not ambiguous_positions(entropy, (2, 2), 0.0).any()
 
 
-def test_class_prototypes_average_features_per_downsampled_label():
+def test_class_prototypes_average_features_per_class_under_pooled_labels():
     features = torch.tensor([[[[1.0, 3.0], [5.0, 7.0]]]])  # (1, 1, 2, 2)
     labels = torch.tensor([[[[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 2], [2, 2, 2, 2]]]])  # (1, 1, 4, 4)
     prototypes, present = class_prototypes(features, labels, num_classes=4)
@@ -91,27 +94,127 @@ def test_cross_image_refinement_rejects_unknown_choices():
         CrossImageRefinement(8, "channel", "prototypes")
 
 
-def test_entropy_weighted_fusion_follows_the_certain_source():
+def test_class_prototypes_find_a_structure_that_nearest_neighbour_downsampling_misses():
+    features = torch.arange(1.0, 5.0).view(1, 1, 2, 2)
+    labels = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+    labels[0, 0, 1:3, 1:3] = 1  # inside the first 4x4 cell, off the pixels nearest-neighbour sampling reads
+    prototypes, present = class_prototypes(features, labels, num_classes=2)
+    assert present.tolist() == [True, True] and prototypes[1, 0].item() == pytest.approx(1.0)
+    labels[0, 0, 3:5, 3:5] = 1  # now also one pixel in each of the four cells
+    prototypes, _ = class_prototypes(features, labels, num_classes=2)
+    assert prototypes[1, 0].item() == pytest.approx((5 * 1 + 2 + 3 + 4) / 8)  # cell pixel counts 5, 1, 1, 1
+
+
+def test_top2_margin_uncertainty_is_the_same_for_any_class_count_and_entropy_is_not():
+    tie_of_two = torch.tensor([0.5, 0.5])[None, :, None]
+    tie_of_two_in_four = torch.tensor([0.5, 0.5, 0.0, 0.0])[None, :, None]
+    for probs in (tie_of_two, tie_of_two_in_four):
+        assert prediction_uncertainty(probs).item() == pytest.approx(1.0)
+    assert prediction_uncertainty(tie_of_two_in_four, "entropy").item() == pytest.approx(0.5)
+    one_hot = torch.tensor([0.0, 1.0, 0.0])[None, :, None]
+    assert prediction_uncertainty(one_hot).item() == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="measure must be one of"):
+        prediction_uncertainty(one_hot, "variance")
+
+
+def test_uncertainty_weighted_fusion_follows_the_certain_source():
     certain = torch.tensor([0.98, 0.02])[None, :, None]  # (1, 2, 1)
     unsure = torch.tensor([0.45, 0.55])[None, :, None]
-    fused = entropy_weighted_fusion([certain, unsure], temperature=0.1)
+    fused = uncertainty_weighted_fusion([certain, unsure], temperature=0.1)
     weights = fused.source_weights[:, 0, 0, 0]
     assert weights.sum().item() == pytest.approx(1.0) and weights[0] > 0.99
     assert fused.labels.item() == 0
-    entropy = -(fused.probs * fused.probs.log()).sum() / math.log(2)
-    assert fused.voxel_weight.item() == pytest.approx(1 - entropy.item(), abs=1e-6)
+    # voxel weight: the fused prediction's top-2 margin
+    assert fused.voxel_weight.item() == pytest.approx((fused.probs[0, 0] - fused.probs[0, 1]).item(), abs=1e-6)
+    entropic = uncertainty_weighted_fusion([certain, unsure], temperature=0.1, measure="entropy")
+    entropy = normalized_entropy(entropic.probs)
+    assert entropic.voxel_weight.item() == pytest.approx(1 - entropy.item(), abs=1e-6)
     # equal certainty: the plain average
-    even = entropy_weighted_fusion([certain, certain.flip(1)], temperature=1.0)
+    even = uncertainty_weighted_fusion([certain, certain.flip(1)], temperature=1.0)
     torch.testing.assert_close(even.probs, torch.full_like(certain, 0.5))
     assert even.voxel_weight.item() == pytest.approx(0.0, abs=1e-6)
+    # a two-class tie among four classes weighs 0, as for two classes
+    tie = torch.tensor([0.5, 0.5, 0.0, 0.0])[None, :, None]
+    assert uncertainty_weighted_fusion([tie]).voxel_weight.item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_weighted_ce_dice_ignores_zero_weight_voxels():
     logits = torch.randn(1, 2, 4, requires_grad=True)
     labels = torch.tensor([[[0, 1, 1, 0]]])
     weight = torch.tensor([[[1.0, 1.0, 0.0, 0.0]]])
-    loss = weighted_ce_dice_loss(logits, labels, weight)
-    loss.backward()
-    assert torch.isfinite(loss) and (logits.grad[0, :, 2:] == 0).all() and logits.grad[0, :, :2].abs().sum() > 0
+    for normalization in ("weights", "voxels"):
+        logits.grad = None
+        loss = weighted_ce_dice_loss(logits, labels, weight, normalization)
+        loss.backward()
+        assert torch.isfinite(loss) and (logits.grad[0, :, 2:] == 0).all() and logits.grad[0, :, :2].abs().sum() > 0
     perfect = torch.tensor([[[9.0, -9.0, -9.0, 9.0], [-9.0, 9.0, 9.0, -9.0]]])
     assert weighted_ce_dice_loss(perfect, labels, torch.ones(1, 1, 4)).item() < 1e-3
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        weighted_ce_dice_loss(logits, labels, weight, "sum")
+
+
+def test_a_uniformly_uncertain_batch_trains_weakly_only_under_voxel_normalization():
+    logits = torch.randn(2, 3, 5, 5)
+    labels = torch.randint(0, 3, (2, 1, 5, 5))
+    weight = torch.rand(2, 1, 5, 5)
+    by_weights = weighted_ce_dice_loss(logits, labels, weight, "weights")
+    assert weighted_ce_dice_loss(logits, labels, 0.01 * weight, "weights").item() == pytest.approx(by_weights.item(),
+                                                                                               rel=1e-4)
+    by_voxels = weighted_ce_dice_loss(logits, labels, weight, "voxels")
+    assert weighted_ce_dice_loss(logits, labels, 0.01 * weight, "voxels").item() == pytest.approx(
+        0.01 * by_voxels.item(), rel=1e-4)
+
+
+def test_cutmix_boxes_and_pasting_from_partners():
+    torch.manual_seed(0)
+    boxes = cutmix_boxes(64, (8, 10, 12), probability=0.5, fraction=0.5)
+    with_box = boxes.flatten(1).any(1)
+    assert 20 < with_box.sum() < 44  # about half of the samples
+    assert (boxes[with_box].flatten(1).sum(1) == 4 * 5 * 6).all()  # half the side along every axis
+    assert not cutmix_boxes(4, (8, 8), probability=0.0).any()
+    values = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 8, 8)
+    box = cutmix_boxes(4, (8, 8), probability=1.0)
+    mixed = paste_from_partners(values, box, torch.tensor([1, 2, 3, 0]))
+    assert (mixed[0][box[0]] == 1).all() and (mixed[0][~box[0]] == 0).all()
+    with pytest.raises(ValueError, match="probability must be in"):
+        cutmix_boxes(2, (8, 8), probability=1.5)
+
+
+def test_feature_norm_scaling_makes_gamma_the_relative_size_of_the_update():
+    torch.manual_seed(0)
+    unlabeled, labeled = torch.randn(2, 16, 3, 3, 3), torch.randn(2, 16, 3, 3, 3)
+    ambiguous = torch.rand(2, 1, 3, 3, 3) > 0.5
+    refine = CrossImageRefinement(16, gamma=0.7)
+    refined = refine(unlabeled, labeled, ambiguous)
+    ratio = (refined - unlabeled).norm(dim=1, keepdim=True) / unlabeled.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(ratio[ambiguous], torch.full_like(ratio[ambiguous], 0.7))
+    assert refine.last_update_ratio == pytest.approx(0.7, abs=1e-5)
+    raw = CrossImageRefinement(16, gamma=0.7, update_scale="none")
+    raw.load_state_dict(refine.state_dict())
+    raw(unlabeled, labeled, ambiguous)
+    assert raw.last_update_ratio < 0.7
+    with pytest.raises(ValueError, match="update_scale must be one of"):
+        CrossImageRefinement(16, update_scale="unit")
+
+
+def test_the_cross_image_stream_flips_a_real_share_of_argmaxes_at_initialisation():
+    torch.manual_seed(0)
+    network = build_network(plain_unet_architecture(3), 1, 2, deep_supervision=False).eval()
+    encoder, decoder = encoder_and_decoder(network)
+    images = torch.nn.functional.avg_pool3d(torch.randn(4, 1, 32, 32, 32), 5, 1, 2) * 5  # smooth, image-like
+    with torch.no_grad():
+        labeled_skips, skips = encoder(images[:2]), encoder(images[2:])
+        plain = decoder(skips).argmax(1)
+        ambiguous = ambiguous_positions(prediction_uncertainty(torch.softmax(decoder(skips), 1)),
+                                        skips[-1].shape[2:], 0.5)
+
+        def flipped(update_scale, gamma):
+            torch.manual_seed(1)
+            refine = CrossImageRefinement(16, gamma=gamma, update_scale=update_scale)
+            refined = refine(skips[-1], labeled_skips[-1], ambiguous)
+            return (decoder(skips[:-1] + [refined]).argmax(1) != plain).float().mean().item()
+
+        default, before = flipped("feature_norm", 1.0), flipped("none", 0.1)
+        dropout = (decoder(dropout_skips(skips, 0.5)).argmax(1) != plain).float().mean().item()
+    # the stream is a perturbation of the size of channel dropout's order, not a rounding error
+    assert default > 0.005 and default > 3 * before and dropout > default / 20

@@ -73,3 +73,73 @@ def test_attention_and_key_variants_train_their_refinement(variant, semi_dataset
 def test_unknown_fusion_source_is_refused(semi_dataset):
     with pytest.raises(ValueError, match="fusion_sources must be a non-empty subset"):
         make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerCIFP, fusion_sources=("weak", "teacher2")))
+
+
+def test_each_input_is_encoded_once_and_perturbed_decodes_compute_only_the_full_resolution_head(semi_dataset):
+    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerCIFP))
+    network = trainer.unwrapped_network()
+    encoded, deep_heads = [], []
+    hooks = [network.encoder.register_forward_hook(lambda m, inputs, out: encoded.append(inputs[0].shape[0])),
+             network.decoder.seg_layers[0].register_forward_hook(lambda *args: deep_heads.append(1))]
+    labeled, unlabeled = next_batches(trainer)
+    trainer.compute_losses(labeled, unlabeled)
+    for hook in hooks:
+        hook.remove()
+    num_labeled, num_unlabeled = labeled["data"].shape[0], unlabeled["data_weak"].shape[0]
+    # labeled + strong in the main forward, the weak view once for both feature streams (the teacher is separate)
+    assert sorted(encoded) == sorted([num_labeled + num_unlabeled, num_unlabeled])
+    assert len(deep_heads) == 1  # deep supervision only in the main forward, for the supervised term
+
+
+def test_stream_losses_are_logged_unweighted_and_weighted_in_the_total(semi_dataset):
+    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerCIFP, strong_weight=0.25))
+    out = trainer.train_step(next(trainer.dataloader_train))
+    expected = out["loss_sup"] + 0.25 * out["loss_strong"] + 0.5 * (out["loss_feature"] + out["loss_cross_image"])
+    assert float(out["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    # gamma and the relative size of the refinement are logged
+    assert out["stat_cross_image_gamma"] == pytest.approx(trainer.refinement_gamma, rel=1e-2)
+    assert out["stat_cross_image_update_ratio"] == pytest.approx(out["stat_cross_image_gamma"], rel=1e-2)
+    assert 0 <= out["stat_cutmix_fraction"] <= 0.125  # boxes of half the side: 1/8 of a 3D patch at most
+
+
+def test_switching_the_cross_image_refinement_off_changes_its_stream_loss(semi_dataset):
+    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerCIFP))
+    labeled, unlabeled = next_batches(trainer)
+
+    def cross_image_loss(gamma):
+        with torch.no_grad():
+            trainer.auxiliary["cross_image"].gamma.fill_(gamma)
+            torch.manual_seed(5)
+            return trainer.compute_losses(labeled, unlabeled)["cross_image"].item()
+
+    assert abs(cross_image_loss(1.0) - cross_image_loss(0.0)) > 1e-3
+
+
+def test_the_strong_stream_learns_the_partners_pseudo_label_inside_its_cutmix_box(semi_dataset, monkeypatch):
+    import nnunet_semi.training.cifp as module
+
+    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerCIFP, cutmix_probability=1.0))
+    targets = []
+    original = module.weighted_ce_dice_loss
+    monkeypatch.setattr(module, "weighted_ce_dice_loss",
+                        lambda logits, labels, weight, norm: targets.append((labels, weight)) or
+                        original(logits, labels, weight, norm))
+    boxes = []
+    original_boxes = module.cutmix_boxes
+    monkeypatch.setattr(module, "cutmix_boxes", lambda *a, **k: boxes.append(original_boxes(*a, **k)) or boxes[-1])
+    trainer.compute_losses(*next_batches(trainer))
+    (strong_labels, strong_weight), (fused_labels, fused_weight) = targets[0], targets[1]
+    box = boxes[0]
+    partners = torch.roll(torch.arange(box.shape[0]), 1)
+    assert box.flatten(1).any(1).all()
+    torch.testing.assert_close(strong_labels[box], fused_labels[partners][box])
+    torch.testing.assert_close(strong_labels[~box], fused_labels[~box])
+    torch.testing.assert_close(strong_weight[box], fused_weight[partners][box])
+
+
+def test_fusing_the_strong_stream_with_cutmix_is_refused(semi_dataset):
+    with pytest.raises(ValueError, match="set cutmix_probability = 0"):
+        make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerCIFP, fusion_sources=("weak", "strong")))
+    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerCIFP, fusion_sources=("weak", "strong"),
+                                                       cutmix_probability=0.0))
+    assert np.isfinite(trainer.train_step(next(trainer.dataloader_train))["loss"])

@@ -279,14 +279,20 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         """
         raise NotImplementedError
 
+    def loss_term_weights(self) -> dict[str, float]:
+        """Fixed weights of terms that ``compute_losses`` returns unweighted (so that they are logged unweighted);
+        a term not named here enters with weight 1 (besides the ramp)."""
+        return {}
+
     def combine_losses(self, terms: dict[str, torch.Tensor], ramp: float) -> torch.Tensor:
         """Supervised terms, plus ``ramp`` times the ramped unsupervised terms, plus ``unsup_weight`` times the
-        others."""
+        others, each also times its ``loss_term_weights`` entry."""
         ramped = self.ramped_unsupervised_terms()
+        fixed = self.loss_term_weights()
 
         def weight(name: str) -> float:
             return 1.0 if name.startswith("sup") else ramp if name in ramped else self.unsup_weight
-        return sum(weight(k) * v for k, v in terms.items())
+        return sum(weight(k) * fixed.get(k, 1.0) * v for k, v in terms.items())
 
     def log_step_statistic(self, name: str, value: torch.Tensor | float) -> None:
         """Record a per-step statistic (averaged per epoch and plotted); names must be in ``statistics``."""
