@@ -74,8 +74,8 @@ def synergy_regions(probs_plain: torch.Tensor, probs_mixed: torch.Tensor, tau: f
         probs_plain: probabilities on the unlabeled image (B, C, *spatial).
         probs_mixed: probabilities on the mixed image, same shape.
         tau, measure: see ``ambiguity_mask``.
-        ambiguity_from_both_views: ambiguous if either view is ambiguous (the paper). False: the plain view only
-            (the released code's behaviour).
+        ambiguity_from_both_views: ambiguous if either view is ambiguous (the paper and the current release).
+            False: the plain view only (the release's first upload, fixed in its commit ebccd19).
     """
     if probs_plain.shape != probs_mixed.shape:
         raise ValueError(f"shape mismatch: {tuple(probs_plain.shape)} vs {tuple(probs_mixed.shape)}")

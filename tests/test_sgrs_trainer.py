@@ -32,17 +32,37 @@ def test_sgrs_step_reports_terms_and_a_full_region_partition(semi_dataset):
     assert trainer.logger.get_value("semi_ambiguous_fraction", step=-1) == pytest.approx(fractions[2])
 
 
-def test_double_ema_variant_applies_two_updates(semi_dataset):
+def test_double_ema_variant_is_the_current_releases_update_with_its_weight_shrink(semi_dataset):
     trainer = make_trainer(semi_dataset, type("TinySGRSDouble", (_Tiny, nnUNetTrainerSGRS_doubleEMA), {}))
+    assert trainer.student_weight_shrink == 2e-4
     trainer.train_step(next(trainer.dataloader_train))
     before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    shrink = 1 - trainer.student_weight_shrink
+    trainer.optimizer.step = lambda *args, **kwargs: None  # isolate the updates after the optimizer step
+    student_before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
     trainer.train_step(next(trainer.dataloader_train))
     student = trainer.network.state_dict()
     m1, m2 = trainer.teacher_momentum, ema_momentum(1, trainer.teacher_momentum)
     for k, v in trainer.teacher.state_dict().items():
         if v.dtype.is_floating_point:
-            once = m1 * before[k] + (1 - m1) * student[k]
+            torch.testing.assert_close(student[k], shrink * student_before[k])  # the student's weights shrink
+            # a fixed-0.99 EMA toward the unshrunk student, then the warm-up EMA toward the shrunk one
+            once = m1 * before[k] + (1 - m1) * student_before[k]
             torch.testing.assert_close(v, m2 * once + (1 - m2) * student[k])
+
+
+def test_release_supervised_weight_halves_the_supervised_term(semi_dataset):
+    from nnunet_semi.training import nnUNetTrainerSGRS_releaseSupervisedWeight
+
+    trainer = make_trainer(semi_dataset, type("TinySGRSRelease", (_Tiny, nnUNetTrainerSGRS), {}))
+    labeled, unlabeled = next_batches(trainer)
+    with torch.no_grad():
+        torch.manual_seed(2)
+        full = trainer.compute_losses(labeled, unlabeled)["sup"]
+        trainer.supervised_weight = nnUNetTrainerSGRS_releaseSupervisedWeight.supervised_weight
+        torch.manual_seed(2)
+        half = trainer.compute_losses(labeled, unlabeled)["sup"]
+    torch.testing.assert_close(half, 0.5 * full)
 
 
 @pytest.mark.parametrize("views", [("plain", "mixed"), ("plain",)])

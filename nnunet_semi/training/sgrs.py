@@ -27,7 +27,8 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
         ambiguity_tau: binary threshold tau (ambiguous: tau < p_bg < 1 - tau), generalised to C classes by
             ``ambiguity_measure`` ("margin": top-2 margin < 1 - 2 tau, flags a two-class tie for any C; "entropy":
             normalised entropy > H_2(tau); "max_prob": max p < 1 - tau; all three are the paper's rule for C = 2).
-        ambiguity_from_both_views: ambiguity from the plain and the mixed prediction (paper) or the plain one only.
+        ambiguity_from_both_views: ambiguity from the plain and the mixed prediction (paper, current release) or the
+            plain one only (the release's first upload).
         ce_on_ambiguous_agree: also apply the hard CE on agreeing ambiguous voxels (released code).
         disagree_label_smoothing: epsilon of the CE on disagree-certain voxels (0.2: targets 0.9/0.1 for 2 classes).
         agree_dice_smooth, disagree_dice_smooth: smoothing of the masked soft Dice per region (1 and 20).
@@ -36,6 +37,9 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
         student_uses_strong_view: student sees nnU-Net's intensity-augmented view of the unlabeled crop instead of
             the plain one (the released code feeds the plain image).
         double_ema: the released code's two EMA updates per step (fixed 0.99 then the warm-up schedule).
+        student_weight_shrink: after the first of those updates the release multiplies the student's float weights
+            by (1 - this) every step (its WeightEMA's "customized weight decay", 0.02 x 0.01 = 2e-4); 0: none.
+        supervised_weight: factor on nnU-Net's supervised loss; the release's ``0.5 * (CE + Dice)`` is 0.5.
         pseudo_label_views: the student views the regional loss supervises: the plain and the mixed unlabeled
             prediction (paper), or one of them (an ablation; the partition always uses both).
     The regional loss uses the full-resolution output only (``unsup_uses_deep_supervision = False``); the supervised
@@ -54,6 +58,8 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
     noise_clip: float = 0.2
     student_uses_strong_view: bool = False
     double_ema: bool = False
+    student_weight_shrink: float = 0.0
+    supervised_weight: float = 1.0
     pseudo_label_views: tuple[str, ...] = ("plain", "mixed")
     unsup_weight = 1.0
     unsup_rampup_iterations = 6000  # the release: 40 x 150 iterations, of 15 000
@@ -107,17 +113,31 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
             self.log_step_statistic(name, mask.float().mean())
         # L_pseudo = 0.5 * (mean of the 2 Dice terms per view + mean of the CE terms, one per view)
         n_views = len(self.pseudo_label_views)
-        return {"sup": self.supervised_loss(take_samples(output, n_l), labeled["target"]),
+        return {"sup": self.supervised_weight * self.supervised_loss(take_samples(output, n_l), labeled["target"]),
                 "pseudo_ce": 0.5 * ce / n_views, "pseudo_dice": 0.5 * dice / (2 * n_views)}
 
     def after_optimizer_step(self) -> None:
         if self.double_ema:  # released: a fixed-0.99 EMA, then the warm-up EMA, every step
             ema_update(self.teacher, self.unwrapped_network(), self.teacher_momentum)
+        if self.student_weight_shrink:  # released: between the two updates
+            with torch.no_grad():
+                for parameter in self.unwrapped_network().parameters():
+                    parameter.mul_(1 - self.student_weight_shrink)
         super().after_optimizer_step()
 
 
 class nnUNetTrainerSGRS_doubleEMA(nnUNetTrainerSGRS):
+    """The current release's teacher update (ortonwang/SGRS-Net at c99025f): a fixed-0.99 EMA, the student's weights
+    shrunk by (1 - 2e-4), then the warm-up EMA, every step."""
+
     double_ema = True
+    student_weight_shrink = 2e-4
+
+
+class nnUNetTrainerSGRS_releaseSupervisedWeight(nnUNetTrainerSGRS):
+    """The release's supervised loss weight, 0.5 * (CE + Dice): half of nnU-Net's loss against the pseudo term."""
+
+    supervised_weight = 0.5
 
 
 class nnUNetTrainerSGRS_ceOnAmbiguousAgree(nnUNetTrainerSGRS):
@@ -125,6 +145,9 @@ class nnUNetTrainerSGRS_ceOnAmbiguousAgree(nnUNetTrainerSGRS):
 
 
 class nnUNetTrainerSGRS_plainViewAmbiguity(nnUNetTrainerSGRS):
+    """Ambiguity from the plain view only: the release's first upload (2be1336), fixed in its commit ebccd19; the
+    current release, like the default here, takes it from both views."""
+
     ambiguity_from_both_views = False
 
 
