@@ -19,6 +19,7 @@ from os.path import isdir, isfile, join
 
 import torch
 
+from nnunet_semi.checkpoints import atomic_torch_save
 from nnunet_semi.ensemble import is_ensemble_state, member_state
 from nnunet_semi.errors import SemiInputError
 
@@ -72,7 +73,7 @@ def export_vanilla(model_folder: str, output_folder: str,
         vanilla = {k: checkpoint[k] for k in _PREDICTOR_KEYS} | {"trainer_name": "nnUNetTrainer"}
         vanilla["network_weights"] = _single_network_weights(checkpoint, networks.get(fold))
         os.makedirs(join(output_folder, fold), exist_ok=True)
-        torch.save(vanilla, join(output_folder, fold, checkpoint_name))
+        atomic_torch_save(vanilla, join(output_folder, fold, checkpoint_name))
         exported.append(join(output_folder, fold, checkpoint_name))
         semi_state = checkpoint.get("semi_state", {})
         provenance[f"{fold}/{checkpoint_name}"] = {

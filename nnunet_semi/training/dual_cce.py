@@ -3,9 +3,6 @@ paper intends: every unsupervised term carries gradient (the released code train
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import torch
 from torch import nn
 
@@ -267,18 +264,12 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
         super().load_semi_state(state)
         self.best_single_network = state.get("best_single_network", "student")
 
-    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
-        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
-            torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
-        if not is_ensemble_state(checkpoint["network_weights"]):
-            return super().load_checkpoint(filename_or_checkpoint)
+    def prepare_loaded_checkpoint(self, checkpoint: dict) -> dict:
         # a final checkpoint deploying the peer or the ensemble: self.network takes network 1's part (the peer comes
-        # from semi_state); nnU-Net's load_checkpoint reads files only, so hand it a converted copy
-        checkpoint = checkpoint | {"network_weights": member_state(checkpoint["network_weights"], "first")}
-        with tempfile.TemporaryDirectory() as folder:
-            converted = os.path.join(folder, "checkpoint.pth")
-            torch.save(checkpoint, converted)
-            super().load_checkpoint(converted)
+        # from semi_state)
+        if not is_ensemble_state(checkpoint["network_weights"]):
+            return checkpoint
+        return checkpoint | {"network_weights": member_state(checkpoint["network_weights"], "first")}
 
 
 class nnUNetTrainerDualCCE_plainCrossPseudo(nnUNetTrainerDualCCE):

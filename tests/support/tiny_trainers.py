@@ -54,3 +54,26 @@ class nnUNetTrainerDualCCETiny(_TinySchedule, nnUNetTrainerDualCCE):
         # pinned, so that the end-to-end test runs the ensemble deployment and exports the better single network, the
         # peer (2 tiny epochs decide nothing)
         return {"student": 0.5, "peer": 0.6, "ensemble": 0.7}
+
+
+class nnUNetTrainerMeanTeacherSlowCheckpoints(nnUNetTrainerMeanTeacher):
+    """The kill test's trainer: 6 epochs of 3 iterations, a checkpoint every epoch, a short visible ramp, and each
+    checkpoint's complete temporary file kept for a second before its rename, so that a kill can land inside the
+    write."""
+
+    epochs = 6
+    iterations_per_epoch = 3
+    val_iterations_per_epoch = 1
+    deploy_selection_epochs = 2
+    unsup_rampup_iterations = 12
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=None):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.save_every = 1
+
+    def write_checkpoint(self, checkpoint, filename):
+        import time
+
+        from nnunet_semi.checkpoints import atomic_torch_save
+
+        atomic_torch_save(checkpoint, filename, before_replace=lambda: time.sleep(1.0))
