@@ -71,3 +71,38 @@ def test_speed_tiny(tmp_path, monkeypatch):
     assert float(rows[0]["step_s_with_loading_ratio"]) == 1.0
     assert (tmp_path / "speed.md").read_text().count("| nnUNetTrainer") == 2
     assert (tmp_path / "speed.png").stat().st_size > 0
+
+
+def _log_span(log_file):
+    """(first, last) timestamp of an nnU-Net training log, in seconds."""
+    from datetime import datetime
+
+    stamps = [datetime.strptime(line[:26], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+              for line in open(log_file) if line[:4].isdigit() and line[26:28] == ": "]
+    return stamps[0], stamps[-1]
+
+
+@pytest.mark.slow
+def test_quality_jobs_trains_runs_side_by_side(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_n_proc_DA", "2")
+    monkeypatch.setenv("nnUNet_def_n_proc", "1")
+    main(["quality", "--tiny", "-o", str(tmp_path), "-tr", "nnUNetTrainerMeanTeacher", "--jobs", "2"])
+    rows = _rows(tmp_path / "results.csv")
+    assert {(r["trainer"], r["num_labeled"]) for r in rows} == {
+        ("nnUNetTrainer", "2"), ("nnUNetTrainerMeanTeacher", "2"), ("nnUNetTrainer", "all")}
+    def training_log(run):  # the log of the start that trained (not of the later look that found it finished)
+        trained = [p for p in (tmp_path / "runs" / run).glob("training_log_*.txt") if "Epoch 0" in p.read_text()]
+        assert len(trained) == 1, trained
+        return trained[0]
+
+    stock, mean_teacher = (training_log(r) for r in ("nnUNetTrainer__bench_2lab_2x4",
+                                                     "nnUNetTrainerMeanTeacher__bench_2lab_2x4"))
+    (a0, a1), (b0, b1) = _log_span(stock), _log_span(mean_teacher)
+    assert a0 < b1 and b0 < a1  # the two runs of 2 labeled trained at the same time
+    assert "Unlabeled cases" in mean_teacher.read_text()
+
+
+def test_quality_refuses_zero_jobs(capsys):
+    with pytest.raises(SystemExit):
+        main(["quality", "--tiny", "-o", "unused", "--jobs", "0"])
+    assert "--jobs 0: give at least 1" in capsys.readouterr().err

@@ -68,6 +68,9 @@ def main(argv=None) -> None:
     quality.add_argument("--num_val", type=int, default=None,
                          help=f"validate on the last K training cases (one fold, 0); --coarse default: "
                               f"{COARSE_NUM_VAL}, or the fold's own split with 0")
+    quality.add_argument("--jobs", type=int, default=1,
+                         help="train the runs of each labeled count as this many processes side by side on the "
+                              "device (data-loading workers and CPU threads split between them); default 1")
     quality.add_argument("--repeats", type=int, default=1,
                          help="train stock nnU-Net this many times (seeds seed, seed+1, ...): its run-to-run spread")
     quality.add_argument("--rampup_iterations", type=int, default=None,
@@ -125,6 +128,8 @@ def run_quality_command(args, dataset, plans: str, trainers: list[str], tiny_raw
     predict_test, checkpoint_every = args.predict_test, None
     if args.repeats < 1:
         raise SemiInputError(f"--repeats {args.repeats}: give at least 1.")
+    if args.jobs < 1:
+        raise SemiInputError(f"--jobs {args.jobs}: give at least 1 (1 trains one run after the other).")
     if args.coarse:
         from nnunet_semi.benchmark.coarse import COARSE_CONFIGURATION, plan_coarse
         from nnunet_semi.dataset_io import labeled_case_ids, load_json, require_env_folder, resolve_dataset_name
@@ -156,5 +161,6 @@ def run_quality_command(args, dataset, plans: str, trainers: list[str], tiny_raw
                           test_labels, args.order, args.seed, num_val=num_val, repeats=args.repeats,
                           rampup_iterations=rampup, predict_test=predict_test, checkpoint_every=checkpoint_every,
                           extra_columns=extra, score_ema_pair=args.score_ema_pair,
-                          run_suffix="" if args.rampup_iterations is None else f"_ramp{args.rampup_iterations}")
+                          run_suffix="" if args.rampup_iterations is None else f"_ramp{args.rampup_iterations}",
+                          jobs=args.jobs)
     print(open(join(args.o, "results.md")).read())

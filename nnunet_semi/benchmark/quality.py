@@ -85,6 +85,37 @@ def _train(trainer_cls: type, plans: dict, configuration: str, fold: int, datase
     return trainer.output_folder
 
 
+def _train_side_by_side(runs: list[tuple[str, tuple]], jobs: int, plans: dict, configuration: str, fold: int,
+                        dataset_json: dict, device: torch.device) -> None:
+    """Train ``runs`` ((trainer name, ``with_schedule`` arguments)) in up to ``jobs`` worker processes at once."""
+    if not runs:
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
+    workers = min(jobs, len(runs))
+    loaders_per_run = get_allowed_n_proc_DA() // workers
+    threads_per_run = max(1, (os.cpu_count() or 1) // workers)
+    print(f"training {len(runs)} run(s), {workers} side by side on {device}: {loaders_per_run} data-loading "
+          f"worker(s) and {threads_per_run} CPU thread(s) each")
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_train_worker, name, schedule, plans, configuration, fold, dataset_json, str(device),
+                               loaders_per_run, threads_per_run) for name, schedule in runs]
+        for future in futures:
+            future.result()  # re-raises a run's error here
+
+
+def _train_worker(name: str, schedule: tuple, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                  device: str, data_loaders: int, threads: int) -> str:
+    """One run in a worker process (the scheduled class is rebuilt here: dynamic classes do not pickle)."""
+    os.environ["nnUNet_n_proc_DA"] = str(data_loaders)
+    torch.set_num_threads(threads)
+    trainer_cls = with_schedule(resolve_trainer(name), *schedule)
+    return _train(trainer_cls, plans, configuration, fold, dataset_json, torch.device(device))
+
+
 def _predict(trainer_cls: type, output_folder: str, plans: dict, configuration: str, dataset_json: dict,
              cases: dict, prediction_folder: str, device: torch.device, weights: dict | None = None) -> None:
     """Predict ``cases`` (id -> (image files, ...)) into ``prediction_folder`` with nnU-Net's predictor, from the
@@ -206,7 +237,7 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                           device: torch.device | None = None, num_val: int | None = None, repeats: int = 1,
                           rampup_iterations: int | None = None, predict_test: bool = False,
                           checkpoint_every: int | None = None, extra_columns: dict | None = None,
-                          score_ema_pair: bool = False, run_suffix: str = "") -> list[dict]:
+                          score_ema_pair: bool = False, run_suffix: str = "", jobs: int = 1) -> list[dict]:
     """Train, predict and score; writes ``results.csv``, ``results.md`` and ``results.png`` into ``out_dir``.
 
     Args:
@@ -229,6 +260,9 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
             deployed (``ema_pair.csv`` and a table in ``results.md``).
         run_suffix: appended to the run names of the semi-supervised trainers (e.g. ``_ramp1500`` for a non-default
             ramp); stock nnU-Net has no ramp, so its runs keep their names and are shared.
+        jobs: runs of one labeled count trained side by side as separate processes on the same device, the
+            data-loading workers (``nnUNet_n_proc_DA``) and CPU threads split between them; prediction and scoring
+            follow one run at a time. 1: one run after the other in this process.
     """
     from nnunet_semi.dataset_io import save_json_atomic
     from nnunet_semi.splits import SPLITS_FILE, full_splits, holdout_split, make_labeled_split
@@ -246,6 +280,8 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
         raise SemiInputError(f"--test_labels {test_labels} is not a folder.")
     if repeats < 1:
         raise SemiInputError(f"--repeats {repeats}: give at least 1.")
+    if jobs < 1:
+        raise SemiInputError(f"--jobs {jobs}: give at least 1 (1 trains one run after the other).")
     if num_val is not None and fold != 0:
         raise SemiInputError(f"-f {fold} with --num_val: the held-out split has one fold, 0.")
     plans, dataset_json = load_plans_and_dataset_json(preprocessed, plans_identifier)
@@ -271,45 +307,53 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
             split = make_labeled_split(dataset_name, int(count), order, seed, num_val=num_val)[fold]
             run_trainers = all_trainers
         cases = _held_out_cases(raw, dataset_json, split, test_labels)
+        runs = []  # (name, repeat, schedule arguments of with_schedule)
         for name in run_trainers:
             for repeat in range(repeats if name == BASELINE_TRAINER else 1):
                 ramp_suffix = run_suffix if hasattr(classes[name], "unsup_rampup_iterations") else ""  # stock: none
                 tag = f"bench_{count}lab_{epochs}x{iterations}{ramp_suffix}" + (f"_r{repeat}" if repeat else "")
-                trainer_cls = with_schedule(classes[name], epochs, iterations, val_iterations, tag,
-                                            rampup_iterations, seed + repeat, checkpoint_every)
-                run_dir = join(out_dir, "runs", trainer_cls.__name__)
-                scores_file, archive = join(run_dir, "scores.csv"), join(run_dir, "test_predictions.tar.gz")
-                if isfile(scores_file) and (not predict_test or isfile(archive)):
-                    print(f"{trainer_cls.__name__}: scored earlier ({scores_file}), skipping")
-                    run_rows = _read_csv(scores_file)
-                    rows += run_rows
-                    if score_ema_pair:
-                        member_rows += _score_ema_pair(trainer_cls, run_rows[0], run_dir, cases, out_dir, plans,
-                                                       configuration, dataset_json, labels, device)
-                    continue
-                output_folder = _train(trainer_cls, plans, configuration, fold, dataset_json, device)
-                predictions = join(out_dir, "predictions", trainer_cls.__name__)
-                _predict(trainer_cls, output_folder, plans, configuration, dataset_json, cases, predictions, device)
-                common = {"trainer": name, "num_labeled": count, "repeat": repeat,
-                          "deployed": _deployed_model(output_folder), "dataset": dataset_name,
-                          "configuration": configuration, "plans": plans_identifier, "fold": fold,
-                          "num_val": len(cases) if test_labels is None else "", "epochs": epochs,
-                          "iterations_per_epoch": iterations,
-                          "rampup_iterations": "" if rampup_iterations is None else rampup_iterations,
-                          "seed": seed + repeat,
-                          "evaluated_on": "imagesTs" if test_labels else f"fold {fold} val",
-                          **(extra_columns or {}), **info}
-                run_rows = _as_written(_score_run(cases, predictions, dataset_json["file_ending"], labels, common))
-                os.makedirs(run_dir, exist_ok=True)
-                _keep_run_record(output_folder, run_dir)
-                if predict_test:
-                    _pack_test_predictions(trainer_cls, output_folder, plans, configuration, dataset_json, raw,
-                                           join(out_dir, "test_predictions", trainer_cls.__name__), archive, device)
-                _write_csv(run_rows, scores_file)  # last: its presence means the run is complete
+                runs.append((name, repeat, (epochs, iterations, val_iterations, tag, rampup_iterations,
+                                            seed + repeat, checkpoint_every)))
+        if jobs > 1:  # this count's split is on disk: train its unscored runs side by side first
+            pending = [(name, schedule) for name, _, schedule in runs
+                       if not isfile(join(out_dir, "runs", with_schedule(classes[name], *schedule).__name__,
+                                          "scores.csv"))]
+            _train_side_by_side(pending, jobs, plans, configuration, fold, dataset_json, device)
+        for name, repeat, schedule in runs:
+            trainer_cls = with_schedule(classes[name], *schedule)
+            run_dir = join(out_dir, "runs", trainer_cls.__name__)
+            scores_file, archive = join(run_dir, "scores.csv"), join(run_dir, "test_predictions.tar.gz")
+            if isfile(scores_file) and (not predict_test or isfile(archive)):
+                print(f"{trainer_cls.__name__}: scored earlier ({scores_file}), skipping")
+                run_rows = _read_csv(scores_file)
                 rows += run_rows
                 if score_ema_pair:
                     member_rows += _score_ema_pair(trainer_cls, run_rows[0], run_dir, cases, out_dir, plans,
                                                    configuration, dataset_json, labels, device)
+                continue
+            output_folder = _train(trainer_cls, plans, configuration, fold, dataset_json, device)
+            predictions = join(out_dir, "predictions", trainer_cls.__name__)
+            _predict(trainer_cls, output_folder, plans, configuration, dataset_json, cases, predictions, device)
+            common = {"trainer": name, "num_labeled": count, "repeat": repeat,
+                      "deployed": _deployed_model(output_folder), "dataset": dataset_name,
+                      "configuration": configuration, "plans": plans_identifier, "fold": fold,
+                      "num_val": len(cases) if test_labels is None else "", "epochs": epochs,
+                      "iterations_per_epoch": iterations,
+                      "rampup_iterations": "" if rampup_iterations is None else rampup_iterations,
+                      "seed": seed + repeat,
+                      "evaluated_on": "imagesTs" if test_labels else f"fold {fold} val",
+                      **(extra_columns or {}), **info}
+            run_rows = _as_written(_score_run(cases, predictions, dataset_json["file_ending"], labels, common))
+            os.makedirs(run_dir, exist_ok=True)
+            _keep_run_record(output_folder, run_dir)
+            if predict_test:
+                _pack_test_predictions(trainer_cls, output_folder, plans, configuration, dataset_json, raw,
+                                       join(out_dir, "test_predictions", trainer_cls.__name__), archive, device)
+            _write_csv(run_rows, scores_file)  # last: its presence means the run is complete
+            rows += run_rows
+            if score_ema_pair:
+                member_rows += _score_ema_pair(trainer_cls, run_rows[0], run_dir, cases, out_dir, plans,
+                                               configuration, dataset_json, labels, device)
     write_results(rows, out_dir, member_rows)
     return rows
 
