@@ -88,10 +88,23 @@ def main(argv=None) -> None:
                          help="--coarse: most voxels in one patch (default %(default)s)")
     quality.add_argument("--coarse_spacing", type=float, nargs="+", default=None,
                          help="--coarse: this target spacing in mm (one value: isotropic) instead of the derived one")
+    report = sub.add_parser("report", help="merge quality result folders of one dataset and split protocol")
+    report.add_argument("folders", nargs="+", help="result folders of nnUNetv2_semi_benchmark quality")
+    report.add_argument("-o", required=True, help="output folder of the merged table and plot")
     speed.add_argument("--steps", type=int, default=None, help="timed steps per trainer (default 20; --tiny: 3)")
     speed.add_argument("--num_labeled", type=int, default=None,
                        help="write a labeled split first (needed when the dataset has no imagesUnlabeled)")
     args = parser.parse_args(argv)
+    if args.command == "report":
+        from nnunet_semi.benchmark.report import merge_results
+
+        try:
+            merge_results(args.folders, args.o)
+        except SemiInputError as e:
+            print(f"nnUNetv2_semi_benchmark: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(open(join(args.o, "results.md")).read())
+        return
     trainers = args.tr or semi_trainers()
     try:
         dataset, plans = args.d, args.p
