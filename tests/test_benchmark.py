@@ -102,7 +102,8 @@ def test_quality_jobs_trains_runs_side_by_side(tmp_path, monkeypatch):
     assert "Unlabeled cases" in mean_teacher.read_text()
 
 
-def test_quality_refuses_zero_jobs(capsys):
+def test_quality_refuses_zero_jobs_before_writing_anything(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["quality", "--tiny", "-o", "unused", "--jobs", "0"])
+        main(["quality", "--tiny", "-o", str(tmp_path / "out"), "--jobs", "0"])
     assert "--jobs 0: give at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

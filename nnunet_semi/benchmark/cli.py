@@ -108,6 +108,9 @@ def main(argv=None) -> None:
     trainers = args.tr or semi_trainers()
     try:
         dataset, plans = args.d, args.p
+        if args.command == "quality" and (args.jobs < 1 or args.repeats < 1):  # before anything is written
+            raise SemiInputError(f"--jobs {args.jobs}: give at least 1 (1 trains one run after the other)."
+                                 if args.jobs < 1 else f"--repeats {args.repeats}: give at least 1.")
         if args.tiny and getattr(args, "coarse", False):
             raise SemiInputError("--tiny and --coarse exclude each other: --coarse plans a dataset given with -d.")
         if args.tiny:
