@@ -183,3 +183,22 @@ def test_sigkill_at_any_moment_then_resume_until_the_run_finishes(planned_datase
         steps = range(epoch * cls.iterations_per_epoch, (epoch + 1) * cls.iterations_per_epoch)
         expected = sum(cls.unsup_weight * sigmoid_rampup(s, cls.unsup_rampup_iterations) for s in steps) / len(steps)
         assert weight == pytest.approx(expected, rel=1e-5), epoch
+
+
+def test_the_benchmark_resumes_a_run_from_its_best_checkpoint_when_latest_is_missing(semi_dataset):
+    import json
+
+    from nnunet_semi.benchmark.quality import _train
+
+    cls = tiny_schedule(nnUNetTrainerMeanTeacher, epochs=2, iterations_per_epoch=1, val_iterations_per_epoch=1)
+    trainer = make_trainer(semi_dataset, cls)
+    trainer.current_epoch = 0  # saved as "1 epoch done"
+    trainer.save_checkpoint(str(Path(trainer.output_folder) / "checkpoint_best.pth"))
+    logs_before = set(Path(trainer.output_folder).glob("training_log_*.txt"))
+    plans = json.loads((semi_dataset.preprocessed_dataset / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((semi_dataset.preprocessed_dataset / "dataset.json").read_text())
+    time.sleep(1.1)  # nnU-Net names its log by the second
+    _train(cls, plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    log = "".join(p.read_text() for p in set(Path(trainer.output_folder).glob("training_log_*.txt")) - logs_before)
+    assert "Epoch 1" in log and "Epoch 0 " not in log  # trained the second epoch only
+    assert read_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))["current_epoch"] == 2

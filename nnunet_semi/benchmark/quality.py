@@ -77,10 +77,11 @@ def _train(trainer_cls: type, plans: dict, configuration: str, fold: int, datase
     if isfile(final):
         print(f"{trainer_cls.__name__}: finished earlier, skipping training")
         return trainer.output_folder
-    latest = join(trainer.output_folder, "checkpoint_latest.pth")
     trainer.initialize()
-    if isfile(latest):
-        trainer.load_checkpoint(latest)
+    for name in ("checkpoint_latest.pth", "checkpoint_best.pth"):  # nnUNetv2_train --c's order after final
+        if isfile(join(trainer.output_folder, name)):
+            trainer.load_checkpoint(join(trainer.output_folder, name))
+            break
     trainer.run_training()
     return trainer.output_folder
 
