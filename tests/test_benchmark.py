@@ -73,6 +73,29 @@ def test_speed_tiny(tmp_path, monkeypatch):
     assert (tmp_path / "speed.png").stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_speed_compute_only(tmp_path, monkeypatch):
+    """--compute_only times only the held-batch steps (the CPU stand-in for a GPU's compute ratio)."""
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
+    main(["speed", "--tiny", "-o", str(tmp_path), "-tr", "nnUNetTrainerMeanTeacher", "--compute_only",
+          "--steps", "2", "--warmup", "0"])
+    rows = _rows(tmp_path / "speed.csv")
+    assert [r["trainer"] for r in rows] == ["nnUNetTrainer", "nnUNetTrainerMeanTeacher"]
+    for r in rows:
+        assert math.isnan(float(r["step_s_with_loading"]))
+        assert float(r["step_s_without_loading"]) > 0 and r["warmup"] == "0" and r["steps"] == "2"
+    md = (tmp_path / "speed.md").read_text()
+    assert md.count("not timed") == 4 and "after 0 warm-up steps" in md
+
+
+def test_speed_refuses_zero_steps(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["speed", "--tiny", "-o", str(tmp_path), "--steps", "0"])
+    assert exit_info.value.code == 2
+    assert "--steps 0" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before the tiny dataset is written
+
+
 def _log_span(log_file):
     """(first, last) timestamp of an nnU-Net training log, in seconds."""
     from datetime import datetime
@@ -90,10 +113,10 @@ def test_quality_jobs_trains_runs_side_by_side(tmp_path, monkeypatch):
     rows = _rows(tmp_path / "results.csv")
     assert {(r["trainer"], r["num_labeled"]) for r in rows} == {
         ("nnUNetTrainer", "2"), ("nnUNetTrainerMeanTeacher", "2"), ("nnUNetTrainer", "all")}
-    def training_log(run):  # the log of the start that trained (not of the later look that found it finished)
-        trained = [p for p in (tmp_path / "runs" / run).glob("training_log_*.txt") if "Epoch 0" in p.read_text()]
-        assert len(trained) == 1, trained
-        return trained[0]
+    def training_log(run):  # one log: finding a finished run later opens no trainer (and no new log file)
+        logs = list((tmp_path / "runs" / run).glob("training_log_*.txt"))
+        assert len(logs) == 1 and "Epoch 0" in logs[0].read_text(), logs
+        return logs[0]
 
     stock, mean_teacher = (training_log(r) for r in ("nnUNetTrainer__bench_2lab_2x4",
                                                      "nnUNetTrainerMeanTeacher__bench_2lab_2x4"))

@@ -147,8 +147,9 @@ def test_coarse_quality_end_to_end(planned_dataset, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_ema_pair_scores_student_and_teacher(semi_dataset, monkeypatch):
-    """--score_ema_pair predicts with both members of a mean-teacher checkpoint: the deployed one reproduces the
-    main scores, and the two members' rows are written and tabulated."""
+    """--score_ema_pair scores both members of a mean-teacher checkpoint: the deployed one from the run's own
+    predictions (not predicted twice), the other predicted with its weights; both members' rows are written and
+    tabulated."""
     from nnunet_semi.benchmark.quality import ema_pair_weights, run_quality_benchmark
 
     monkeypatch.setenv("nnUNet_n_proc_DA", "1")
@@ -161,6 +162,11 @@ def test_ema_pair_scores_student_and_teacher(semi_dataset, monkeypatch):
     deployed = pair[0]["deployed"]
     main_dice = {r["case"]: r["dice"] for r in rows if r["trainer"] == "nnUNetTrainerMeanTeacher"}
     assert {r["case"]: r["dice"] for r in pair if r["scored_model"] == deployed} == main_dice
+    other = "teacher" if deployed == "student" else "student"
+    predicted = {p.name for p in (out / "predictions").iterdir()}
+    assert "nnUNetTrainerMeanTeacher__bench_2lab_2x3__" + other in predicted
+    assert "nnUNetTrainerMeanTeacher__bench_2lab_2x3__" + deployed not in predicted
+    assert {r["case"]: r["dice"] for r in pair if r["scored_model"] == other} != main_dice
     folder = next((semi_dataset.results / "Dataset990_SemiSynthetic").glob("nnUNetTrainerMeanTeacher__*")) / "fold_0"
     weights = ema_pair_weights(str(folder))
     assert set(weights) == {"student", "teacher"}

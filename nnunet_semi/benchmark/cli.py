@@ -91,7 +91,22 @@ def main(argv=None) -> None:
     report = sub.add_parser("report", help="merge quality result folders of one dataset and split protocol")
     report.add_argument("folders", nargs="+", help="result folders of nnUNetv2_semi_benchmark quality")
     report.add_argument("-o", required=True, help="output folder of the merged table and plot")
+    cell = sub.add_parser("cell", help="one named cell of the cell table, start to finish in one command "
+                                       "(scripts/run_cell.sh installs the offline wheels first)")
+    cell.add_argument("name", nargs="?", help="the cell (--list: the table)")
+    cell.add_argument("-o", help="output folder: the results tables and <cell>.tar.gz with everything")
+    cell.add_argument("--deadline", type=float, default=None,
+                      help="seconds from the start by which everything is in -o (default: the cell's; 0: none)")
+    cell.add_argument("--data", default=None, help="the raw dataset folder (default: data/<dataset> in the checkout)")
+    cell.add_argument("--work", default=None, help="work folder (default: $TMPDIR/nnunet_semi_cells/<cell>)")
+    cell.add_argument("--started", type=float, default=None,
+                      help="time.time() when the command began (run_cell.sh passes it: the install counts)")
+    cell.add_argument("--list", action="store_true", help="print the cell table")
     speed.add_argument("--steps", type=int, default=None, help="timed steps per trainer (default 20; --tiny: 3)")
+    speed.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; --tiny: 1)")
+    speed.add_argument("--compute_only", action="store_true",
+                       help="time only the steps without data loading: the compute ratio, half the run (on a CPU the "
+                            "augmentation workers share the cores, so the time with loading says nothing of a GPU)")
     speed.add_argument("--num_labeled", type=int, default=None,
                        help="write a labeled split first (needed when the dataset has no imagesUnlabeled)")
     args = parser.parse_args(argv)
@@ -105,12 +120,19 @@ def main(argv=None) -> None:
             sys.exit(2)
         print(open(join(args.o, "results.md")).read())
         return
+    if args.command == "cell":
+        _cell_command(args)
+        return
     trainers = args.tr or semi_trainers()
     try:
         dataset, plans = args.d, args.p
         if args.command == "quality" and (args.jobs < 1 or args.repeats < 1):  # before anything is written
             raise SemiInputError(f"--jobs {args.jobs}: give at least 1 (1 trains one run after the other)."
                                  if args.jobs < 1 else f"--repeats {args.repeats}: give at least 1.")
+        if args.command == "speed" and ((args.steps is not None and args.steps < 1) or
+                                        (args.warmup is not None and args.warmup < 0)):
+            raise SemiInputError(f"--steps {args.steps} --warmup {args.warmup}: give at least 1 timed step and no "
+                                 f"negative warm-up.")
         if args.tiny and getattr(args, "coarse", False):
             raise SemiInputError("--tiny and --coarse exclude each other: --coarse plans a dataset given with -d.")
         if args.tiny:
@@ -127,8 +149,10 @@ def main(argv=None) -> None:
             num_labeled = 2 if args.tiny else args.num_labeled
             if num_labeled is not None:
                 make_labeled_split(dataset, num_labeled)
-            steps = args.steps or (3 if args.tiny else 20)
-            run_speed_benchmark(dataset, trainers, args.o, args.c, plans, steps=steps, warmup=1 if args.tiny else 3)
+            steps = args.steps if args.steps is not None else (3 if args.tiny else 20)
+            warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+            run_speed_benchmark(dataset, trainers, args.o, args.c, plans, steps=steps, warmup=warmup,
+                                compute_only=args.compute_only)
             print(open(join(args.o, "speed.md")).read())
     except SemiInputError as e:
         print(f"nnUNetv2_semi_benchmark: error: {e}", file=sys.stderr)
@@ -180,3 +204,22 @@ def run_quality_command(args, dataset, plans: str, trainers: list[str], tiny_raw
                           run_suffix="" if args.rampup_iterations is None else f"_ramp{args.rampup_iterations}",
                           jobs=args.jobs)
     print(open(join(args.o, "results.md")).read())
+
+
+def _cell_command(args) -> None:
+    from nnunet_semi.benchmark.cells import cell_table_markdown, run_cell
+
+    if args.list:
+        print(cell_table_markdown())
+        return
+    try:
+        if args.name is None or args.o is None:
+            raise SemiInputError("give a cell name and -o OUT_DIR (--list: the cells).")
+        run_cell(args.name, args.o, args.deadline, args.data, args.work, args.started)
+    except SemiInputError as e:
+        print(f"nnUNetv2_semi_benchmark: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

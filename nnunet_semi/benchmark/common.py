@@ -69,14 +69,17 @@ def device_description(device: torch.device) -> str:
 
 
 def provenance(device: torch.device) -> dict:
-    """Commit, versions, device and time of a benchmark run."""
+    """Commit, versions, device and time of a benchmark run. The commit is git's, else ``$NNUNET_SEMI_COMMIT``
+    (a checkout copied without its .git, e.g. to an offline GPU machine), else "unknown"."""
+    import os
     from importlib.metadata import version
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=dirname(dirname(nnunet_semi.__file__)),
-                                capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+        commit = ""
+    commit = commit or os.environ.get("NNUNET_SEMI_COMMIT") or "unknown"
     return {"commit": commit, "nnunet_semi": nnunet_semi.__version__, "nnunetv2": version("nnunetv2"),
             "torch": torch.__version__, "device": device_description(device),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

@@ -14,10 +14,10 @@ import math
 import os
 import shutil
 import tarfile
+import time
 from os.path import isdir, isfile, join
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from nnunet_semi.benchmark.common import (
@@ -72,11 +72,15 @@ def _held_out_cases(raw: str, dataset_json: dict, split: dict, test_labels: str 
 def _train(trainer_cls: type, plans: dict, configuration: str, fold: int, dataset_json: dict,
            device: torch.device) -> str:
     """Train (or resume, or skip when finished); returns the fold's output folder."""
-    trainer = trainer_cls(plans | {"continue_training": True}, configuration, fold, dataset_json, device=device)
-    final = join(trainer.output_folder, "checkpoint_final.pth")
-    if isfile(final):
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    # nnU-Net's folder rule, so that a finished run is skipped without a trainer (which opens a new log file)
+    output_folder = get_output_folder(plans["dataset_name"], trainer_cls.__name__, plans["plans_name"], configuration,
+                                      fold)
+    if isfile(join(output_folder, "checkpoint_final.pth")):
         print(f"{trainer_cls.__name__}: finished earlier, skipping training")
-        return trainer.output_folder
+        return output_folder
+    trainer = trainer_cls(plans | {"continue_training": True}, configuration, fold, dataset_json, device=device)
     trainer.initialize()
     for name in ("checkpoint_latest.pth", "checkpoint_best.pth"):  # nnUNetv2_train --c's order after final
         if isfile(join(trainer.output_folder, name)):
@@ -87,12 +91,17 @@ def _train(trainer_cls: type, plans: dict, configuration: str, fold: int, datase
 
 
 def _train_side_by_side(runs: list[tuple[str, tuple]], jobs: int, plans: dict, configuration: str, fold: int,
-                        dataset_json: dict, device: torch.device) -> None:
-    """Train ``runs`` ((trainer name, ``with_schedule`` arguments)) in up to ``jobs`` worker processes at once."""
+                        dataset_json: dict, device: torch.device, stop_at: float | None = None) -> list[str]:
+    """Train ``runs`` ((trainer name, ``with_schedule`` arguments)) in up to ``jobs`` worker processes at once.
+
+    Each worker leads a process group of its own (its data-loading workers inside), so that a run stopped at
+    ``stop_at`` (a ``time.time()`` value) is killed whole; its last checkpoint is complete (every write is atomic),
+    so the run resumes later. Returns the run names stopped or never started by then; a failed run raises after
+    the others have finished."""
     if not runs:
-        return
+        return []
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing.connection import wait
 
     from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
@@ -100,17 +109,56 @@ def _train_side_by_side(runs: list[tuple[str, tuple]], jobs: int, plans: dict, c
     loaders_per_run = get_allowed_n_proc_DA() // workers
     threads_per_run = max(1, (os.cpu_count() or 1) // workers)
     print(f"training {len(runs)} run(s), {workers} side by side on {device}: {loaders_per_run} data-loading "
-          f"worker(s) and {threads_per_run} CPU thread(s) each")
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_train_worker, name, schedule, plans, configuration, fold, dataset_json, str(device),
-                               loaders_per_run, threads_per_run) for name, schedule in runs]
-        for future in futures:
-            future.result()  # re-raises a run's error here
+          f"worker(s) and {threads_per_run} CPU thread(s) each"
+          + ("" if stop_at is None else f"; stopping at {time.strftime('%H:%M:%S', time.localtime(stop_at))}"))
+    context = multiprocessing.get_context("spawn")
+    pending, active, failed = list(runs), {}, []
+    try:
+        while pending or active:
+            while pending and len(active) < workers:
+                name, schedule = pending.pop(0)
+                process = context.Process(target=_train_worker, name=_run_name(name, schedule), args=(
+                    name, schedule, plans, configuration, fold, dataset_json, str(device), loaders_per_run,
+                    threads_per_run))
+                process.start()
+                active[process.sentinel] = process
+            timeout = None if stop_at is None else max(0.0, stop_at - time.time())
+            for sentinel in wait(list(active), timeout):
+                process = active.pop(sentinel)
+                process.join()
+                if process.exitcode != 0:
+                    failed.append(f"{process.name} (exit code {process.exitcode})")
+            if stop_at is not None and time.time() >= stop_at:
+                stopped = [p.name for p in active.values()] + [_run_name(n, s) for n, s in pending]
+                print(f"deadline: stopped {', '.join(stopped) or 'nothing'} (each resumes from its last checkpoint)")
+                return stopped
+    finally:
+        for process in active.values():  # the deadline, an error or Ctrl-C: no run outlives this call
+            _kill_process_group(process)
+    if failed:
+        raise RuntimeError(f"training failed: {', '.join(failed)}; its traceback is above, its log in the run's "
+                           f"nnUNet_results folder.")
+    return []
+
+
+def _run_name(name: str, schedule: tuple) -> str:
+    return with_schedule(resolve_trainer(name), *schedule).__name__
+
+
+def _kill_process_group(process) -> None:
+    import signal
+
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        process.kill()
+    process.join()
 
 
 def _train_worker(name: str, schedule: tuple, plans: dict, configuration: str, fold: int, dataset_json: dict,
                   device: str, data_loaders: int, threads: int) -> str:
     """One run in a worker process (the scheduled class is rebuilt here: dynamic classes do not pickle)."""
+    os.setpgrp()  # its own process group: a deadline kills the run with its data-loading workers
     os.environ["nnUNet_n_proc_DA"] = str(data_loaders)
     torch.set_num_threads(threads)
     trainer_cls = with_schedule(resolve_trainer(name), *schedule)
@@ -165,13 +213,20 @@ def ema_pair_weights(output_folder: str) -> dict[str, dict]:
     return {deployed: checkpoint["network_weights"], other: weights} if weights else {}
 
 
-def _score_run(cases: dict, prediction_folder: str, file_ending: str, labels: list[int], common: dict) -> list[dict]:
-    rows = []
+def _score_run(cases: dict, prediction_folder: str, dataset_json: dict, labels: list[int], common: dict) -> list[dict]:
+    """Rows of per-case, per-class metrics; images read with the dataset's own nnU-Net reader (e.g. NibabelIO where
+    SimpleITK is missing), whose spacing follows its array axes."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    rows, reader = [], None
     for case, (_, label_file) in cases.items():
-        reference_image = sitk.ReadImage(label_file)
-        reference = sitk.GetArrayFromImage(reference_image)
-        prediction = sitk.GetArrayFromImage(sitk.ReadImage(join(prediction_folder, case + file_ending)))
-        spacing = tuple(reference_image.GetSpacing())[::-1]
+        reader = reader or determine_reader_writer_from_dataset_json(dataset_json, label_file, verbose=False)()
+        reference, properties = reader.read_seg(label_file)
+        prediction, _ = reader.read_seg(join(prediction_folder, case + dataset_json["file_ending"]))
+        # (1, *spatial) -> spatial; a 2D image's added axis of size 1 is dropped, as medpy's surfaces need
+        axes = [i for i, n in enumerate(reference.shape[1:]) if n > 1]
+        reference, prediction = reference[0].squeeze(), prediction[0].squeeze()
+        spacing = tuple(float(properties["spacing"][i]) for i in axes)
         for label in labels:
             rows.append({"trainer": common["trainer"], "num_labeled": common["num_labeled"], "case": case,
                          "class": label, **case_metrics(prediction, reference, spacing, label), **common})
@@ -199,19 +254,40 @@ def _as_written(rows: list[dict]) -> list[dict]:
     return [{k: "" if v is None else str(v) for k, v in r.items()} for r in rows]
 
 
+def _copy_logs(output_folder: str, destination: str) -> None:
+    """The run's training logs, progress plots and debug.json (small)."""
+    for name in sorted(os.listdir(output_folder)):
+        if name.startswith("training_log") or name in ("progress.png", "progress_semi.png", "debug.json"):
+            shutil.copy2(join(output_folder, name), join(destination, name))
+
+
 def _keep_run_record(output_folder: str, run_dir: str) -> None:
     """Copy the run's training logs and progress plots (small) next to its scores, and write ``curves.csv``: every
     per-epoch value nnU-Net's logger kept (losses, pseudo Dice, learning rate, the semi-supervised terms and
     statistics), one row per epoch, from the final checkpoint."""
-    for name in sorted(os.listdir(output_folder)):
-        if name.startswith("training_log") or name in ("progress.png", "progress_semi.png", "debug.json"):
-            shutil.copy2(join(output_folder, name), join(run_dir, name))
+    _copy_logs(output_folder, run_dir)
     logged = torch.load(join(output_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False,
                         mmap=True)["logging"]
     scalars = {k: v for k, v in logged.items() if v and all(np.isscalar(x) for x in v)}
     epochs = min(len(v) for v in scalars.values())
     _write_csv([{"epoch": e} | {k: float(v[e]) for k, v in scalars.items()} for e in range(epochs)],
                join(run_dir, "curves.csv"))
+
+
+def _keep_unfinished_record(trainer_cls: type, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                            out_dir: str) -> None:
+    """A run stopped by the deadline: its training logs and progress plots so far, in ``unfinished/<run>/``."""
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(plans)
+    output_folder = get_output_folder(plans_manager.dataset_name, trainer_cls.__name__, plans_manager.plans_name,
+                                      configuration, fold)
+    record = join(out_dir, "unfinished", trainer_cls.__name__)
+    os.makedirs(record, exist_ok=True)
+    if isdir(output_folder):
+        _copy_logs(output_folder, record)
+    print(f"{trainer_cls.__name__}: unfinished; its logs so far are in {record}")
 
 
 def _pack_test_predictions(trainer_cls: type, output_folder: str, plans: dict, configuration: str,
@@ -238,7 +314,9 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                           device: torch.device | None = None, num_val: int | None = None, repeats: int = 1,
                           rampup_iterations: int | None = None, predict_test: bool = False,
                           checkpoint_every: int | None = None, extra_columns: dict | None = None,
-                          score_ema_pair: bool = False, run_suffix: str = "", jobs: int = 1) -> list[dict]:
+                          score_ema_pair: bool = False, run_suffix: str = "", jobs: int = 1,
+                          stop_training_at: float | None = None, stop_at: float | None = None,
+                          on_results_written=None) -> list[dict]:
     """Train, predict and score; writes ``results.csv``, ``results.md`` and ``results.png`` into ``out_dir``.
 
     Args:
@@ -264,6 +342,11 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
         jobs: runs of one labeled count trained side by side as separate processes on the same device, the
             data-loading workers (``nnUNet_n_proc_DA``) and CPU threads split between them; prediction and scoring
             follow one run at a time. 1: one run after the other in this process.
+        stop_training_at: a ``time.time()`` value; runs still training then are killed (in worker processes, also
+            with ``jobs`` 1) and left to resume, their logs so far copied to ``unfinished/<run>/``.
+        stop_at: no prediction or scoring is started after this time.
+        on_results_written: called with no arguments each time the results files have been rewritten (after every
+            scored run), e.g. to copy them off the machine.
     """
     from nnunet_semi.dataset_io import save_json_atomic
     from nnunet_semi.splits import SPLITS_FILE, full_splits, holdout_split, make_labeled_split
@@ -315,15 +398,20 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                 tag = f"bench_{count}lab_{epochs}x{iterations}{ramp_suffix}" + (f"_r{repeat}" if repeat else "")
                 runs.append((name, repeat, (epochs, iterations, val_iterations, tag, rampup_iterations,
                                             seed + repeat, checkpoint_every)))
-        if jobs > 1:  # this count's split is on disk: train its unscored runs side by side first
+        stopped = []
+        if jobs > 1 or stop_training_at is not None:  # this count's split is on disk: train its runs first
             pending = [(name, schedule) for name, _, schedule in runs
                        if not isfile(join(out_dir, "runs", with_schedule(classes[name], *schedule).__name__,
                                           "scores.csv"))]
-            _train_side_by_side(pending, jobs, plans, configuration, fold, dataset_json, device)
+            stopped = _train_side_by_side(pending, jobs, plans, configuration, fold, dataset_json, device,
+                                          stop_training_at)
         for name, repeat, schedule in runs:
             trainer_cls = with_schedule(classes[name], *schedule)
             run_dir = join(out_dir, "runs", trainer_cls.__name__)
             scores_file, archive = join(run_dir, "scores.csv"), join(run_dir, "test_predictions.tar.gz")
+            if trainer_cls.__name__ in stopped:
+                _keep_unfinished_record(trainer_cls, plans, configuration, fold, dataset_json, out_dir)
+                continue
             if isfile(scores_file) and (not predict_test or isfile(archive)):
                 print(f"{trainer_cls.__name__}: scored earlier ({scores_file}), skipping")
                 run_rows = _read_csv(scores_file)
@@ -331,6 +419,10 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                 if score_ema_pair:
                     member_rows += _score_ema_pair(trainer_cls, run_rows[0], run_dir, cases, out_dir, plans,
                                                    configuration, dataset_json, labels, device)
+                continue
+            if stop_at is not None and time.time() >= stop_at:
+                print(f"deadline: {trainer_cls.__name__} finished training but is not predicted or scored; run "
+                      f"the same command again to score it")
                 continue
             output_folder = _train(trainer_cls, plans, configuration, fold, dataset_json, device)
             predictions = join(out_dir, "predictions", trainer_cls.__name__)
@@ -344,7 +436,7 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                       "seed": seed + repeat,
                       "evaluated_on": "imagesTs" if test_labels else f"fold {fold} val",
                       **(extra_columns or {}), **info}
-            run_rows = _as_written(_score_run(cases, predictions, dataset_json["file_ending"], labels, common))
+            run_rows = _as_written(_score_run(cases, predictions, dataset_json, labels, common))
             os.makedirs(run_dir, exist_ok=True)
             _keep_run_record(output_folder, run_dir)
             if predict_test:
@@ -355,7 +447,15 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
             if score_ema_pair:
                 member_rows += _score_ema_pair(trainer_cls, run_rows[0], run_dir, cases, out_dir, plans,
                                                configuration, dataset_json, labels, device)
+            write_results(rows, out_dir, member_rows)  # after every run: a stopped command keeps its tables
+            if on_results_written is not None:
+                on_results_written()
+    if not rows:
+        print("no run finished: nothing to tabulate")
+        return rows
     write_results(rows, out_dir, member_rows)
+    if on_results_written is not None:
+        on_results_written()
     return rows
 
 
@@ -374,11 +474,17 @@ def _score_ema_pair(trainer_cls: type, run_row: dict, run_dir: str, cases: dict,
         return []
     pair = ema_pair_weights(output_folder)
     rows = []
+    deployed_predictions = join(out_dir, "predictions", trainer_cls.__name__)
     for member, weights in pair.items():
         predictions = join(out_dir, "predictions", f"{trainer_cls.__name__}__{member}")
-        _predict(trainer_cls, output_folder, plans, configuration, dataset_json, cases, predictions, device, weights)
+        if member == run_row["deployed"] and all(
+                isfile(join(deployed_predictions, case + dataset_json["file_ending"])) for case in cases):
+            predictions = deployed_predictions  # the run's own predictions are this member's: not predicted twice
+        else:
+            _predict(trainer_cls, output_folder, plans, configuration, dataset_json, cases, predictions, device,
+                     weights)
         common = {k: v for k, v in run_row.items() if k not in ("case", "class", *METRICS)} | {"scored_model": member}
-        rows += _as_written(_score_run(cases, predictions, dataset_json["file_ending"], labels, common))
+        rows += _as_written(_score_run(cases, predictions, dataset_json, labels, common))
     if rows:
         _write_csv(rows, scores_file)
     return rows

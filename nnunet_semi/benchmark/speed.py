@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import math
 import multiprocessing
 import os
 import resource
@@ -64,9 +65,9 @@ def _peak_rss_mb() -> float:
 
 
 def measure_trainer(trainer_name: str, dataset_name: str, configuration: str, plans_identifier: str, steps: int,
-                    warmup: int, device_type: str, env: dict) -> dict:
+                    warmup: int, device_type: str, env: dict, compute_only: bool = False) -> dict:
     """Median seconds per step with and without data loading and the peak memory (MB) of one trainer (runs in a
-    fresh process)."""
+    fresh process). ``compute_only``: the steps with loading are not timed (NaN)."""
     os.environ.update(env)
     device = torch.device(device_type)
     preprocessed = join(require_env_folder("nnUNet_preprocessed"), dataset_name)
@@ -80,7 +81,8 @@ def measure_trainer(trainer_name: str, dataset_name: str, configuration: str, pl
         torch.cuda.reset_peak_memory_stats(device)
     else:
         _reset_peak_rss()
-    with_loading = _timed_steps(trainer, lambda: next(trainer.dataloader_train), steps, warmup)
+    with_loading = float("nan") if compute_only else \
+        _timed_steps(trainer, lambda: next(trainer.dataloader_train), steps, warmup)
 
     batch = next(trainer.dataloader_train)
     batch = {"data": batch["data"].to(device), "target": [t.to(device) for t in batch["target"]]
@@ -130,30 +132,36 @@ def _in_fresh_process(function, *args):
 
 def run_speed_benchmark(dataset_name_or_id: int | str, trainers: list[str], out_dir: str,
                         configuration: str = "3d_fullres", plans_identifier: str = "nnUNetPlans", steps: int = 20,
-                        warmup: int = 3, device: torch.device | None = None) -> list[dict]:
-    """Measure stock nnU-Net and every trainer; writes speed.csv, speed.md and speed.png into ``out_dir``.
+                        warmup: int = 3, device: torch.device | None = None,
+                        stop_at: float | None = None, compute_only: bool = False) -> list[dict]:
+    """Measure stock nnU-Net and every trainer; writes speed.csv, speed.md and speed.png into ``out_dir``, after
+    every trainer (a stopped command keeps what it measured).
 
     The dataset's split must give fold 0 unlabeled cases (``nnUNetv2_semi_split``) or it must have preprocessed
-    ``imagesUnlabeled``.
+    ``imagesUnlabeled``. ``stop_at`` (a ``time.time()`` value): no trainer is started after it. ``compute_only``
+    times only the steps without loading: on a CPU the augmentation workers share the cores with the network, so
+    the time with loading says nothing about a GPU, and skipping it halves the run at large plans.
     """
     device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     dataset_name = resolve_dataset_name(dataset_name_or_id)
     names = [BASELINE_TRAINER] + [t for t in trainers if t != BASELINE_TRAINER]
     env = {k: v for k, v in os.environ.items() if k.startswith("nnUNet")}
-    rows = []
-    for name in names:  # a fresh process per trainer: its peak memory is its own
-        rows.append(_in_fresh_process(measure_trainer, name, dataset_name, configuration, plans_identifier, steps,
-                                      warmup, device.type, env))
-        print(f"{name}: {rows[-1]['step_s_with_loading']:.3f} s/step with loading, "
-              f"{rows[-1]['step_s_without_loading']:.3f} s/step without, {rows[-1]['peak_memory_mb']:.0f} MB")
-    baseline = rows[0]
-    info = provenance(device)
-    for row in rows:
-        for key in ("step_s_with_loading", "step_s_without_loading", "peak_memory_mb"):
-            row[f"{key}_ratio"] = row[key] / baseline[key]
-        row.update(dataset=dataset_name, configuration=configuration, plans=plans_identifier, steps=steps, **info)
+    rows, info = [], provenance(device)
     os.makedirs(out_dir, exist_ok=True)
-    write_speed_results(rows, out_dir)
+    for i, name in enumerate(names):  # a fresh process per trainer: its peak memory is its own
+        if stop_at is not None and time.time() >= stop_at:
+            print(f"deadline: not measured: {', '.join(names[i:])}")
+            break
+        row = _in_fresh_process(measure_trainer, name, dataset_name, configuration, plans_identifier, steps, warmup,
+                                device.type, env, compute_only)
+        print(f"{name}: {row['step_s_with_loading']:.3f} s/step with loading, "
+              f"{row['step_s_without_loading']:.3f} s/step without, {row['peak_memory_mb']:.0f} MB")
+        for key in ("step_s_with_loading", "step_s_without_loading", "peak_memory_mb"):
+            row[f"{key}_ratio"] = row[key] / (rows[0] if rows else row)[key]
+        row.update(dataset=dataset_name, configuration=configuration, plans=plans_identifier, steps=steps,
+                   warmup=warmup, **info)
+        rows.append(row)
+        write_speed_results(rows, out_dir)
     return rows
 
 
@@ -168,16 +176,20 @@ def write_speed_results(rows: list[dict], out_dir: str) -> None:
         else "GPU memory (max allocated)"
     lines = [f"# Speed: {info['dataset']}, {info['configuration']} ({info['plans']}), patch {info['patch_size']}, "
              f"labeled batch {info['batch_size']}", "",
-             f"Median over {info['steps']} steps after warm-up, each trainer in its own process, one after the other in "
-             f"one run; ratios to nnUNetTrainer measured in the same run. Peak memory: {memory} while training. Commit "
+             f"Median over {info['steps']} steps after {info.get('warmup', 3)} warm-up steps, each trainer in its own "
+             f"process, one after the other in one run; ratios to nnUNetTrainer measured in the same run. Peak memory: {memory} while training. Commit "
              f"{info['commit']}, nnU-Net {info['nnunetv2']}, torch {info['torch']}, device {info['device']}, "
              f"{info['date']}.", "",
              "| trainer | s/step with loading | ratio | s/step without loading | ratio | peak MB | ratio |",
              "|---|---|---|---|---|---|---|"]
+    def cell(value: float, digits: int) -> str:
+        return "not timed" if math.isnan(value) else f"{value:.{digits}f}"  # NaN: --compute_only
+
     for r in rows:
-        lines.append(f"| {r['trainer']} | {r['step_s_with_loading']:.3f} | {r['step_s_with_loading_ratio']:.2f} | "
-                     f"{r['step_s_without_loading']:.3f} | {r['step_s_without_loading_ratio']:.2f} | "
-                     f"{r['peak_memory_mb']:.0f} | {r['peak_memory_mb_ratio']:.2f} |")
+        lines.append(f"| {r['trainer']} | {cell(r['step_s_with_loading'], 3)} | "
+                     f"{cell(r['step_s_with_loading_ratio'], 2)} | {r['step_s_without_loading']:.3f} | "
+                     f"{r['step_s_without_loading_ratio']:.2f} | {r['peak_memory_mb']:.0f} | "
+                     f"{r['peak_memory_mb_ratio']:.2f} |")
     with open(join(out_dir, "speed.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
