@@ -177,8 +177,8 @@ def write_speed_results(rows: list[dict], out_dir: str) -> None:
     lines = [f"# Speed: {info['dataset']}, {info['configuration']} ({info['plans']}), patch {info['patch_size']}, "
              f"labeled batch {info['batch_size']}", "",
              f"Median over {info['steps']} steps after {info.get('warmup', 3)} warm-up steps, each trainer in its own "
-             f"process, one after the other in one run; ratios to nnUNetTrainer measured in the same run. Peak memory: {memory} while training. Commit "
-             f"{info['commit']}, nnU-Net {info['nnunetv2']}, torch {info['torch']}, device {info['device']}, "
+             f"process, one after the other in one run; ratios to nnUNetTrainer measured in the same run. Peak "
+             f"memory: {memory} while training. Commit {info['commit']}, nnU-Net {info['nnunetv2']}, torch {info['torch']}, device {info['device']}, "
              f"{info['date']}.", "",
              "| trainer | s/step with loading | ratio | s/step without loading | ratio | peak MB | ratio |",
              "|---|---|---|---|---|---|---|"]
@@ -201,10 +201,12 @@ def write_speed_results(rows: list[dict], out_dir: str) -> None:
 
     fig, ax = plt.subplots(figsize=(10, 5))
     x = np.arange(len(rows))
-    for i, (key, label) in enumerate((("step_s_with_loading_ratio", "time/step, with loading"),
-                                      ("step_s_without_loading_ratio", "time/step, without loading"),
-                                      ("peak_memory_mb_ratio", "peak memory"))):
-        ax.bar(x + (i - 1) * 0.27, [r[key] for r in rows], 0.27, label=label)
+    series = [(key, label) for key, label in (("step_s_with_loading_ratio", "time/step, with loading"),
+                                              ("step_s_without_loading_ratio", "time/step, without loading"),
+                                              ("peak_memory_mb_ratio", "peak memory"))
+              if not all(math.isnan(r[key]) for r in rows)]  # --compute_only: no with-loading bars
+    for i, (key, label) in enumerate(series):
+        ax.bar(x + (i - (len(series) - 1) / 2) * 0.27, [r[key] for r in rows], 0.27, label=label)
     ax.axhline(1.0, color="black", linewidth=1)
     ax.set_xticks(x, [r["trainer"] for r in rows], rotation=15)
     ax.set_ylabel("ratio to nnUNetTrainer")
