@@ -30,7 +30,7 @@ def trainer_dir_entry(argv=None):
         description="Print the folder to put in nnUNet_extTrainer so that nnUNetv2_train/nnUNetv2_predict find the "
                     "nnunet-semi trainers: export nnUNet_extTrainer=\"$(nnUNetv2_semi_trainer_dir)\"")
     parser.parse_args(argv)
-    from nnunet_semi.discovery import trainer_dir
+    from nnunet_semi.trainer.discovery import trainer_dir
 
     print(trainer_dir())
 
@@ -48,7 +48,7 @@ def preprocess_entry(argv=None):
                         help=f"worker processes (default {default_num_processes}; 1 runs in this process)")
     parser.add_argument("-plans_name", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     args = parser.parse_args(argv)
-    from nnunet_semi.unlabeled import preprocess_unlabeled
+    from nnunet_semi.data.unlabeled import preprocess_unlabeled
 
     preprocess_unlabeled(args.d, args.c, num_processes=args.np, plans_identifier=args.plans_name)
 
@@ -70,7 +70,7 @@ def split_entry(argv=None):
     parser.add_argument("--num_val", type=int, default=None,
                         help="one fold (0) validating on the last K cases in sorted order, instead of the 5 folds")
     args = parser.parse_args(argv)
-    from nnunet_semi.splits import make_labeled_split, restore_original_split
+    from nnunet_semi.data.splits import make_labeled_split, restore_original_split
 
     if args.restore:
         splits = restore_original_split(args.d)
@@ -97,8 +97,8 @@ def export_entry(argv=None):
     args = parser.parse_args(argv)
     from os.path import join
 
-    from nnunet_semi.dataset_io import load_json, require_env_folder, resolve_dataset_name
-    from nnunet_semi.export import export_vanilla
+    from nnunet_semi.data.dataset_io import load_json, require_env_folder, resolve_dataset_name
+    from nnunet_semi.tools.export import export_vanilla
 
     results = require_env_folder("nnUNet_results")
     model_folder = join(results, resolve_dataset_name(args.d), f"{args.tr}__{args.p}__{args.c}")

@@ -6,4 +6,4 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 wheels="${1:-$root/.whl}"
 [ $# -gt 0 ] && shift
-exec python3 "$root/nnunet_semi/offline.py" build "$wheels" "$@"
+exec python3 "$root/nnunet_semi/tools/offline.py" build "$wheels" "$@"

@@ -23,9 +23,9 @@ while [ $# -gt 0 ]; do
 done
 site="${NNUNET_SEMI_SITE:-${TMPDIR:-/tmp}/nnunet_semi_site}"
 if [ -d "$wheels" ]; then
-  python3 "$root/nnunet_semi/offline.py" install "$wheels" "$site"
+  python3 "$root/nnunet_semi/tools/offline.py" install "$wheels" "$site"
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
 fi
 # the checkout's own code, not an installed copy of another commit
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-exec python3 -m nnunet_semi.benchmark.cli cell "$cell" -o "$out" --started "$started" "${args[@]}"
+exec python3 -m nnunet_semi.tools.benchmark.cli cell "$cell" -o "$out" --started "$started" "${args[@]}"

@@ -2,49 +2,21 @@
 
 Planning a dataset costs tens of seconds on 2 cores, so one dataset is planned per test session and each test gets
 its own copy of the three nnU-Net folders.
+
+Helpers that test modules import live in ``helpers.py``.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from nnunet_semi.synthetic import plan_and_preprocess  # noqa: F401  (re-exported for the test modules)
-
-DATASET_ID = 990
-DATASET_NAME = "Dataset990_SemiSynthetic"
-
-
-@dataclass
-class NNUNetFolders:
-    raw: Path
-    preprocessed: Path
-    results: Path
-
-    @property
-    def raw_dataset(self) -> Path:
-        return self.raw / DATASET_NAME
-
-    @property
-    def preprocessed_dataset(self) -> Path:
-        return self.preprocessed / DATASET_NAME
-
-
-def _point_nnunet_at(monkeypatch, root: Path) -> NNUNetFolders:
-    folders = NNUNetFolders(root / "raw", root / "preprocessed", root / "results")
-    for name, path in (("nnUNet_raw", folders.raw), ("nnUNet_preprocessed", folders.preprocessed),
-                       ("nnUNet_results", folders.results)):
-        path.mkdir(parents=True, exist_ok=True)
-        monkeypatch.setenv(name, str(path))
-    monkeypatch.setenv("nnUNet_compile", "f")
-    return folders
+from helpers import DATASET_ID, DATASET_NAME, NNUNetFolders, plan_and_preprocess, point_nnunet_at, shrink_network
 
 
 @pytest.fixture(autouse=True)
@@ -57,18 +29,7 @@ def _seed_everything():
 @pytest.fixture
 def nnunet_env(tmp_path, monkeypatch) -> NNUNetFolders:
     """Empty nnUNet_raw/preprocessed/results folders, exported for this test."""
-    return _point_nnunet_at(monkeypatch, tmp_path)
-
-
-def shrink_network(plans_file: Path, features=(4, 8, 16)) -> None:
-    """A 3-stage 4/8/16-channel U-Net (one conv per stage) in every configuration, batch 2: CPU training in seconds."""
-    from nnunet_semi.demo import reduce_network
-
-    plans = reduce_network(json.loads(plans_file.read_text()), features, convs_per_stage=1)
-    for configuration in plans["configurations"].values():
-        if "architecture" in configuration:
-            configuration["batch_size"] = 2
-    plans_file.write_text(json.dumps(plans, indent=2))
+    return point_nnunet_at(monkeypatch, tmp_path)
 
 
 @pytest.fixture(scope="session")
@@ -76,8 +37,8 @@ def _planned_dataset_template(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("planned")
     mp = pytest.MonkeyPatch()
     try:
-        folders = _point_nnunet_at(mp, root)
-        from nnunet_semi.synthetic import make_synthetic_dataset
+        folders = point_nnunet_at(mp, root)
+        from nnunet_semi.tools.synthetic import make_synthetic_dataset
 
         make_synthetic_dataset(str(folders.raw), DATASET_ID, num_labeled=6, num_unlabeled=3, num_test=2,
                                shape=(24, 24, 24), seed=1)
@@ -93,62 +54,16 @@ def planned_dataset(_planned_dataset_template, tmp_path, monkeypatch) -> NNUNetF
     """A planned and preprocessed 3D binary dataset (6 labeled, 3 in imagesUnlabeled, 2 test), private copy."""
     root = tmp_path / "nnunet"
     shutil.copytree(_planned_dataset_template, root)
-    return _point_nnunet_at(monkeypatch, root)
+    return point_nnunet_at(monkeypatch, root)
 
 
 @pytest.fixture
 def semi_dataset(planned_dataset, monkeypatch) -> NNUNetFolders:
     """The planned dataset with a 2-labeled split and preprocessed imagesUnlabeled; single-threaded loading."""
-    from nnunet_semi.splits import make_labeled_split
-    from nnunet_semi.unlabeled import preprocess_unlabeled
+    from nnunet_semi.data.splits import make_labeled_split
+    from nnunet_semi.data.unlabeled import preprocess_unlabeled
 
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     make_labeled_split(DATASET_ID, 2)
     preprocess_unlabeled(DATASET_ID, ["3d_fullres"], num_processes=1)
     return planned_dataset
-
-
-def make_trainer(env: NNUNetFolders, cls, fold=0, configuration="3d_fullres"):
-    """A trainer of ``cls`` on CPU, started and inside its first training epoch."""
-    plans = json.loads((env.preprocessed_dataset / "nnUNetPlans.json").read_text()) | {"continue_training": False}
-    dataset_json = json.loads((env.preprocessed_dataset / "dataset.json").read_text())
-    trainer = cls(plans, configuration, fold, dataset_json, device=torch.device("cpu"))
-    trainer.on_train_start()
-    trainer.on_epoch_start()
-    trainer.on_train_epoch_start()
-    return trainer
-
-
-def tiny_schedule(cls, **attributes):
-    """``cls`` with a 4-epoch, 2-iteration schedule (and any other class attributes overridden), named after it."""
-    attributes = {"epochs": 4, "iterations_per_epoch": 2, "val_iterations_per_epoch": 1} | attributes
-    return type(f"{cls.__name__}Tiny", (cls,), attributes)
-
-
-def next_batches(trainer) -> tuple[dict, dict]:
-    """The next labeled batch (``data``, ``target``) and unlabeled batch (``data_weak``, ``data_strong``) of a
-    trainer, as ``compute_losses`` takes them."""
-    labeled = next(trainer.dataloader_train)
-    unlabeled = {k: v for k, v in next(trainer.dataloader_unlabeled).items() if k != "keys"}
-    return {"data": labeled["data"], "target": labeled["target"]}, unlabeled
-
-
-def has_grad(module, prefix: str = "") -> bool:
-    """Whether any parameter of ``module`` whose name starts with ``prefix`` received a non-zero gradient."""
-    return any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in module.named_parameters()
-               if n.startswith(prefix))
-
-
-def plain_unet_architecture(dim: int = 3) -> dict:
-    """A tiny 3-stage PlainConvUNet as an nnU-Net plans architecture dict (4/8/16 features, 2 convs per stage)."""
-    from nnunet_semi.networks import PLAIN_CONV_UNET
-
-    conv = "torch.nn.modules.conv.Conv3d" if dim == 3 else "torch.nn.modules.conv.Conv2d"
-    norm = f"torch.nn.modules.instancenorm.InstanceNorm{dim}d"
-    return {"network_class_name": PLAIN_CONV_UNET, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-            "arch_kwargs": {"n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": conv,
-                            "kernel_sizes": [[3] * dim] * 3, "strides": [[1] * dim, [2] * dim, [2] * dim],
-                            "n_conv_per_stage": [2, 2, 2], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
-                            "norm_op": norm, "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
-                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
-                            "nonlin_kwargs": {"inplace": True}}}

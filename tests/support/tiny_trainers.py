@@ -2,7 +2,7 @@
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_semi.training import (
+from nnunet_semi.methods import (
     nnUNetTrainerCIFP,
     nnUNetTrainerCPS,
     nnUNetTrainerDualCCE,
@@ -74,6 +74,6 @@ class nnUNetTrainerMeanTeacherSlowCheckpoints(nnUNetTrainerMeanTeacher):
     def write_checkpoint(self, checkpoint, filename):
         import time
 
-        from nnunet_semi.checkpoints import atomic_torch_save
+        from nnunet_semi.trainer.checkpoints import atomic_torch_save
 
         atomic_torch_save(checkpoint, filename, before_replace=lambda: time.sleep(1.0))

@@ -1,0 +1,1 @@
+"""nnU-Net data plumbing: dataset folders, unlabeled preprocessing, labeled splits, the two-view loader."""

@@ -1,0 +1,192 @@
+"""SGRS-Net (Synergy-Guided Regional Supervision of pseudo labels, MICCAI 2025) on nnU-Net.
+
+Per step: the EMA teacher labels the (noised) unlabeled crops; each unlabeled crop is MixUp-ed with a labeled partner
+(the unlabeled image dominating); the student predicts the plain and the mixed unlabeled images; voxels are split by
+whether those two predictions agree and whether either is ambiguous; agree-and-certain voxels get hard CE + soft Dice
+against the pseudo label, disagree-and-certain voxels label-smoothed CE + a heavily smoothed Dice, ambiguous voxels
+nothing. Implemented "as intended" (see the README for the released code's deviations and the named variants).
+"""
+
+from __future__ import annotations
+
+import torch
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+
+from nnunet_semi.components.ema import ema_update
+from nnunet_semi.components.losses import masked_soft_dice_loss, voxel_cross_entropy
+from nnunet_semi.components.masks import synergy_regions
+from nnunet_semi.components.mixing import clipped_gaussian_noise, mixup_with_labeled_partners
+from nnunet_semi.methods.mean_teacher import nnUNetTrainerMeanTeacher
+from nnunet_semi.trainer.base import BEST_VALIDATED, full_resolution, take_samples
+
+
+class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
+    """SGRS-Net's regional pseudo-label supervision on the mean-teacher base.
+
+    Attributes (beyond the base's):
+        ambiguity_tau: binary threshold tau (ambiguous: tau < p_bg < 1 - tau), generalised to C classes by
+            ``ambiguity_measure`` ("margin": top-2 margin < 1 - 2 tau, flags a two-class tie for any C; "entropy":
+            normalised entropy > H_2(tau); "max_prob": max p < 1 - tau; all three are the paper's rule for C = 2).
+        ambiguity_from_both_views: ambiguity from the plain and the mixed prediction (paper, current release) or the
+            plain one only (the release's first upload).
+        ce_on_ambiguous_agree: also apply the hard CE on agreeing ambiguous voxels (released code).
+        disagree_label_smoothing: epsilon of the CE on disagree-certain voxels (0.2: targets 0.9/0.1 for 2 classes).
+        agree_dice_smooth, disagree_dice_smooth: smoothing of the masked soft Dice per region (1 and 20).
+        mixup_alpha: Beta(alpha, alpha) of the MixUp weight.
+        noise_std, noise_clip: clipped Gaussian noise on the teacher's and the mixing inputs.
+        student_uses_strong_view: student sees nnU-Net's intensity-augmented view of the unlabeled crop instead of
+            the plain one (the released code feeds the plain image).
+        double_ema: the released code's two EMA updates per step (fixed 0.99 then the warm-up schedule).
+        student_weight_shrink: after the first of those updates the release multiplies the student's float weights
+            by (1 - this) every step (its WeightEMA's "customized weight decay", 0.02 x 0.01 = 2e-4); 0: none.
+        supervised_weight: factor on nnU-Net's supervised loss; the release's ``0.5 * (CE + Dice)`` is 0.5.
+        pseudo_label_views: the student views the regional loss supervises: the plain and the mixed unlabeled
+            prediction (paper), or one of them (an ablation; the partition always uses both).
+    The regional loss uses the full-resolution output only (``unsup_uses_deep_supervision = False``); the supervised
+    loss is nnU-Net's deep-supervised Dice + CE.
+    """
+
+    ambiguity_tau: float = 0.425
+    ambiguity_measure: str = "margin"
+    ambiguity_from_both_views: bool = True
+    ce_on_ambiguous_agree: bool = False
+    disagree_label_smoothing: float = 0.2
+    agree_dice_smooth: float = 1.0
+    disagree_dice_smooth: float = 20.0
+    mixup_alpha: float = 0.75
+    noise_std: float = 0.1
+    noise_clip: float = 0.2
+    student_uses_strong_view: bool = False
+    double_ema: bool = False
+    student_weight_shrink: float = 0.0
+    supervised_weight: float = 1.0
+    pseudo_label_views: tuple[str, ...] = ("plain", "mixed")
+    unsup_weight = 1.0
+    unsup_rampup_iterations = 6000  # the release: 40 x 150 iterations, of 15 000
+    deployed_model = "student"  # the release's test_3d.py loads the student
+    supports_regions = False  # the partition is defined on mutually exclusive classes
+
+    loss_terms = ("sup", "pseudo_ce", "pseudo_dice")
+    statistics = ("confident_fraction", "teacher_student_agreement", "agree_certain_fraction",
+                  "disagree_certain_fraction", "ambiguous_fraction")
+
+    def build_strong_transforms(self, nnunet_photometric: ComposeTransforms) -> ComposeTransforms:
+        return nnunet_photometric if self.student_uses_strong_view else ComposeTransforms([])
+
+    @property
+    def unlabeled_views(self) -> tuple[str, ...]:
+        return ("weak", "strong") if self.student_uses_strong_view else ("weak",)
+
+    def compute_losses(self, labeled: dict, unlabeled: dict) -> dict[str, torch.Tensor]:
+        x_l, x_u = labeled["data"], unlabeled["data_weak"]
+        n_l, n_u = x_l.shape[0], x_u.shape[0]
+        noisy_u = clipped_gaussian_noise(x_u, self.noise_std, self.noise_clip)
+        noisy_l = clipped_gaussian_noise(x_l, self.noise_std, self.noise_clip)
+        teacher = self.teacher_probabilities(noisy_u)
+        pseudo = teacher.argmax(1, keepdim=True)  # (B_u, 1, *spatial)
+        mixed, _, _ = mixup_with_labeled_partners(noisy_u, noisy_l, self.mixup_alpha)
+
+        student_u = unlabeled["data_strong"] if self.student_uses_strong_view else x_u
+        output = self.network(torch.cat([x_l, student_u, mixed]))
+        logits = full_resolution(output)
+        logits_u, logits_m = logits[n_l:n_l + n_u], logits[n_l + n_u:]
+        probs_u, probs_m = self.probabilities(logits_u), self.probabilities(logits_m)
+        regions = synergy_regions(probs_u.detach(), probs_m.detach(), self.ambiguity_tau, self.ambiguity_measure,
+                                  self.ambiguity_from_both_views)
+        hard_ce_region = regions.agree_certain | regions.agree_ambiguous if self.ce_on_ambiguous_agree \
+            else regions.agree_certain
+
+        ce, dice = 0.0, 0.0
+        views = {"plain": (logits_u, probs_u), "mixed": (logits_m, probs_m)}
+        for view_logits, view_probs in (views[v] for v in self.pseudo_label_views):
+            # mean over all voxels, as the paper: masked-out voxels count as zeros (per-sample masks)
+            ce = ce + (voxel_cross_entropy(view_logits, pseudo) * hard_ce_region
+                       + voxel_cross_entropy(view_logits, pseudo, self.disagree_label_smoothing)
+                       * regions.disagree_certain).mean()
+            dice = dice + masked_soft_dice_loss(view_probs, pseudo, regions.agree_certain, self.agree_dice_smooth) \
+                + masked_soft_dice_loss(view_probs, pseudo, regions.disagree_certain, self.disagree_dice_smooth)
+
+        self.log_confidence_and_agreement(teacher, probs_u.detach(), "teacher_student_agreement")
+        for name, mask in (("agree_certain_fraction", regions.agree_certain),
+                           ("disagree_certain_fraction", regions.disagree_certain),
+                           ("ambiguous_fraction", regions.ambiguous)):
+            self.log_step_statistic(name, mask.float().mean())
+        # L_pseudo = 0.5 * (mean of the 2 Dice terms per view + mean of the CE terms, one per view)
+        n_views = len(self.pseudo_label_views)
+        return {"sup": self.supervised_weight * self.supervised_loss(take_samples(output, n_l), labeled["target"]),
+                "pseudo_ce": 0.5 * ce / n_views, "pseudo_dice": 0.5 * dice / (2 * n_views)}
+
+    def after_optimizer_step(self) -> None:
+        if self.double_ema:  # released: a fixed-0.99 EMA, then the warm-up EMA, every step
+            ema_update(self.teacher, self.unwrapped_network(), self.teacher_momentum)
+        if self.student_weight_shrink:  # released: between the two updates
+            with torch.no_grad():
+                for parameter in self.unwrapped_network().parameters():
+                    parameter.mul_(1 - self.student_weight_shrink)
+        super().after_optimizer_step()
+
+
+class nnUNetTrainerSGRS_doubleEMA(nnUNetTrainerSGRS):
+    """The current release's teacher update (ortonwang/SGRS-Net at c99025f): a fixed-0.99 EMA, the student's weights
+    shrunk by (1 - 2e-4), then the warm-up EMA, every step."""
+
+    double_ema = True
+    student_weight_shrink = 2e-4
+
+
+class nnUNetTrainerSGRS_releaseSupervisedWeight(nnUNetTrainerSGRS):
+    """The release's supervised loss weight, 0.5 * (CE + Dice): half of nnU-Net's loss against the pseudo term."""
+
+    supervised_weight = 0.5
+
+
+class nnUNetTrainerSGRS_ceOnAmbiguousAgree(nnUNetTrainerSGRS):
+    ce_on_ambiguous_agree = True
+
+
+class nnUNetTrainerSGRS_plainViewAmbiguity(nnUNetTrainerSGRS):
+    """Ambiguity from the plain view only: the release's first upload (2be1336), fixed in its commit ebccd19; the
+    current release, like the default here, takes it from both views."""
+
+    ambiguity_from_both_views = False
+
+
+class nnUNetTrainerSGRS_maxProbAmbiguity(nnUNetTrainerSGRS):
+    ambiguity_measure = "max_prob"
+
+
+class nnUNetTrainerSGRS_entropyAmbiguity(nnUNetTrainerSGRS):
+    ambiguity_measure = "entropy"  # the default before issue #20: misses two-class ties for C >= 3
+
+
+class nnUNetTrainerSGRS_strongView(nnUNetTrainerSGRS):
+    student_uses_strong_view = True
+
+
+# ablations of the real-data check (issue #22): the unsupervised weight, and the regional loss on one view only
+class nnUNetTrainerSGRS_unsupWeight0p1(nnUNetTrainerSGRS):
+    unsup_weight = 0.1
+
+
+class nnUNetTrainerSGRS_plainViewLossOnly(nnUNetTrainerSGRS):
+    pseudo_label_views = ("plain",)
+
+
+class nnUNetTrainerSGRS_deployBestValidated(nnUNetTrainerSGRS):
+    deployed_model = BEST_VALIDATED
+
+
+class nnUNetTrainerSGRS_50epochs(nnUNetTrainerSGRS):
+    epochs = 50
+
+
+class nnUNetTrainerSGRS_100epochs(nnUNetTrainerSGRS):
+    epochs = 100
+
+
+class nnUNetTrainerSGRS_250epochs(nnUNetTrainerSGRS):
+    epochs = 250
+
+
+class nnUNetTrainerSGRS_500epochs(nnUNetTrainerSGRS):
+    epochs = 500

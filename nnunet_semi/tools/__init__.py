@@ -1,0 +1,1 @@
+"""Tools around the trainers: demo, set-up example, synthetic datasets, export, benchmark, offline wheels."""

@@ -1,0 +1,94 @@
+"""Shared pieces of the benchmarks: trainers on a given schedule, provenance, device choice."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+from datetime import datetime, timezone
+from os.path import dirname, join
+
+import numpy as np
+import torch
+
+import nnunet_semi
+
+BASELINE_TRAINER = "nnUNetTrainer"
+
+
+def resolve_trainer(name: str) -> type:
+    """A trainer class by name: nnU-Net's own, then the plugin's (no nnUNet_extTrainer needed here)."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    import nnunet_semi.methods
+
+    if hasattr(nnunet_semi.methods, name):
+        return getattr(nnunet_semi.methods, name)
+    return recursive_find_trainer_class_by_name(name)
+
+
+def with_schedule(trainer_cls: type, epochs: int, iterations: int, val_iterations: int, tag: str,
+                  rampup_iterations: int | None = None, seed: int | None = None,
+                  checkpoint_every: int | None = None) -> type:
+    """A subclass of ``trainer_cls`` that trains ``epochs`` x ``iterations`` and is named ``<Trainer>__<tag>``.
+
+    The name keeps the results folders of different schedules and labeled counts apart. Works for stock trainers
+    (which set their schedule in ``__init__``) and for the plugin's (class attributes) alike.
+
+    Args:
+        rampup_iterations: the unsupervised ramp length in steps for every semi-supervised trainer (None: each
+            method's own); stock nnU-Net has no ramp and ignores it.
+        seed: seeds Python, NumPy and torch before the trainer is built (network initialisation, sampling in this
+            process; nnU-Net's augmentation workers draw their own seeds).
+        checkpoint_every: write ``checkpoint_latest.pth`` every this many epochs (None: nnU-Net's 50), so that a short
+            run that is killed resumes near where it stopped.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        if seed is not None:
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+        trainer_cls.__init__(self, plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch = epochs, iterations
+        self.num_val_iterations_per_epoch = val_iterations
+        if checkpoint_every is not None:
+            self.save_every = checkpoint_every
+
+    attributes = {"__init__": __init__, "__module__": __name__}
+    if rampup_iterations is not None:
+        attributes["unsup_rampup_iterations"] = rampup_iterations
+    return type(f"{trainer_cls.__name__}__{tag}", (trainer_cls,), attributes)
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import os
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def provenance(device: torch.device) -> dict:
+    """Commit, versions, device and time of a benchmark run. The commit is git's, else ``$NNUNET_SEMI_COMMIT``
+    (a checkout copied without its .git, e.g. to an offline GPU machine), else "unknown"."""
+    import os
+    from importlib.metadata import version
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=dirname(dirname(nnunet_semi.__file__)),
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    commit = commit or os.environ.get("NNUNET_SEMI_COMMIT") or "unknown"
+    return {"commit": commit, "nnunet_semi": nnunet_semi.__version__, "nnunetv2": version("nnunetv2"),
+            "torch": torch.__version__, "device": device_description(device),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def load_plans_and_dataset_json(preprocessed_dataset: str, plans_identifier: str) -> tuple[dict, dict]:
+    with open(join(preprocessed_dataset, plans_identifier + ".json")) as f:
+        plans = json.load(f)
+    with open(join(preprocessed_dataset, "dataset.json")) as f:
+        dataset_json = json.load(f)
+    return plans, dataset_json

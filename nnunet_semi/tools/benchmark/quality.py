@@ -1,0 +1,644 @@
+"""``nnUNetv2_semi_benchmark quality``: segmentation quality of each trainer against labeled-only nnU-Net.
+
+For every labeled count N: rewrite the split (``--order first`` by default), train every trainer on the same split
+and schedule (stock ``nnUNetTrainer`` always included; ``all`` trains it alone on the full split, the supervised
+upper bound), predict the held-out cases with nnU-Net's predictor and score them per foreground class with medpy:
+Dice, Jaccard, 95 % Hausdorff distance and average surface distance, in mm (image spacing) and in voxels (the
+papers' convention). Finished runs are skipped and interrupted ones resume from ``checkpoint_latest.pth``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import shutil
+import tarfile
+import time
+from os.path import isdir, isfile, join
+
+import numpy as np
+import torch
+
+from nnunet_semi.data.dataset_io import require_env_folder, resolve_dataset_name
+from nnunet_semi.errors import SemiInputError
+from nnunet_semi.tools.benchmark.common import (
+    BASELINE_TRAINER,
+    load_plans_and_dataset_json,
+    provenance,
+    resolve_trainer,
+    with_schedule,
+)
+from nnunet_semi.tools.benchmark.statistics import paired_comparison
+from nnunet_semi.trainer.plotting import isolated_style
+
+METRICS = ("dice", "jaccard", "hd95_mm", "asd_mm", "hd95_vox", "asd_vox")
+
+
+def require_medpy() -> None:
+    """The quality benchmark scores with medpy, an optional dependency (the ``benchmark`` extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec("medpy") is None:
+        raise SemiInputError("the quality benchmark scores with medpy, which is not installed: "
+                             "pip install 'nnunet-semi[benchmark]' (or pip install medpy).")
+
+
+def case_metrics(prediction: np.ndarray, reference: np.ndarray, spacing: tuple[float, ...], label: int) -> dict:
+    """medpy's binary metrics of one class; distances NaN when either mask is empty (undefined)."""
+    from medpy.metric import binary
+
+    pred, ref = prediction == label, reference == label
+    both_empty = not pred.any() and not ref.any()
+    result = {"dice": 1.0 if both_empty else float(binary.dc(pred, ref)),
+              "jaccard": 1.0 if both_empty else float(binary.jc(pred, ref))}
+    for unit, voxelspacing in (("mm", spacing), ("vox", None)):
+        defined = pred.any() and ref.any()
+        result[f"hd95_{unit}"] = float(binary.hd95(pred, ref, voxelspacing)) if defined else math.nan
+        result[f"asd_{unit}"] = float(binary.asd(pred, ref, voxelspacing)) if defined else math.nan
+    return result
+
+
+def _held_out_cases(raw: str, dataset_json: dict, split: dict, test_labels: str | None) -> dict[str, tuple]:
+    """case id -> (image files, reference label file)."""
+    ending = dataset_json["file_ending"]
+    channels = len(dataset_json["channel_names"])
+    if test_labels is not None:
+        ids = sorted(f[:-len(ending)] for f in os.listdir(test_labels) if f.endswith(ending))
+        folder, label_folder = join(raw, "imagesTs"), test_labels
+    else:
+        ids, folder, label_folder = sorted(split["val"]), join(raw, "imagesTr"), join(raw, "labelsTr")
+    cases = {}
+    for case in ids:
+        images = [join(folder, f"{case}_{c:04d}{ending}") for c in range(channels)]
+        missing = [f for f in images + [join(label_folder, case + ending)] if not isfile(f)]
+        if missing:
+            raise SemiInputError(f"held-out case {case}: missing {missing}. Check --test_labels and imagesTs.")
+        cases[case] = (images, join(label_folder, case + ending))
+    return cases
+
+
+def _train(trainer_cls: type, plans: dict, configuration: str, fold: int, dataset_json: dict,
+           device: torch.device) -> str:
+    """Train (or resume, or skip when finished); returns the fold's output folder."""
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    # nnU-Net's folder rule, so that a finished run is skipped without a trainer (which opens a new log file)
+    output_folder = get_output_folder(plans["dataset_name"], trainer_cls.__name__, plans["plans_name"], configuration,
+                                      fold)
+    if isfile(join(output_folder, "checkpoint_final.pth")):
+        print(f"{trainer_cls.__name__}: finished earlier, skipping training")
+        return output_folder
+    trainer = trainer_cls(plans | {"continue_training": True}, configuration, fold, dataset_json, device=device)
+    trainer.initialize()
+    for name in ("checkpoint_latest.pth", "checkpoint_best.pth"):  # nnUNetv2_train --c's order after final
+        if isfile(join(trainer.output_folder, name)):
+            trainer.load_checkpoint(join(trainer.output_folder, name))
+            break
+    trainer.run_training()
+    return trainer.output_folder
+
+
+def _train_side_by_side(runs: list[tuple[str, tuple]], jobs: int, plans: dict, configuration: str, fold: int,
+                        dataset_json: dict, device: torch.device, stop_at: float | None = None) -> list[str]:
+    """Train ``runs`` ((trainer name, ``with_schedule`` arguments)) in up to ``jobs`` worker processes at once.
+
+    Each worker leads a process group of its own (its data-loading workers inside), so that a run stopped at
+    ``stop_at`` (a ``time.time()`` value) is killed whole; its last checkpoint is complete (every write is atomic),
+    so the run resumes later. Returns the run names stopped or never started by then; a failed run raises after
+    the others have finished."""
+    if not runs:
+        return []
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
+    workers = min(jobs, len(runs))
+    loaders_per_run = get_allowed_n_proc_DA() // workers
+    threads_per_run = max(1, (os.cpu_count() or 1) // workers)
+    print(f"training {len(runs)} run(s), {workers} side by side on {device}: {loaders_per_run} data-loading "
+          f"worker(s) and {threads_per_run} CPU thread(s) each"
+          + ("" if stop_at is None else f"; stopping at {time.strftime('%H:%M:%S', time.localtime(stop_at))}"))
+    context = multiprocessing.get_context("spawn")
+    pending, active, failed = list(runs), {}, []
+    try:
+        while pending or active:
+            while pending and len(active) < workers:
+                name, schedule = pending.pop(0)
+                process = context.Process(target=_train_worker, name=_run_name(name, schedule), args=(
+                    name, schedule, plans, configuration, fold, dataset_json, str(device), loaders_per_run,
+                    threads_per_run))
+                process.start()
+                active[process.sentinel] = process
+            timeout = None if stop_at is None else max(0.0, stop_at - time.time())
+            for sentinel in wait(list(active), timeout):
+                process = active.pop(sentinel)
+                process.join()
+                if process.exitcode != 0:
+                    failed.append(f"{process.name} (exit code {process.exitcode})")
+            if stop_at is not None and time.time() >= stop_at:
+                stopped = [p.name for p in active.values()] + [_run_name(n, s) for n, s in pending]
+                print(f"deadline: stopped {', '.join(stopped) or 'nothing'} (each resumes from its last checkpoint)")
+                return stopped
+    finally:
+        for process in active.values():  # the deadline, an error or Ctrl-C: no run outlives this call
+            _kill_process_group(process)
+    if failed:
+        raise RuntimeError(f"training failed: {', '.join(failed)}; its traceback is above, its log in the run's "
+                           f"nnUNet_results folder.")
+    return []
+
+
+def _run_name(name: str, schedule: tuple) -> str:
+    return with_schedule(resolve_trainer(name), *schedule).__name__
+
+
+def _kill_process_group(process) -> None:
+    import signal
+
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        process.kill()
+    process.join()
+
+
+def _train_worker(name: str, schedule: tuple, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                  device: str, data_loaders: int, threads: int) -> str:
+    """One run in a worker process (the scheduled class is rebuilt here: dynamic classes do not pickle)."""
+    os.setpgrp()  # its own process group: a deadline kills the run with its data-loading workers
+    os.environ["nnUNet_n_proc_DA"] = str(data_loaders)
+    torch.set_num_threads(threads)
+    trainer_cls = with_schedule(resolve_trainer(name), *schedule)
+    return _train(trainer_cls, plans, configuration, fold, dataset_json, torch.device(device))
+
+
+def _predict(trainer_cls: type, output_folder: str, plans: dict, configuration: str, dataset_json: dict,
+             cases: dict, prediction_folder: str, device: torch.device, weights: dict | None = None) -> None:
+    """Predict ``cases`` (id -> (image files, ...)) into ``prediction_folder`` with nnU-Net's predictor, from the
+    checkpoint's ``network_weights`` or from ``weights``; cases predicted earlier are kept."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(plans)
+    cm = plans_manager.get_configuration(configuration)
+    checkpoint = torch.load(join(output_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    network = trainer_cls.build_network_architecture(
+        plans_manager, cm, determine_num_input_channels(plans_manager, cm, dataset_json),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
+    predictor = nnUNetPredictor(device=device, perform_everything_on_device=device.type == "cuda",
+                                allow_tqdm=False)
+    weights = checkpoint["network_weights"] if weights is None else weights
+    predictor.manual_initialization(network, plans_manager, cm, [weights], dataset_json,
+                                    trainer_cls.__name__, checkpoint["inference_allowed_mirroring_axes"])
+    os.makedirs(prediction_folder, exist_ok=True)
+    todo = [c for c in cases if not isfile(join(prediction_folder, c + dataset_json["file_ending"]))]
+    if todo:
+        predictor.predict_from_files([cases[c][0] for c in todo], [join(prediction_folder, c) for c in todo],
+                                     num_processes_preprocessing=1, num_processes_segmentation_export=1)
+
+
+def _deployed_model(output_folder: str) -> str:
+    """What ``checkpoint_final.pth`` deploys: the semi-supervised trainers' choice, or ``network`` (stock)."""
+    checkpoint = torch.load(join(output_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False,
+                            mmap=True)
+    return checkpoint.get("semi_state", {}).get("deployed_weights", "network")
+
+
+def ema_pair_weights(output_folder: str) -> dict[str, dict]:
+    """Student and teacher weights of a checkpoint whose trainer keeps an EMA teacher beside the student
+    (``{"student": ..., "teacher": ...}``, one of them the deployed ``network_weights``); empty for other trainers."""
+    checkpoint = torch.load(join(output_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False,
+                            mmap=True)
+    state = checkpoint.get("semi_state")
+    if state is None or state["deployed_weights"] not in ("student", "teacher"):
+        return {}
+    deployed = state["deployed_weights"]
+    other = "teacher" if deployed == "student" else "student"
+    prefix = other + "."
+    weights = {k[len(prefix):]: v for k, v in state["auxiliary"].items() if k.startswith(prefix)}
+    return {deployed: checkpoint["network_weights"], other: weights} if weights else {}
+
+
+def _score_run(cases: dict, prediction_folder: str, dataset_json: dict, labels: list[int], common: dict) -> list[dict]:
+    """Rows of per-case, per-class metrics; images read with the dataset's own nnU-Net reader (e.g. NibabelIO where
+    SimpleITK is missing), whose spacing follows its array axes."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    rows, reader = [], None
+    for case, (_, label_file) in cases.items():
+        reader = reader or determine_reader_writer_from_dataset_json(dataset_json, label_file, verbose=False)()
+        reference, properties = reader.read_seg(label_file)
+        prediction, _ = reader.read_seg(join(prediction_folder, case + dataset_json["file_ending"]))
+        # (1, *spatial) -> spatial; a 2D image's added axis of size 1 is dropped, as medpy's surfaces need
+        axes = [i for i, n in enumerate(reference.shape[1:]) if n > 1]
+        reference, prediction = reference[0].squeeze(), prediction[0].squeeze()
+        spacing = tuple(float(properties["spacing"][i]) for i in axes)
+        for label in labels:
+            rows.append({"trainer": common["trainer"], "num_labeled": common["num_labeled"], "case": case,
+                         "class": label, **case_metrics(prediction, reference, spacing, label), **common})
+    return rows
+
+
+def _write_csv(rows: list[dict], filename: str) -> None:
+    """All rows, columns in first-seen order; through a temporary file, so a killed run leaves no partial file."""
+    fieldnames = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = f"{filename}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, filename)
+
+
+def _read_csv(filename: str) -> list[dict]:
+    with open(filename, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _as_written(rows: list[dict]) -> list[dict]:
+    """Rows as ``_read_csv`` gives them back (every value a string), so fresh and earlier runs compare alike."""
+    return [{k: "" if v is None else str(v) for k, v in r.items()} for r in rows]
+
+
+def _copy_logs(output_folder: str, destination: str) -> None:
+    """The run's training logs, progress plots and debug.json (small)."""
+    for name in sorted(os.listdir(output_folder)):
+        if name.startswith("training_log") or name in ("progress.png", "progress_semi.png", "debug.json"):
+            shutil.copy2(join(output_folder, name), join(destination, name))
+
+
+def _keep_run_record(output_folder: str, run_dir: str) -> None:
+    """Copy the run's training logs and progress plots (small) next to its scores, and write ``curves.csv``: every
+    per-epoch value nnU-Net's logger kept (losses, pseudo Dice, learning rate, the semi-supervised terms and
+    statistics), one row per epoch, from the final checkpoint."""
+    _copy_logs(output_folder, run_dir)
+    logged = torch.load(join(output_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False,
+                        mmap=True)["logging"]
+    scalars = {k: v for k, v in logged.items() if v and all(np.isscalar(x) for x in v)}
+    epochs = min(len(v) for v in scalars.values())
+    _write_csv([{"epoch": e} | {k: float(v[e]) for k, v in scalars.items()} for e in range(epochs)],
+               join(run_dir, "curves.csv"))
+
+
+def _keep_unfinished_record(trainer_cls: type, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                            out_dir: str) -> None:
+    """A run stopped by the deadline: its training logs and progress plots so far, in ``unfinished/<run>/``."""
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(plans)
+    output_folder = get_output_folder(plans_manager.dataset_name, trainer_cls.__name__, plans_manager.plans_name,
+                                      configuration, fold)
+    record = join(out_dir, "unfinished", trainer_cls.__name__)
+    os.makedirs(record, exist_ok=True)
+    if isdir(output_folder):
+        _copy_logs(output_folder, record)
+    print(f"{trainer_cls.__name__}: unfinished; its logs so far are in {record}")
+
+
+def _pack_test_predictions(trainer_cls: type, output_folder: str, plans: dict, configuration: str,
+                           dataset_json: dict, raw: str, work_dir: str, archive: str, device: torch.device) -> None:
+    """Predict every ``imagesTs`` case (no labels needed) and pack the segmentations into ``archive`` (.tar.gz)."""
+    ending, channels = dataset_json["file_ending"], len(dataset_json["channel_names"])
+    folder = join(raw, "imagesTs")
+    if not isdir(folder):
+        raise SemiInputError(f"--predict_test: {folder} does not exist; drop the option or add the test images.")
+    ids = sorted({f[:-len(ending) - 5] for f in os.listdir(folder) if f.endswith(ending)})
+    cases = {c: ([join(folder, f"{c}_{k:04d}{ending}") for k in range(channels)], None) for c in ids}
+    _predict(trainer_cls, output_folder, plans, configuration, dataset_json, cases, work_dir, device)
+    tmp = f"{archive}.tmp{os.getpid()}"
+    with tarfile.open(tmp, "w:gz") as tar:
+        for c in ids:
+            tar.add(join(work_dir, c + ending), arcname=c + ending)
+    os.replace(tmp, archive)
+
+
+def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str], trainers: list[str], epochs: int,
+                          iterations: int, out_dir: str, configuration: str = "3d_fullres", fold: int = 0,
+                          plans_identifier: str = "nnUNetPlans", test_labels: str | None = None,
+                          order: str = "first", seed: int = 12345, val_iterations: int | None = None,
+                          device: torch.device | None = None, num_val: int | None = None, repeats: int = 1,
+                          rampup_iterations: int | None = None, predict_test: bool = False,
+                          checkpoint_every: int | None = None, extra_columns: dict | None = None,
+                          score_ema_pair: bool = False, run_suffix: str = "", jobs: int = 1,
+                          stop_training_at: float | None = None, stop_at: float | None = None,
+                          on_results_written=None) -> list[dict]:
+    """Train, predict and score; writes ``results.csv``, ``results.md`` and ``results.png`` into ``out_dir``.
+
+    Args:
+        dataset_name_or_id: a planned and preprocessed dataset (its ``imagesUnlabeled``, if any, preprocessed too).
+        num_labeled: labeled counts as strings: integers, or ``"all"`` (stock nnU-Net on the full split).
+        trainers: semi-supervised trainer names; ``nnUNetTrainer`` is always added as the baseline.
+        epochs, iterations: the schedule, identical for every trainer.
+        out_dir: where results and predictions go. Each finished run leaves ``runs/<run>/scores.csv`` (and its
+            training log); a run whose scores are there is not trained, predicted or scored again, so committing
+            ``out_dir`` keeps finished runs across machines.
+        test_labels: folder with the labels of ``imagesTs``; None: evaluate on the fold's validation cases.
+        seed: seed of ``--order random`` and of every run (stock's repeat k: seed + k).
+        num_val: hold out the last ``num_val`` training cases as the one validation fold (see ``make_labeled_split``).
+        repeats: stock nnU-Net is trained this many times (seeds seed, seed + 1, ...): its run-to-run spread.
+        rampup_iterations: one unsupervised ramp length in steps for every method (None: each method's own).
+        predict_test: also predict ``imagesTs`` without labels and pack it as ``runs/<run>/test_predictions.tar.gz``.
+        checkpoint_every: epochs between ``checkpoint_latest.pth`` writes (None: nnU-Net's).
+        extra_columns: constant columns added to every row (e.g. the coarse mode's spacing).
+        score_ema_pair: also score the student and the teacher of every trainer with an EMA teacher, whichever is
+            deployed (``ema_pair.csv`` and a table in ``results.md``).
+        run_suffix: appended to the run names of the semi-supervised trainers (e.g. ``_ramp1500`` for a non-default
+            ramp); stock nnU-Net has no ramp, so its runs keep their names and are shared.
+        jobs: runs of one labeled count trained side by side as separate processes on the same device, the
+            data-loading workers (``nnUNet_n_proc_DA``) and CPU threads split between them; prediction and scoring
+            follow one run at a time. 1: one run after the other in this process.
+        stop_training_at: a ``time.time()`` value; runs still training then are killed (in worker processes, also
+            with ``jobs`` 1) and left to resume, their logs so far copied to ``unfinished/<run>/``.
+        stop_at: no prediction or scoring is started after this time.
+        on_results_written: called with no arguments each time the results files have been rewritten (after every
+            scored run), e.g. to copy them off the machine.
+    """
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_semi.data.dataset_io import save_json_atomic
+    from nnunet_semi.data.splits import SPLITS_FILE, full_splits, holdout_split, make_labeled_split
+
+    require_medpy()  # before hours of training, not at the first score
+    device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    dataset_name = resolve_dataset_name(dataset_name_or_id)
+    raw = join(require_env_folder("nnUNet_raw"), dataset_name)
+    preprocessed = join(require_env_folder("nnUNet_preprocessed"), dataset_name)
+    if not isfile(join(preprocessed, plans_identifier + ".json")):
+        raise SemiInputError(f"{dataset_name} is not planned: run nnUNetv2_plan_and_preprocess -d "
+                             f"{dataset_name_or_id} -c {configuration} (and nnUNetv2_semi_preprocess) first.")
+    if test_labels is not None and not isdir(test_labels):
+        raise SemiInputError(f"--test_labels {test_labels} is not a folder.")
+    if repeats < 1:
+        raise SemiInputError(f"--repeats {repeats}: give at least 1.")
+    if jobs < 1:
+        raise SemiInputError(f"--jobs {jobs}: give at least 1 (1 trains one run after the other).")
+    if num_val is not None and fold != 0:
+        raise SemiInputError(f"-f {fold} with --num_val: the held-out split has one fold, 0.")
+    plans, dataset_json = load_plans_and_dataset_json(preprocessed, plans_identifier)
+    labels = PlansManager(plans).get_label_manager(dataset_json).foreground_labels
+    all_trainers = [BASELINE_TRAINER] + [t for t in trainers if t != BASELINE_TRAINER]
+    classes = {t: resolve_trainer(t) for t in all_trainers}
+    info = provenance(device)
+    val_iterations = val_iterations if val_iterations is not None else max(1, iterations // 5)
+    os.makedirs(join(out_dir, "runs"), exist_ok=True)
+    if rampup_iterations is not None:
+        print(f"unsupervised ramp for every method: sigmoid over {rampup_iterations} iterations "
+              f"(of {epochs * iterations})")
+
+    rows, member_rows = [], []
+    for count in num_labeled:
+        if count == "all":  # the full split: stock nnU-Net on every label, the upper bound
+            full = full_splits(preprocessed, raw)
+            if num_val is not None:  # the same held-out cases as the labeled subsets
+                full = holdout_split(full, num_val)
+            save_json_atomic(full, join(preprocessed, SPLITS_FILE))
+            split, run_trainers = full[fold], [BASELINE_TRAINER]
+        else:
+            split = make_labeled_split(dataset_name, int(count), order, seed, num_val=num_val)[fold]
+            run_trainers = all_trainers
+        cases = _held_out_cases(raw, dataset_json, split, test_labels)
+        runs = []  # (name, repeat, schedule arguments of with_schedule)
+        for name in run_trainers:
+            for repeat in range(repeats if name == BASELINE_TRAINER else 1):
+                ramp_suffix = run_suffix if hasattr(classes[name], "unsup_rampup_iterations") else ""  # stock: none
+                tag = f"bench_{count}lab_{epochs}x{iterations}{ramp_suffix}" + (f"_r{repeat}" if repeat else "")
+                runs.append((name, repeat, (epochs, iterations, val_iterations, tag, rampup_iterations,
+                                            seed + repeat, checkpoint_every)))
+        stopped = []
+        if jobs > 1 or stop_training_at is not None:  # this count's split is on disk: train its runs first
+            pending = [(name, schedule) for name, _, schedule in runs
+                       if not isfile(join(out_dir, "runs", with_schedule(classes[name], *schedule).__name__,
+                                          "scores.csv"))]
+            stopped = _train_side_by_side(pending, jobs, plans, configuration, fold, dataset_json, device,
+                                          stop_training_at)
+        for name, repeat, schedule in runs:
+            trainer_cls = with_schedule(classes[name], *schedule)
+            run_dir = join(out_dir, "runs", trainer_cls.__name__)
+            scores_file, archive = join(run_dir, "scores.csv"), join(run_dir, "test_predictions.tar.gz")
+            if trainer_cls.__name__ in stopped:
+                _keep_unfinished_record(trainer_cls, plans, configuration, fold, dataset_json, out_dir)
+                continue
+            if isfile(scores_file) and (not predict_test or isfile(archive)):
+                print(f"{trainer_cls.__name__}: scored earlier ({scores_file}), skipping")
+                run_rows = _read_csv(scores_file)
+                rows += run_rows
+                if score_ema_pair:
+                    member_rows += _score_ema_pair(trainer_cls, run_rows[0], run_dir, cases, out_dir, plans,
+                                                   configuration, dataset_json, labels, device)
+                continue
+            if stop_at is not None and time.time() >= stop_at:
+                print(f"deadline: {trainer_cls.__name__} finished training but is not predicted or scored; run "
+                      f"the same command again to score it")
+                continue
+            output_folder = _train(trainer_cls, plans, configuration, fold, dataset_json, device)
+            predictions = join(out_dir, "predictions", trainer_cls.__name__)
+            _predict(trainer_cls, output_folder, plans, configuration, dataset_json, cases, predictions, device)
+            common = {"trainer": name, "num_labeled": count, "repeat": repeat,
+                      "deployed": _deployed_model(output_folder), "dataset": dataset_name,
+                      "configuration": configuration, "plans": plans_identifier, "fold": fold,
+                      "num_val": len(cases) if test_labels is None else "", "epochs": epochs,
+                      "iterations_per_epoch": iterations,
+                      "rampup_iterations": "" if rampup_iterations is None else rampup_iterations,
+                      "seed": seed + repeat,
+                      "evaluated_on": "imagesTs" if test_labels else f"fold {fold} val",
+                      **(extra_columns or {}), **info}
+            run_rows = _as_written(_score_run(cases, predictions, dataset_json, labels, common))
+            os.makedirs(run_dir, exist_ok=True)
+            _keep_run_record(output_folder, run_dir)
+            if predict_test:
+                _pack_test_predictions(trainer_cls, output_folder, plans, configuration, dataset_json, raw,
+                                       join(out_dir, "test_predictions", trainer_cls.__name__), archive, device)
+            _write_csv(run_rows, scores_file)  # last: its presence means the run is complete
+            rows += run_rows
+            if score_ema_pair:
+                member_rows += _score_ema_pair(trainer_cls, run_rows[0], run_dir, cases, out_dir, plans,
+                                               configuration, dataset_json, labels, device)
+            write_results(rows, out_dir, member_rows)  # after every run: a stopped command keeps its tables
+            if on_results_written is not None:
+                on_results_written()
+    if not rows:
+        print("no run finished: nothing to tabulate")
+        return rows
+    write_results(rows, out_dir, member_rows)
+    if on_results_written is not None:
+        on_results_written()
+    return rows
+
+
+def _score_ema_pair(trainer_cls: type, run_row: dict, run_dir: str, cases: dict, out_dir: str, plans: dict,
+                    configuration: str, dataset_json: dict, labels: list[int], device: torch.device) -> list[dict]:
+    """Student and teacher of one run, each scored on the held-out cases (``runs/<run>/ema_pair_scores.csv``, rows
+    with ``scored_model``); from the file when it exists, else from the run's checkpoint if it is still there."""
+    scores_file = join(run_dir, "ema_pair_scores.csv")
+    if isfile(scores_file):
+        return _read_csv(scores_file)
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    output_folder = get_output_folder(run_row["dataset"], trainer_cls.__name__, run_row["plans"], configuration,
+                                      int(run_row["fold"]))
+    if not isfile(join(output_folder, "checkpoint_final.pth")):
+        return []
+    pair = ema_pair_weights(output_folder)
+    rows = []
+    deployed_predictions = join(out_dir, "predictions", trainer_cls.__name__)
+    for member, weights in pair.items():
+        predictions = join(out_dir, "predictions", f"{trainer_cls.__name__}__{member}")
+        if member == run_row["deployed"] and all(
+                isfile(join(deployed_predictions, case + dataset_json["file_ending"])) for case in cases):
+            predictions = deployed_predictions  # the run's own predictions are this member's: not predicted twice
+        else:
+            _predict(trainer_cls, output_folder, plans, configuration, dataset_json, cases, predictions, device,
+                     weights)
+        common = {k: v for k, v in run_row.items() if k not in ("case", "class", *METRICS)} | {"scored_model": member}
+        rows += _as_written(_score_run(cases, predictions, dataset_json, labels, common))
+    if rows:
+        _write_csv(rows, scores_file)
+    return rows
+
+
+def write_results(rows: list[dict], out_dir: str, ema_pair_rows: list[dict] | None = None) -> None:
+    """results.csv (every row), results.md (mean ± std, gain and paired statistics against the baseline, and the
+    teacher against the student where ``ema_pair_rows`` are given: ema_pair.csv) and results.png."""
+    if not rows:
+        raise SemiInputError("no results to write: no trainer produced predictions.")
+    _write_csv(rows, join(out_dir, "results.csv"))
+    summary = summarize(rows)
+    info = rows[0]
+    lines = [f"# Quality: {info['dataset']}, {info['configuration']}, fold {info['fold']}, evaluated on "
+             f"{info['evaluated_on']}", "",
+             f"Schedule {info['epochs']} epochs x {info['iterations_per_epoch']} iterations for every trainer; "
+             f"commit {info['commit']}, nnU-Net {info['nnunetv2']}, torch {info['torch']}, device {info['device']}, "
+             f"{info['date']}. Mean ± std over cases (and foreground classes); distances are NaN-excluded means "
+             f"(a distance is undefined when a mask is empty). Gain: Dice points over nnUNetTrainer with the same "
+             f"labeled cases.", "",
+             "| labeled | trainer | deployed | Dice % | gain | Jaccard % | 95HD mm | ASD mm | 95HD vox | ASD vox |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (count, trainer), stats in summary.items():
+        cells = [f"{stats[m][0]:.2f} ± {stats[m][1]:.2f}" for m in METRICS]
+        gain = stats.get("gain")
+        lines.append(f"| {count} | {trainer} | {stats['deployed']} | {cells[0]} | "
+                     f"{'' if gain is None else f'{gain:+.2f}'} | {' | '.join(cells[1:])} |")
+    lines += ["", *paired_table(rows)]
+    if ema_pair_rows:
+        _write_csv(ema_pair_rows, join(out_dir, "ema_pair.csv"))
+        lines += ["", *ema_pair_table(ema_pair_rows)]
+    with open(join(out_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot_results(first_runs(rows), summary, join(out_dir, "results.png"))
+
+
+def ema_pair_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: the teacher against the student of the same run, case by case (deployed: which of the two
+    the checkpoint deploys)."""
+    lines = ["Teacher against student of the same run (Dice %, paired on the same cases; positive: the teacher is "
+             "better).", "",
+             "| labeled | trainer | deployed | student Dice % | teacher Dice % | mean Δ | median Δ | wins | losses | "
+             "95 % CI of mean Δ | Wilcoxon p |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for count, trainer in dict.fromkeys((r["num_labeled"], r["trainer"]) for r in rows):
+        run = [r for r in rows if r["num_labeled"] == count and r["trainer"] == trainer]
+        member = {m: _dice_by_case([r for r in run if r["scored_model"] == m]) for m in ("student", "teacher")}
+        deployed = run[0]["deployed"]
+        c = paired_comparison(member["teacher"], member["student"])
+        means = {m: np.mean(list(v.values())) if v else math.nan for m, v in member.items()}
+        lines.append(f"| {count} | {trainer} | {deployed} | {means['student']:.2f} | {means['teacher']:.2f} | "
+                     f"{c['mean']:+.2f} | {c['median']:+.2f} | {c['wins']} | {c['losses']} | "
+                     f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | {c['p_wilcoxon']:.3f} |")
+    return lines
+
+
+def _repeat(row: dict) -> int:
+    return int(row.get("repeat") or 0)  # results written before repeats existed have no column
+
+
+def first_runs(rows: list[dict]) -> list[dict]:
+    """The rows of every trainer's first run (stock's repeats left out)."""
+    return [r for r in rows if _repeat(r) == 0]
+
+
+def _dice_by_case(rows: list[dict]) -> dict:
+    """(case, class) -> Dice in % of one run's rows."""
+    return {(r["case"], r["class"]): 100 * float(r["dice"]) for r in rows}
+
+
+def paired_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: each trainer's per-case Dice difference to stock nnU-Net (its first run) with the same
+    labeled cases, and stock's own difference between its repeats (the run-to-run spread a gain must exceed)."""
+    lines = ["Paired against nnUNetTrainer (repeat 0) on the same cases: Dice difference in points, mean and median, "
+             "wins / losses out of N, a 95 % bootstrap interval of the mean and a two-sided Wilcoxon signed-rank p. "
+             "`nnUNetTrainer (repeat k)` rows are stock against itself: the run-to-run spread.", "",
+             "| labeled | trainer | N | mean Δ | median Δ | wins | losses | 95 % CI of mean Δ | Wilcoxon p |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for count in dict.fromkeys(r["num_labeled"] for r in rows):
+        runs = {}
+        for r in rows:
+            if r["num_labeled"] == count:
+                runs.setdefault((r["trainer"], _repeat(r)), []).append(r)
+        if (BASELINE_TRAINER, 0) not in runs:
+            continue
+        baseline = _dice_by_case(runs[(BASELINE_TRAINER, 0)])
+        for (trainer, repeat), run in runs.items():
+            if (trainer, repeat) == (BASELINE_TRAINER, 0):
+                continue
+            c = paired_comparison(_dice_by_case(run), baseline)
+            label = f"{trainer} (repeat {repeat})" if trainer == BASELINE_TRAINER else trainer
+            lines.append(f"| {count} | {label} | {c['n']} | {c['mean']:+.2f} | {c['median']:+.2f} | {c['wins']} | "
+                         f"{c['losses']} | [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | {c['p_wilcoxon']:.3f} |")
+    return lines
+
+
+def summarize(rows: list[dict]) -> dict:
+    """(labeled count, trainer) -> metric -> (mean, std) with Dice and Jaccard in %, plus 'gain' in Dice points and
+    'deployed' (what the checkpoint deploys); first runs (repeat 0) only."""
+    summary = {}
+    rows = first_runs(rows)  # stock's repeats are in the paired table
+    for key in dict.fromkeys((r["num_labeled"], r["trainer"]) for r in rows):
+        selected = [r for r in rows if (r["num_labeled"], r["trainer"]) == key]
+        stats = {"deployed": "/".join(sorted({str(r.get("deployed", "")) for r in selected}))}
+        for metric in METRICS:
+            values = np.array([r[metric] for r in selected], dtype=float)
+            values = values * 100 if metric in ("dice", "jaccard") else values
+            values = values[np.isfinite(values)]
+            stats[metric] = (float(values.mean()), float(values.std())) if len(values) else (math.nan, math.nan)
+        summary[key] = stats
+    for (count, trainer), stats in summary.items():
+        baseline = summary.get((count, BASELINE_TRAINER))
+        if baseline is not None and trainer != BASELINE_TRAINER:
+            stats["gain"] = stats["dice"][0] - baseline["dice"][0]
+    return summary
+
+
+@isolated_style
+def plot_results(rows: list[dict], summary: dict, filename: str) -> None:
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    counts = list(dict.fromkeys(r["num_labeled"] for r in rows))
+    trainers = list(dict.fromkeys(r["trainer"] for r in rows))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5))
+    for i, trainer in enumerate(trainers):
+        xs = [j for j, c in enumerate(counts) if (c, trainer) in summary]
+        means = [summary[(counts[j], trainer)]["dice"][0] for j in xs]
+        stds = [summary[(counts[j], trainer)]["dice"][1] for j in xs]
+        left.errorbar(np.array(xs) + 0.05 * i, means, yerr=stds, marker="o", capsize=3, label=trainer)
+        for j in xs:
+            values = list(_dice_by_case([r for r in rows if r["trainer"] == trainer
+                                         and r["num_labeled"] == counts[j]]).values())
+            right.scatter(np.full(len(values), j + 0.12 * (i - (len(trainers) - 1) / 2)), values, s=12,
+                          alpha=0.7, color=f"C{i}", label=trainer if j == xs[0] else None)
+    for axis in (left, right):
+        axis.set_xticks(range(len(counts)), [str(c) for c in counts])
+        axis.set_xlabel("labeled cases")
+        axis.set_ylabel("Dice %")
+        axis.grid(alpha=0.3)
+    left.set_title("mean ± std Dice")
+    right.set_title("per case and class")
+    left.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(filename)
+    plt.close(fig)

@@ -1,0 +1,141 @@
+"""``nnUNetv2_semi_benchmark report``: merge quality-benchmark result folders of one dataset and split protocol into
+one table and one plot, schedules kept apart, every run with its provenance, and the cells still missing listed."""
+
+from __future__ import annotations
+
+import glob
+import os
+from os.path import basename, dirname, isdir, isfile, join
+
+from nnunet_semi.errors import SemiInputError
+from nnunet_semi.tools.benchmark.common import BASELINE_TRAINER
+from nnunet_semi.tools.benchmark.quality import (
+    _read_csv,
+    _repeat,
+    _write_csv,
+    ema_pair_table,
+    first_runs,
+    paired_table,
+    plot_results,
+    summarize,
+)
+
+# what must agree for two folders' numbers to be compared at all
+PROTOCOL = ("dataset", "fold", "evaluated_on", "num_val")
+# what makes two runs of the same trainer different experiments, never averaged together
+SCHEDULE = ("plans", "configuration", "epochs", "iterations_per_epoch")
+
+
+def _runs_of(folder: str) -> list[dict]:
+    if not isdir(join(folder, "runs")):
+        raise SemiInputError(f"{folder} has no runs/ folder: give result folders of nnUNetv2_semi_benchmark quality.")
+    runs = []
+    for scores in sorted(glob.glob(join(folder, "runs", "*", "scores.csv"))):
+        rows = _read_csv(scores)
+        if not rows:
+            continue
+        pairs_file = join(dirname(scores), "ema_pair_scores.csv")
+        runs.append({"folder": folder, "run": basename(dirname(scores)), "rows": rows,
+                     "pairs": _read_csv(pairs_file) if isfile(pairs_file) else []})
+    return runs
+
+
+def merge_results(folders: list[str], out_dir: str) -> list[dict]:
+    """Merge the runs of ``folders`` into ``out_dir`` (results.csv, results.md, results.png); returns the rows.
+
+    Runs are identified by run name and commit: the same run copied into two folders counts once, while the same
+    trainer at two commits is kept as two rows, labeled ``<trainer> @<commit>``. Labeled counts are shown with
+    their schedule (``4 · 15x100``) so that runs of different schedules are never averaged or paired together;
+    within a schedule every trainer is paired against stock nnU-Net's repeat 0 and stock's repeats show its
+    run-to-run spread.
+    """
+    runs = [run for folder in folders for run in _runs_of(folder)]
+    if not runs:
+        raise SemiInputError(f"no finished runs (runs/*/scores.csv) in {', '.join(folders)}.")
+    protocols = {tuple(str(run["rows"][0].get(k, "")) for k in PROTOCOL): run["folder"] for run in runs}
+    if len(protocols) > 1:
+        described = "; ".join(f"{folder}: " + ", ".join(f"{k} {v}" for k, v in zip(PROTOCOL, protocol))
+                              for protocol, folder in protocols.items())
+        raise SemiInputError(f"the folders hold different datasets or split protocols and cannot be merged: "
+                             f"{described}.")
+    unique = {}
+    for run in runs:
+        unique.setdefault((run["run"], run["rows"][0].get("commit", "")), run)
+    runs = list(unique.values())
+
+    variants = {}  # (trainer, count, schedule) -> the (commit, ramp) pairs present
+    for run in runs:
+        first = run["rows"][0]
+        variants.setdefault((first["trainer"], first["num_labeled"], _schedule(first)), set()).add(_variant(first))
+    rows, pairs, provenance = [], [], []
+    for run in runs:
+        first = run["rows"][0]
+        present = variants[(first["trainer"], first["num_labeled"], _schedule(first))]
+        suffix = ""
+        if first["trainer"] != BASELINE_TRAINER:  # stock ignores ramps, and its commits train the same
+            commit, ramp = _variant(first)
+            if len({c for c, _ in present}) > 1:
+                suffix += f" @{commit}"
+            if len({r for _, r in present}) > 1:
+                suffix += f" ramp {ramp or 'own'}"
+        label = {"num_labeled": f"{first['num_labeled']} · {first['epochs']}x{first['iterations_per_epoch']}",
+                 "trainer": first["trainer"] + suffix, "source": run["folder"]}
+        rows += [r | label for r in run["rows"]]
+        pairs += [r | label for r in run["pairs"]]
+        provenance.append((label["num_labeled"], label["trainer"], _repeat(first), first.get("commit", ""),
+                           first.get("device", ""), first.get("date", ""), first.get("seed", ""),
+                           first.get("rampup_iterations", ""), run["run"], run["folder"]))
+    os.makedirs(out_dir, exist_ok=True)
+    _write_csv(rows, join(out_dir, "results.csv"))
+    summary = summarize(rows)
+    info = rows[0]
+    lines = [f"# Quality, merged: {info['dataset']}, fold {info['fold']}, evaluated on {info['evaluated_on']}", "",
+             f"From {', '.join(f'`{f}`' for f in folders)}. Labeled counts carry their schedule (epochs x iterations "
+             f"per epoch): rows of different schedules are never averaged or paired. A trainer run at several "
+             f"commits or unsupervised ramps is one row each (`@commit`, `ramp N`). Mean ± std over cases; gain: "
+             f"Dice points over {BASELINE_TRAINER} of the same labeled count and schedule.", "",
+             "| labeled · schedule | trainer | deployed | Dice % | gain | Jaccard % | 95HD mm | ASD mm |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (count, trainer), stats in summary.items():
+        gain = stats.get("gain")
+        cells = [f"{stats[m][0]:.2f} ± {stats[m][1]:.2f}" for m in ("dice", "jaccard", "hd95_mm", "asd_mm")]
+        lines.append(f"| {count} | {trainer} | {stats['deployed']} | {cells[0]} | "
+                     f"{'' if gain is None else f'{gain:+.2f}'} | {' | '.join(cells[1:])} |")
+    lines += ["", *paired_table(rows)]
+    if pairs:
+        lines += ["", *ema_pair_table(pairs)]
+    lines += ["", "Provenance of every run.", "",
+              "| labeled · schedule | trainer | repeat | commit | device | date | seed | ramp | run | folder |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {' | '.join(str(v) for v in entry)} |" for entry in sorted(provenance, key=str)]
+    lines += ["", *_missing_cells(rows)]
+    with open(join(out_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot_results(first_runs(rows), summary, join(out_dir, "results.png"))
+    return rows
+
+
+def _variant(row: dict) -> tuple[str, str]:
+    """(commit, unsupervised ramp) of a run: what may differ between runs of one trainer and schedule."""
+    return str(row.get("commit", "")), str(row.get("rampup_iterations", ""))
+
+
+def _schedule(row: dict) -> tuple:
+    return tuple(str(row.get(k, "")) for k in SCHEDULE)
+
+
+def _missing_cells(rows: list[dict]) -> list[str]:
+    """Markdown lines: the (labeled · schedule, trainer) cells without a run, over every count and trainer seen,
+    and the counts where stock has no second run (its spread unmeasured)."""
+    counts = list(dict.fromkeys(r["num_labeled"] for r in rows))
+    trainers = list(dict.fromkeys(r["trainer"].split(" @")[0] for r in rows))
+    present = {(r["num_labeled"], r["trainer"].split(" @")[0]) for r in rows}
+    missing = [f"`{trainer}` at {count}" for count in counts for trainer in trainers
+               if (count, trainer) not in present and not count.startswith("all")]
+    unrepeated = [count for count in counts
+                  if not any(r["num_labeled"] == count and r["trainer"] == BASELINE_TRAINER and _repeat(r) > 0
+                             for r in rows)]
+    lines = ["Cells still missing: " + (", ".join(missing) if missing else "none") + "."]
+    if unrepeated:
+        lines.append(f"Stock nnU-Net has a single run (no spread measured) at: {', '.join(unrepeated)}.")
+    return lines

@@ -1,0 +1,146 @@
+"""CPU smoke tests of nnUNetv2_semi_benchmark quality and speed (--tiny): files, columns, finite numbers."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+
+from nnunet_semi.tools.benchmark.cli import main, semi_trainers
+from nnunet_semi.tools.benchmark.quality import case_metrics
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_case_metrics_by_hand():
+    reference = np.zeros((10, 10, 10), np.uint8)
+    reference[2:6, 2:6, 2:6] = 1
+    prediction = np.zeros_like(reference)
+    prediction[3:7, 2:6, 2:6] = 1  # shifted by one voxel along the first axis
+    metrics = case_metrics(prediction, reference, (2.0, 1.0, 1.0), 1)
+    assert metrics["dice"] == pytest.approx(0.75) and metrics["jaccard"] == pytest.approx(0.6)
+    # the shift is 1 voxel = 2 mm along the first axis
+    assert metrics["hd95_vox"] == pytest.approx(1.0) and metrics["hd95_mm"] == pytest.approx(2.0)
+    empty = case_metrics(np.zeros_like(reference), reference, (1.0, 1.0, 1.0), 1)
+    assert empty["dice"] == 0.0 and math.isnan(empty["hd95_mm"])
+    assert case_metrics(np.zeros_like(reference), np.zeros_like(reference), (1, 1, 1), 1)["dice"] == 1.0
+
+
+def test_default_trainers_are_every_registered_method():
+    assert set(semi_trainers()) == {"nnUNetTrainerMeanTeacher", "nnUNetTrainerCPS", "nnUNetTrainerSGRS",
+                                    "nnUNetTrainerDualCCE", "nnUNetTrainerCIFP", "nnUNetTrainerNPCal"}
+
+
+@pytest.mark.slow
+def test_quality_tiny(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
+    monkeypatch.setenv("nnUNet_def_n_proc", "1")
+    main(["quality", "--tiny", "-o", str(tmp_path), "-tr", "nnUNetTrainerMeanTeacher"])
+    rows = _rows(tmp_path / "results.csv")
+    assert {(r["trainer"], r["num_labeled"]) for r in rows} == {
+        ("nnUNetTrainer", "2"), ("nnUNetTrainerMeanTeacher", "2"), ("nnUNetTrainer", "all")}
+    assert len(rows) == 3 * 4  # 4 test cases x 1 foreground class
+    for column in ("dice", "jaccard", "hd95_mm", "asd_mm", "hd95_vox", "asd_vox", "commit", "device", "seed",
+                   "epochs", "iterations_per_epoch", "case", "class"):
+        assert column in rows[0]
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    assert all(math.isfinite(float(r["hd95_mm"])) for r in rows if float(r["dice"]) > 0)
+    md = (tmp_path / "results.md").read_text()
+    assert "| 2 | nnUNetTrainerMeanTeacher |" in md and "| all | nnUNetTrainer |" in md
+    assert (tmp_path / "results.png").stat().st_size > 0
+    # finished runs are skipped on a second call
+    main(["quality", "--tiny", "-o", str(tmp_path), "-tr", "nnUNetTrainerMeanTeacher"])
+    assert capsys.readouterr().out.count("scored earlier") == 3
+
+
+@pytest.mark.slow
+def test_speed_tiny(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
+    main(["speed", "--tiny", "-o", str(tmp_path), "-tr", "nnUNetTrainerCPS"])
+    rows = _rows(tmp_path / "speed.csv")
+    assert [r["trainer"] for r in rows] == ["nnUNetTrainer", "nnUNetTrainerCPS"]
+    for r in rows:
+        for key in ("step_s_with_loading", "step_s_without_loading", "peak_memory_mb"):
+            assert math.isfinite(float(r[key])) and float(r[key]) > 0
+    assert float(rows[0]["step_s_with_loading_ratio"]) == 1.0
+    assert (tmp_path / "speed.md").read_text().count("| nnUNetTrainer") == 2
+    assert (tmp_path / "speed.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_speed_compute_only(tmp_path, monkeypatch):
+    """--compute_only times only the held-batch steps (the CPU stand-in for a GPU's compute ratio)."""
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
+    main(["speed", "--tiny", "-o", str(tmp_path), "-tr", "nnUNetTrainerMeanTeacher", "--compute_only",
+          "--steps", "2", "--warmup", "0"])
+    rows = _rows(tmp_path / "speed.csv")
+    assert [r["trainer"] for r in rows] == ["nnUNetTrainer", "nnUNetTrainerMeanTeacher"]
+    for r in rows:
+        assert math.isnan(float(r["step_s_with_loading"]))
+        assert float(r["step_s_without_loading"]) > 0 and r["warmup"] == "0" and r["steps"] == "2"
+    md = (tmp_path / "speed.md").read_text()
+    assert md.count("not timed") == 4 and "after 0 warm-up steps" in md
+
+
+def test_speed_refuses_zero_steps(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["speed", "--tiny", "-o", str(tmp_path), "--steps", "0"])
+    assert exit_info.value.code == 2
+    assert "--steps 0" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before the tiny dataset is written
+
+
+def _log_span(log_file):
+    """(first, last) timestamp of an nnU-Net training log, in seconds."""
+    from datetime import datetime
+
+    stamps = [datetime.strptime(line[:26], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+              for line in open(log_file) if line[:4].isdigit() and line[26:28] == ": "]
+    return stamps[0], stamps[-1]
+
+
+@pytest.mark.slow
+def test_quality_jobs_trains_runs_side_by_side(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_n_proc_DA", "2")
+    monkeypatch.setenv("nnUNet_def_n_proc", "1")
+    main(["quality", "--tiny", "-o", str(tmp_path), "-tr", "nnUNetTrainerMeanTeacher", "--jobs", "2"])
+    rows = _rows(tmp_path / "results.csv")
+    assert {(r["trainer"], r["num_labeled"]) for r in rows} == {
+        ("nnUNetTrainer", "2"), ("nnUNetTrainerMeanTeacher", "2"), ("nnUNetTrainer", "all")}
+    def training_log(run):  # one log: finding a finished run later opens no trainer (and no new log file)
+        logs = list((tmp_path / "runs" / run).glob("training_log_*.txt"))
+        assert len(logs) == 1 and "Epoch 0" in logs[0].read_text(), logs
+        return logs[0]
+
+    stock, mean_teacher = (training_log(r) for r in ("nnUNetTrainer__bench_2lab_2x4",
+                                                     "nnUNetTrainerMeanTeacher__bench_2lab_2x4"))
+    (a0, a1), (b0, b1) = _log_span(stock), _log_span(mean_teacher)
+    assert a0 < b1 and b0 < a1  # the two runs of 2 labeled trained at the same time
+    assert "Unlabeled cases" in mean_teacher.read_text()
+
+
+def test_quality_refuses_zero_jobs_before_writing_anything(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["quality", "--tiny", "-o", str(tmp_path / "out"), "--jobs", "0"])
+    assert "--jobs 0: give at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_quality_without_medpy_stops_before_anything(tmp_path, monkeypatch):
+    """medpy is the optional `benchmark` extra: without it the quality benchmark refuses at once, naming the fix."""
+    import importlib.util
+
+    from nnunet_semi.errors import SemiInputError
+    from nnunet_semi.tools.benchmark.quality import run_quality_benchmark
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "medpy" else
+                        real_find_spec(name, *a))
+    with pytest.raises(SemiInputError, match=r"nnunet-semi\[benchmark\]"):
+        run_quality_benchmark("Dataset999_Nothing", ["2"], [], 1, 1, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,174 @@
+"""The coarse real-data mode of the quality benchmark: spacing choice, held-out split, paired statistics, and one
+tiny end-to-end run through ``nnUNetv2_semi_benchmark quality --coarse`` with stock repeats and packed test
+predictions."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import tarfile
+
+import numpy as np
+import pytest
+from scipy.stats import wilcoxon
+
+from helpers import DATASET_ID
+from nnunet_semi.data.splits import make_labeled_split
+from nnunet_semi.errors import SemiInputError
+from nnunet_semi.tools.benchmark.cli import main
+from nnunet_semi.tools.benchmark.coarse import (
+    COARSE_PLANS,
+    check_spacing_leaves_a_patch,
+    coarse_features,
+    coarse_spacing_factor,
+    median_shape_at,
+)
+from nnunet_semi.tools.benchmark.statistics import paired_comparison
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_paired_comparison_by_hand():
+    baseline = {"a": 80.0, "b": 70.0, "c": 90.0, "d": 60.0, "e": 75.0, "only_baseline": 10.0}
+    method = {"a": 82.0, "b": 69.0, "c": 95.0, "d": 63.0, "e": math.nan, "only_method": 99.0}
+    result = paired_comparison(method, baseline)
+    diffs = np.array([2.0, -1.0, 5.0, 3.0])  # e is NaN, the unpaired keys are ignored
+    assert result["n"] == 4 and result["wins"] == 3 and result["losses"] == 1 and result["ties"] == 0
+    assert result["mean"] == pytest.approx(2.25) and result["median"] == pytest.approx(2.5)
+    assert result["p_wilcoxon"] == pytest.approx(wilcoxon(diffs).pvalue)
+    assert diffs.min() <= result["ci_low"] < result["mean"] < result["ci_high"] <= diffs.max()
+    assert paired_comparison(method, baseline) == result  # the bootstrap is seeded
+    same = paired_comparison(baseline, baseline)
+    assert same["mean"] == 0 and same["ties"] == 6 and same["p_wilcoxon"] == 1.0
+    assert paired_comparison({"a": 1.0}, {"b": 1.0})["n"] == 0
+
+
+def test_coarse_spacing_keeps_the_median_case_within_the_voxel_budget():
+    # three 100 x 200 x 200 cases at 3 x 1 x 1 mm (anisotropic): 8 M voxels at the planner's spacing
+    fingerprint = {"spacings": [[3.0, 1.0, 1.0]] * 3, "shapes_after_crop": [[100, 200, 200]] * 3}
+    fullres = np.array([3.0, 1.0, 1.0])
+    factor = coarse_spacing_factor(fullres, fingerprint, 50_000)
+    assert factor % 0.25 == 0 and factor > 1
+    assert np.prod(median_shape_at(fullres * factor, fingerprint)) <= 50_000
+    assert np.prod(median_shape_at(fullres * (factor - 0.25), fingerprint)) > 50_000  # the smallest such step
+    # a dataset already small enough is not coarsened
+    assert coarse_spacing_factor(fullres, {"spacings": [[3.0, 1, 1]], "shapes_after_crop": [[20, 40, 40]]},
+                                 50_000) == 1.0
+    assert coarse_features(4) == (16, 32, 64, 128) and coarse_features(6) == (16, 32, 64, 128, 128, 128)
+
+
+def test_a_spacing_that_leaves_no_patch_is_refused():
+    fingerprint = {"spacings": [[1.0, 1.0, 1.0]], "shapes_after_crop": [[40, 40, 40]]}
+    with pytest.raises(SemiInputError, match=r"--coarse_spacing 8 leaves no patch: the median case would be 5x5x5"):
+        check_spacing_leaves_a_patch(np.array([8.0] * 3), fingerprint, "--coarse_spacing 8")
+
+
+def test_held_out_split_validates_on_the_last_cases(planned_dataset):
+    split = make_labeled_split(DATASET_ID, 2, num_val=2)
+    cases = [f"case_{i:03d}" for i in range(6)]
+    assert len(split) == 1
+    assert split[0]["val"] == cases[4:] and split[0]["train"] == cases[:2] and split[0]["unlabeled"] == cases[2:4]
+    # the 5-fold split it replaced is kept as the original
+    original = json.loads((planned_dataset.preprocessed_dataset / "splits_final.original.json").read_text())
+    assert len(original) == 5
+    with pytest.raises(SemiInputError, match=r"--num_val 4 is out of range .* at most 3"):
+        make_labeled_split(DATASET_ID, 2, num_val=4)
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--num_val", "5"], "--num_val 5 is out of range for Dataset990_SemiSynthetic: with 6 labeled cases"),
+    ([], "--num_val 16 (the --coarse default) is out of range"),
+    (["--num_val", "2", "--coarse_voxels", "100"], "--coarse_voxels 100 leaves no patch"),
+    (["--num_val", "2", "--coarse_spacing", "5"], "--coarse_spacing 5 leaves no patch"),
+    (["--num_val", "2", "--repeats", "0"], "--repeats 0"),
+])
+def test_bad_coarse_options_get_one_line_errors(planned_dataset, capsys, option, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quality", "-d", str(DATASET_ID), "--coarse", "--num_labeled", "2", "-o",
+              str(planned_dataset.results / "bench"), *option])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after nnU-Net's own progress bars, if it planned
+    assert error.startswith("nnUNetv2_semi_benchmark: error: ") and message in error
+
+
+@pytest.mark.slow
+def test_coarse_quality_end_to_end(planned_dataset, monkeypatch, capsys):
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
+    monkeypatch.setenv("nnUNet_def_n_proc", "1")
+    out = planned_dataset.results / "bench"
+    argv = ["quality", "-d", str(DATASET_ID), "--coarse", "--coarse_voxels", "4096", "--num_labeled", "2",
+            "--num_val", "2", "--epochs", "2", "--iterations", "2", "--repeats", "2",
+            "-tr", "nnUNetTrainerMeanTeacher", "-o", str(out)]
+    main(argv)
+    printed = capsys.readouterr().out
+    assert "unsupervised ramp over 2 iterations for every method" in printed  # 40 % of 2 x 2
+
+    plans = json.loads((planned_dataset.preprocessed_dataset / f"{COARSE_PLANS}.json").read_text())
+    configuration = plans["configurations"]["3d_fullres"]
+    assert list(plans["configurations"]) == ["3d_fullres"]
+    assert np.prod(configuration["patch_size"]) <= 4096 and min(configuration["spacing"]) > 1.0
+    assert configuration["architecture"]["arch_kwargs"]["features_per_stage"][0] == 16
+    native = json.loads((planned_dataset.preprocessed_dataset / "nnUNetPlans.json").read_text())
+    assert native["configurations"]["3d_fullres"]["spacing"] == [1.0, 1.0, 1.0]  # the dataset's plans untouched
+
+    rows = _rows(out / "results.csv")
+    runs = {(r["trainer"], r["repeat"]) for r in rows}
+    assert runs == {("nnUNetTrainer", "0"), ("nnUNetTrainer", "1"), ("nnUNetTrainerMeanTeacher", "0")}
+    assert len(rows) == 3 * 2 and {r["case"] for r in rows} == {"case_004", "case_005"}
+    assert {r["deployed"] for r in rows if r["trainer"] == "nnUNetTrainer"} == {"network"}
+    assert {r["deployed"] for r in rows if r["trainer"] != "nnUNetTrainer"} == {"student"}  # declared, not chosen
+    assert {r["rampup_iterations"] for r in rows} == {"2"} and {r["seed"] for r in rows} == {"12345", "12346"}
+    assert {r["plans"] for r in rows} == {COARSE_PLANS} and rows[0]["patch_size"] and rows[0]["spacing_mm"]
+    md = (out / "results.md").read_text()
+    assert "| 2 | nnUNetTrainer (repeat 1) | 2 |" in md and "| 2 | nnUNetTrainerMeanTeacher | 2 |" in md
+
+    run = out / "runs" / "nnUNetTrainerMeanTeacher__bench_2lab_2x2"
+    log = next(run.glob("training_log*.txt")).read_text()
+    assert "sigmoid ramp over 2 iterations for" in log and (run / "progress.png").is_file()
+    curves = _rows(run / "curves.csv")
+    assert [c["epoch"] for c in curves] == ["0", "1"]
+    assert all(math.isfinite(float(c[k])) for c in curves for k in ("train_losses", "mean_fg_dice", "lrs"))
+    assert "semi_loss_consistency" in curves[0] and "semi_teacher_dice" in curves[0]
+    with tarfile.open(run / "test_predictions.tar.gz") as tar:
+        assert sorted(tar.getnames()) == ["test_000.nii.gz", "test_001.nii.gz"]
+
+    # finished runs come from their scores, even without the trained models
+    import shutil
+
+    shutil.rmtree(planned_dataset.results / "Dataset990_SemiSynthetic")
+    main(argv)
+    assert capsys.readouterr().out.count("scored earlier") == 3
+    assert _rows(out / "results.csv") == rows
+
+
+@pytest.mark.slow
+def test_ema_pair_scores_student_and_teacher(semi_dataset, monkeypatch):
+    """--score_ema_pair scores both members of a mean-teacher checkpoint: the deployed one from the run's own
+    predictions (not predicted twice), the other predicted with its weights; both members' rows are written and
+    tabulated."""
+    from nnunet_semi.tools.benchmark.quality import ema_pair_weights, run_quality_benchmark
+
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
+    out = semi_dataset.results / "bench"
+    rows = run_quality_benchmark(DATASET_ID, ["2"], ["nnUNetTrainerMeanTeacher"], 2, 3, str(out),
+                                 score_ema_pair=True)
+    pair = _rows(out / "ema_pair.csv")
+    assert {r["scored_model"] for r in pair} == {"student", "teacher"} and len(pair) == 2 * len(
+        [r for r in rows if r["trainer"] == "nnUNetTrainerMeanTeacher"])
+    deployed = pair[0]["deployed"]
+    main_dice = {r["case"]: r["dice"] for r in rows if r["trainer"] == "nnUNetTrainerMeanTeacher"}
+    assert {r["case"]: r["dice"] for r in pair if r["scored_model"] == deployed} == main_dice
+    other = "teacher" if deployed == "student" else "student"
+    predicted = {p.name for p in (out / "predictions").iterdir()}
+    assert "nnUNetTrainerMeanTeacher__bench_2lab_2x3__" + other in predicted
+    assert "nnUNetTrainerMeanTeacher__bench_2lab_2x3__" + deployed not in predicted
+    assert {r["case"]: r["dice"] for r in pair if r["scored_model"] == other} != main_dice
+    folder = next((semi_dataset.results / "Dataset990_SemiSynthetic").glob("nnUNetTrainerMeanTeacher__*")) / "fold_0"
+    weights = ema_pair_weights(str(folder))
+    assert set(weights) == {"student", "teacher"}
+    assert any(not (weights["student"][k] == weights["teacher"][k]).all() for k in weights["student"])
+    assert "Teacher against student of the same run" in (out / "results.md").read_text()

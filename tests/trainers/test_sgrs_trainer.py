@@ -1,0 +1,91 @@
+"""nnUNetTrainerSGRS on the tiny planned dataset: terms, region statistics, variants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import make_trainer, next_batches
+from nnunet_semi.components.ema import ema_momentum
+from nnunet_semi.methods import nnUNetTrainerSGRS, nnUNetTrainerSGRS_doubleEMA
+
+
+class _Tiny:
+    epochs, iterations_per_epoch, val_iterations_per_epoch = 4, 2, 1
+
+
+def test_sgrs_step_reports_terms_and_a_full_region_partition(semi_dataset):
+    trainer = make_trainer(semi_dataset, type("TinySGRS", (_Tiny, nnUNetTrainerSGRS), {}))
+    assert trainer.unsup_rampup_iterations == 6000 and trainer.unsup_weight == 1.0
+    # the student sees the plain unlabeled crop: the strong pipeline is empty unless student_uses_strong_view
+    assert len(trainer.dataloader_unlabeled.data_loader.strong_transforms.pipeline.transforms) == 0
+    out = trainer.train_step(next(trainer.dataloader_train))
+    assert {"loss_sup", "loss_pseudo_ce", "loss_pseudo_dice"} <= set(out)
+    fractions = [out[f"stat_{k}"] for k in ("agree_certain_fraction", "disagree_certain_fraction",
+                                              "ambiguous_fraction")]
+    assert all(0 <= f <= 1 for f in fractions) and sum(fractions) == pytest.approx(1.0, abs=1e-6)
+    assert np.isfinite(out["loss"]) and out["loss_pseudo_dice"] >= 0 and out["loss_pseudo_ce"] >= 0
+    # the epoch end logs and plots them with the base's curves
+    trainer.on_train_epoch_end([out])
+    assert trainer.logger.get_value("semi_ambiguous_fraction", step=-1) == pytest.approx(fractions[2])
+
+
+def test_double_ema_variant_is_the_current_releases_update_with_its_weight_shrink(semi_dataset):
+    trainer = make_trainer(semi_dataset, type("TinySGRSDouble", (_Tiny, nnUNetTrainerSGRS_doubleEMA), {}))
+    assert trainer.student_weight_shrink == 2e-4
+    trainer.train_step(next(trainer.dataloader_train))
+    before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    shrink = 1 - trainer.student_weight_shrink
+    trainer.optimizer.step = lambda *args, **kwargs: None  # isolate the updates after the optimizer step
+    student_before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    trainer.train_step(next(trainer.dataloader_train))
+    student = trainer.network.state_dict()
+    m1, m2 = trainer.teacher_momentum, ema_momentum(1, trainer.teacher_momentum)
+    for k, v in trainer.teacher.state_dict().items():
+        if v.dtype.is_floating_point:
+            torch.testing.assert_close(student[k], shrink * student_before[k])  # the student's weights shrink
+            # a fixed-0.99 EMA toward the unshrunk student, then the warm-up EMA toward the shrunk one
+            once = m1 * before[k] + (1 - m1) * student_before[k]
+            torch.testing.assert_close(v, m2 * once + (1 - m2) * student[k])
+
+
+def test_release_supervised_weight_halves_the_supervised_term(semi_dataset):
+    from nnunet_semi.methods import nnUNetTrainerSGRS_releaseSupervisedWeight
+
+    trainer = make_trainer(semi_dataset, type("TinySGRSRelease", (_Tiny, nnUNetTrainerSGRS), {}))
+    labeled, unlabeled = next_batches(trainer)
+    with torch.no_grad():
+        torch.manual_seed(2)
+        full = trainer.compute_losses(labeled, unlabeled)["sup"]
+        trainer.supervised_weight = nnUNetTrainerSGRS_releaseSupervisedWeight.supervised_weight
+        torch.manual_seed(2)
+        half = trainer.compute_losses(labeled, unlabeled)["sup"]
+    torch.testing.assert_close(half, 0.5 * full)
+
+
+@pytest.mark.parametrize("views", [("plain", "mixed"), ("plain",)])
+def test_regional_loss_supervises_the_declared_views_only(semi_dataset, views):
+    """The pseudo-label terms send gradient into the student's input rows of the views they supervise: the plain
+    unlabeled rows always, the mixed rows unless the one-view ablation drops them, the labeled rows never."""
+    trainer = make_trainer(semi_dataset, type("TinySGRSViews", (_Tiny, nnUNetTrainerSGRS),
+                                              {"pseudo_label_views": views}))
+    labeled, unlabeled = next_batches(trainer)
+    captured = {}
+
+    class CaptureInput(torch.nn.Module):
+        def __init__(self, network):
+            super().__init__()
+            self.network = network
+
+        def forward(self, x):
+            captured["x"] = x = x.detach().requires_grad_(True)
+            return self.network(x)
+
+    trainer.network = CaptureInput(trainer.network)
+    terms = trainer.compute_losses(labeled, unlabeled)
+    (terms["pseudo_ce"] + terms["pseudo_dice"]).backward()
+    grad = captured["x"].grad.abs().flatten(1).sum(1)
+    n_l, n_u = labeled["data"].shape[0], unlabeled["data_weak"].shape[0]
+    assert (grad[:n_l] == 0).all() and (grad[n_l:n_l + n_u] > 0).all()
+    assert ((grad[n_l + n_u:] > 0).all() if "mixed" in views else (grad[n_l + n_u:] == 0).all())

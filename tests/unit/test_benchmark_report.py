@@ -1,0 +1,71 @@
+"""nnUNetv2_semi_benchmark report: merging result folders (issue #21 item 2), on hand-written scores."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from nnunet_semi.tools.benchmark.cli import main
+from nnunet_semi.tools.benchmark.quality import METRICS
+
+
+def _write_run(folder, run, trainer, dice, commit, epochs=15, repeat=0, dataset="Dataset101_LA", ramp="600"):
+    rows = []
+    for i, value in enumerate(dice):
+        rows.append({"trainer": trainer, "num_labeled": "4", "case": f"LA_{64 + i:03d}", "class": 1,
+                     **{m: value if m in ("dice", "jaccard") else 1.0 for m in METRICS}, "repeat": repeat,
+                     "deployed": "network", "dataset": dataset, "configuration": "3d_fullres",
+                     "plans": "nnUNetPlans_coarse", "fold": 0, "num_val": 4, "epochs": epochs,
+                     "iterations_per_epoch": 100, "rampup_iterations": ramp, "seed": 12345 + repeat,
+                     "evaluated_on": "fold 0 val", "commit": commit, "device": "cpu (2 cores)",
+                     "date": "2026-12-02 00:00 UTC"})
+    (folder / "runs" / run).mkdir(parents=True)
+    with open(folder / "runs" / run / "scores.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_report_merges_folders_keeps_schedules_and_commits_apart_and_lists_missing_cells(tmp_path, capsys):
+    old, new = tmp_path / "old", tmp_path / "new"
+    stock = [0.80, 0.82, 0.84, 0.86]
+    for folder in (old, new):  # the same stock run copied into both folders counts once
+        _write_run(folder, "nnUNetTrainer__bench_4lab_15x100", "nnUNetTrainer", stock, "aaaa")
+    _write_run(old, "nnUNetTrainerMeanTeacher__bench_4lab_15x100", "nnUNetTrainerMeanTeacher",
+               [0.78, 0.80, 0.82, 0.84], "aaaa")
+    _write_run(new, "nnUNetTrainerMeanTeacher__bench_4lab_15x100", "nnUNetTrainerMeanTeacher",
+               [0.82, 0.84, 0.86, 0.88], "bbbb")
+    _write_run(new, "nnUNetTrainer__bench_4lab_15x100_r1", "nnUNetTrainer", [0.81, 0.82, 0.83, 0.87], "bbbb",
+               repeat=1)
+    _write_run(new, "nnUNetTrainer__bench_4lab_30x100", "nnUNetTrainer", stock, "bbbb", epochs=30)
+    main(["report", str(old), str(new), "-o", str(tmp_path / "merged")])
+    md = (tmp_path / "merged" / "results.md").read_text()
+    assert capsys.readouterr().out.startswith("# Quality, merged: Dataset101_LA")
+    # one stock row per schedule, the trainer at two commits as two rows, each paired against stock
+    assert md.count("| 4 · 15x100 | nnUNetTrainer | network | 83.00 ± 2.24 |") == 1
+    assert "| 4 · 15x100 | nnUNetTrainerMeanTeacher @aaaa | network | 81.00 ± 2.24 | -2.00 |" in md
+    assert "| 4 · 15x100 | nnUNetTrainerMeanTeacher @bbbb | network | 85.00 ± 2.24 | +2.00 |" in md
+    assert "| 4 · 15x100 | nnUNetTrainerMeanTeacher @bbbb | 4 | +2.00 | +2.00 | 4 | 0 |" in md
+    assert "| 4 · 15x100 | nnUNetTrainer (repeat 1) | 4 |" in md  # stock's spread
+    # the 30-epoch stock run is a schedule of its own: not averaged in, and its missing cells are listed
+    assert "| 4 · 30x100 | nnUNetTrainer | network | 83.00 ± 2.24 |" in md
+    assert "Cells still missing: `nnUNetTrainerMeanTeacher` at 4 · 30x100." in md
+    assert "single run (no spread measured) at: 4 · 30x100" in md
+    assert "| aaaa | cpu (2 cores) |" in md and (tmp_path / "merged" / "results.png").stat().st_size > 0
+    with open(tmp_path / "merged" / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4 * 5  # 5 distinct runs x 4 cases
+
+
+def test_report_refuses_folders_of_different_datasets(tmp_path, capsys):
+    _write_run(tmp_path / "la", "nnUNetTrainer__bench_4lab_15x100", "nnUNetTrainer", [0.8], "aaaa")
+    _write_run(tmp_path / "acdc", "nnUNetTrainer__bench_4lab_15x100", "nnUNetTrainer", [0.8], "aaaa",
+               dataset="Dataset027_ACDC")
+    with pytest.raises(SystemExit):
+        main(["report", str(tmp_path / "la"), str(tmp_path / "acdc"), "-o", str(tmp_path / "merged")])
+    err = capsys.readouterr().err
+    assert "different datasets or split protocols" in err and "Dataset027_ACDC" in err and "Dataset101_LA" in err
+    assert not (tmp_path / "merged").exists()
+    with pytest.raises(SystemExit):
+        main(["report", str(tmp_path / "nothing"), "-o", str(tmp_path / "merged")])
+    assert "has no runs/ folder" in capsys.readouterr().err

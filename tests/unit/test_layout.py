@@ -1,0 +1,38 @@
+"""The package's layers (README, Layout): each module imports only from its own layer or the layers before it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import nnunet_semi
+
+LAYERS = ["errors", "components", "data", "trainer", "methods", "tools", "cli"]
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "nnunet_semi" else None
+
+
+def test_modules_import_only_from_earlier_layers():
+    root = Path(nnunet_semi.__file__).parent
+    wrong = []
+    for path in root.rglob("*.py"):
+        own = path.relative_to(root).parts[0].removesuffix(".py")
+        if own == "__init__":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                target = _layer(name)
+                if target is not None and LAYERS.index(target) > LAYERS.index(own):
+                    wrong.append(f"{path.relative_to(root)} imports {name}")
+    assert not wrong, wrong
+
+
+def test_every_library_module_is_in_a_layer():
+    root = Path(nnunet_semi.__file__).parent
+    top = {p.name.removesuffix(".py") for p in root.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
+    assert top - {"__init__", "ext_trainers"} == set(LAYERS)  # ext_trainers: trainers/ in a wheel
