@@ -209,7 +209,9 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
 
     def get_dataloaders(self):
         total_workers = get_allowed_n_proc_DA()
-        # split the worker budget between labeled and unlabeled loading instead of doubling the processes
+        # split the worker budget between labeled and unlabeled loading instead of doubling the processes; nnU-Net
+        # 2.8's get_dataloaders reads its worker count only from get_allowed_n_proc_DA() (nnUNet_n_proc_DA), so the
+        # variable is set for that one call rather than copying the method
         labeled_workers = (total_workers + 1) // 2 if total_workers > 1 else total_workers
         with _env("nnUNet_n_proc_DA", str(labeled_workers)):
             dataloader_train, dataloader_val = super().get_dataloaders()
@@ -303,6 +305,9 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
 
     def log_step_statistic(self, name: str, value: torch.Tensor | float) -> None:
         """Record a per-step statistic (averaged per epoch and plotted); names must be in ``statistics``."""
+        if name not in self.statistics:  # else it would be averaged nowhere and vanish from the logs
+            raise ValueError(f"{type(self).__name__} logs the statistic {name!r}, which its `statistics` "
+                             f"{self.statistics} does not declare: add it there.")
         self._step_statistics[name] = float(value)
 
     def train_step(self, batch: dict) -> dict:
@@ -316,6 +321,7 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             terms = self.compute_losses(labeled, unlabeled)
+            self._check_terms(terms)
             total = self.combine_losses(terms, ramp)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(total).backward()
@@ -336,6 +342,13 @@ class SemiSupervisedTrainerBase(nnUNetTrainer):
         out.update({f"loss_{k}": v.detach().float().cpu().numpy() for k, v in terms.items()})
         out.update({f"stat_{k}": np.float64(v) for k, v in self._step_statistics.items()})
         return out
+
+    def _check_terms(self, terms: dict) -> None:
+        """``compute_losses`` returns exactly the declared ``loss_terms``: an undeclared term would train unlogged,
+        a missing one would break the epoch's log."""
+        if set(terms) != set(self.loss_terms):
+            raise ValueError(f"{type(self).__name__}.compute_losses returned the terms {sorted(terms)}, but its "
+                             f"`loss_terms` declares {list(self.loss_terms)}: make them the same.")
 
     def _average_auxiliary_gradients(self) -> None:
         """Under DDP, average the gradients of trainable auxiliary modules (heads) that no DDP wrapper syncs, so

@@ -405,3 +405,24 @@ def test_cps_trains_both_networks_with_one_optimizer(semi_dataset):
         assert any(not torch.equal(v, before[k]) for k, v in module.state_dict().items())
     trainer.lr_scheduler.step(3)
     assert trainer.optimizer.param_groups[0]["lr"] == trainer.optimizer.param_groups[1]["lr"] < trainer.initial_lr
+
+
+class _UndeclaredStatistic(_TinyMeanTeacher):
+    def compute_losses(self, labeled, unlabeled):
+        terms = super().compute_losses(labeled, unlabeled)
+        self.log_step_statistic("made_up_fraction", 0.5)
+        return terms
+
+
+class _UndeclaredTerm(_TinyMeanTeacher):
+    def compute_losses(self, labeled, unlabeled):
+        return super().compute_losses(labeled, unlabeled) | {"extra": torch.zeros((), requires_grad=True)}
+
+
+@pytest.mark.parametrize("cls, named", [(_UndeclaredStatistic, "made_up_fraction"), (_UndeclaredTerm, "extra")])
+def test_undeclared_statistics_and_terms_are_refused_at_the_first_step(semi_dataset, cls, named):
+    """The method contract: every statistic and term a method produces is declared, so none vanishes from the logs
+    or trains unlogged."""
+    trainer = _make_trainer(semi_dataset, cls)
+    with pytest.raises(ValueError, match=named):
+        trainer.train_step(next(trainer.dataloader_train))
