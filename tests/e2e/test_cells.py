@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_semi.tools import offline
 from nnunet_semi.errors import SemiInputError
+from nnunet_semi.tools import offline
 from nnunet_semi.tools.benchmark import cells
 from nnunet_semi.tools.benchmark.cli import main
 from nnunet_semi.tools.benchmark.common import resolve_trainer
