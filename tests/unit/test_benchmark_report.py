@@ -69,3 +69,30 @@ def test_report_refuses_folders_of_different_datasets(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["report", str(tmp_path / "nothing"), "-o", str(tmp_path / "merged")])
     assert "has no runs/ folder" in capsys.readouterr().err
+
+
+def test_report_rewrites_the_marked_readme_block_only(tmp_path, capsys):
+    from nnunet_semi.tools.benchmark.report import README_BEGIN, README_END
+
+    folder = tmp_path / "cell"
+    _write_run(folder, "nnUNetTrainer__bench_4lab_15x100", "nnUNetTrainer", [0.80, 0.82, 0.84, 0.86], "aaaa")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Project\n\nbefore\n{README_BEGIN}\nold table\n{README_END}\nafter\n")
+    main(["report", str(folder), "-o", str(tmp_path / "merged"), "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("# Project\n\nbefore\n") and text.endswith(f"{README_END}\nafter\n")
+    assert "old table" not in text and "| 4 · 15x100 | nnUNetTrainer | network | 83.00 ± 2.24 |" in text
+    assert "produced by: nnUNetv2_semi_benchmark report" in text and "# Quality, merged" not in text
+    main(["report", str(folder), "-o", str(tmp_path / "merged"), "--readme", str(readme)])
+    assert readme.read_text() == text  # a second run rewrites the same block in place
+
+
+def test_report_refuses_a_readme_without_markers(tmp_path, capsys):
+    folder = tmp_path / "cell"
+    _write_run(folder, "nnUNetTrainer__bench_4lab_15x100", "nnUNetTrainer", [0.80, 0.82, 0.84, 0.86], "aaaa")
+    readme = tmp_path / "README.md"
+    readme.write_text("# Project\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(folder), "-o", str(tmp_path / "merged"), "--readme", str(readme)])
+    assert exit_info.value.code == 2 and "needs exactly one" in capsys.readouterr().err
+    assert readme.read_text() == "# Project\n"

@@ -91,6 +91,9 @@ def main(argv=None) -> None:
     report = sub.add_parser("report", help="merge quality result folders of one dataset and split protocol")
     report.add_argument("folders", nargs="+", help="result folders of nnUNetv2_semi_benchmark quality")
     report.add_argument("-o", required=True, help="output folder of the merged table and plot")
+    report.add_argument("--readme", default=None,
+                        help="also rewrite the marked results block of this file (the project's README) with the "
+                             "merged tables")
     cell = sub.add_parser("cell", help="one named cell of the cell table, start to finish in one command "
                                        "(scripts/run_cell.sh installs the offline wheels first)")
     cell.add_argument("name", nargs="?", help="the cell (--list: the table)")
@@ -111,10 +114,16 @@ def main(argv=None) -> None:
                        help="write a labeled split first (needed when the dataset has no imagesUnlabeled)")
     args = parser.parse_args(argv)
     if args.command == "report":
-        from nnunet_semi.tools.benchmark.report import merge_results
+        from nnunet_semi.tools.benchmark.report import merge_results, write_into_readme
 
         try:
+            if args.readme is not None and not os.path.isfile(args.readme):
+                raise SemiInputError(f"--readme {args.readme}: no such file.")
             merge_results(args.folders, args.o)
+            if args.readme is not None:
+                command = " ".join(["nnUNetv2_semi_benchmark report", *args.folders, "-o", args.o, "--readme",
+                                    args.readme])
+                write_into_readme(join(args.o, "results.md"), args.readme, command)
         except SemiInputError as e:
             print(f"nnUNetv2_semi_benchmark: error: {e}", file=sys.stderr)
             sys.exit(2)

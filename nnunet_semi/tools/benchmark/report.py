@@ -139,3 +139,24 @@ def _missing_cells(rows: list[dict]) -> list[str]:
     if unrepeated:
         lines.append(f"Stock nnU-Net has a single run (no spread measured) at: {', '.join(unrepeated)}.")
     return lines
+
+
+README_BEGIN = "<!-- nnUNetv2_semi_benchmark report: begin -->"
+README_END = "<!-- nnUNetv2_semi_benchmark report: end -->"
+
+
+def write_into_readme(results_md: str, readme: str, command: str) -> None:
+    """Replace the block between ``README_BEGIN`` and ``README_END`` in ``readme`` with the merged
+    ``results_md`` (its title dropped) and the command that produced it; one atomic write."""
+    text = open(readme).read()
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1 or \
+            text.index(README_BEGIN) > text.index(README_END):
+        raise SemiInputError(f"{readme} needs exactly one '{README_BEGIN}' line followed by one '{README_END}' "
+                             f"line around the block that report may rewrite.")
+    body = open(results_md).read().split("\n", 1)[1].strip()
+    block = f"{README_BEGIN}\n<!-- produced by: {command}; edits here are overwritten -->\n\n{body}\n\n{README_END}"
+    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    tmp = f"{readme}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text[:start] + block + text[end:])
+    os.replace(tmp, readme)
