@@ -134,7 +134,9 @@ def test_sigkill_at_any_moment_then_resume_until_the_run_finishes(planned_datase
     command = ["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", cls.__name__, "-device", "cpu"]
 
     # kill points: while a checkpoint's temporary file is complete but not yet renamed, or a number of seconds
-    # after the start's training log appears (inside an epoch, a validation or a save); the last start finishes
+    # after the start's second epoch began (inside an epoch, a validation or a save; counted from there, not from
+    # the log's creation, so that on a slow or loaded machine the start has written a checkpoint first and the
+    # next one resumes); the last start finishes
     kills = ["during_write", 1.5, "during_write", 3.0, "during_write", 0.5, None]
     epoch_line = re.compile(r": Epoch (\d+) *$", re.M)
     expected_starts, fired, first_epochs = [], [], []
@@ -145,8 +147,10 @@ def test_sigkill_at_any_moment_then_resume_until_the_run_finishes(planned_datase
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         log_seen = None
         while process.poll() is None and kill is not None:
-            if log_seen is None and set(fold.glob("training_log_*.txt")) - logs_before:
-                log_seen = time.time()
+            if log_seen is None and isinstance(kill, float):
+                new_logs = set(fold.glob("training_log_*.txt")) - logs_before
+                if any(len(epoch_line.findall(log.read_text())) >= 2 for log in new_logs):
+                    log_seen = time.time()
             in_write = any(".tmp-" in p.name for p in fold.glob("checkpoint_*.pth.tmp-*"))
             if (kill == "during_write" and in_write) or \
                     (isinstance(kill, float) and log_seen is not None and time.time() - log_seen > kill):
