@@ -78,14 +78,17 @@ def _held_out_cases(raw: str, dataset_json: dict, split: dict, test_labels: str 
     return cases
 
 
+def _fold_folder(trainer_cls: type, plans: dict, configuration: str, fold: int) -> str:
+    """The run's nnU-Net output folder, by nnU-Net's own rule (``nnUNet_results/<dataset>/<trainer>__<plans>__<c>``)."""
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    return get_output_folder(plans["dataset_name"], trainer_cls.__name__, plans["plans_name"], configuration, fold)
+
+
 def _train(trainer_cls: type, plans: dict, configuration: str, fold: int, dataset_json: dict,
            device: torch.device) -> str:
     """Train (or resume, or skip when finished); returns the fold's output folder."""
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
-
-    # nnU-Net's folder rule, so that a finished run is skipped without a trainer (which opens a new log file)
-    output_folder = get_output_folder(plans["dataset_name"], trainer_cls.__name__, plans["plans_name"], configuration,
-                                      fold)
+    output_folder = _fold_folder(trainer_cls, plans, configuration, fold)  # no trainer (it would open a log file)
     if isfile(join(output_folder, "checkpoint_final.pth")):
         print(f"{trainer_cls.__name__}: finished earlier, skipping training")
         return output_folder
@@ -286,12 +289,7 @@ def _keep_run_record(output_folder: str, run_dir: str) -> None:
 def _keep_unfinished_record(trainer_cls: type, plans: dict, configuration: str, fold: int, dataset_json: dict,
                             out_dir: str) -> None:
     """A run stopped by the deadline: its training logs and progress plots so far, in ``unfinished/<run>/``."""
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    plans_manager = PlansManager(plans)
-    output_folder = get_output_folder(plans_manager.dataset_name, trainer_cls.__name__, plans_manager.plans_name,
-                                      configuration, fold)
+    output_folder = _fold_folder(trainer_cls, plans, configuration, fold)
     record = join(out_dir, "unfinished", trainer_cls.__name__)
     os.makedirs(record, exist_ok=True)
     if isdir(output_folder):
@@ -476,10 +474,7 @@ def _score_ema_pair(trainer_cls: type, run_row: dict, run_dir: str, cases: dict,
     scores_file = join(run_dir, "ema_pair_scores.csv")
     if isfile(scores_file):
         return _read_csv(scores_file)
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
-
-    output_folder = get_output_folder(run_row["dataset"], trainer_cls.__name__, run_row["plans"], configuration,
-                                      int(run_row["fold"]))
+    output_folder = _fold_folder(trainer_cls, plans, configuration, int(run_row["fold"]))
     if not isfile(join(output_folder, "checkpoint_final.pth")):
         return []
     pair = ema_pair_weights(output_folder)
