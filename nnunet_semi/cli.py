@@ -1,10 +1,15 @@
-"""Console entry points: argparse wrappers around the plugin's API functions (nnU-Net's ``*_entry`` pattern)."""
+"""Every console entry point of the plugin: argparse wrappers around its API functions (nnU-Net's ``*_entry``
+pattern), with one error style: bad input ends the command with one ``<command>: error: ...`` line and exit code 2.
+
+Heavy modules are imported inside the entries, so that ``--help`` and the quick commands start at once."""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
+from os.path import join
 
 from nnunet_semi.errors import SemiInputError
 
@@ -95,8 +100,6 @@ def export_entry(argv=None):
                         help="dual-network trainers (DualCCE) only: which single network to export, as vanilla "
                              "nnU-Net cannot run their ensemble. best (default): the one that validated better alone")
     args = parser.parse_args(argv)
-    from os.path import join
-
     from nnunet_semi.data.dataset_io import load_json, require_env_folder, resolve_dataset_name
     from nnunet_semi.tools.export import export_vanilla
 
@@ -109,3 +112,246 @@ def export_entry(argv=None):
         if "exported_network" in record:
             print(f"{checkpoint}: trained as a dual network (deployed: {record['deployed_weights']}); vanilla nnU-Net "
                   f"cannot run the ensemble, so the single network '{record['exported_network']}' was exported")
+
+
+@_reports_input_errors
+def example_entry(argv=None) -> None:
+    from nnunet_semi.tools.example import EXAMPLE_DATASET_ID, run_example
+
+    parser = argparse.ArgumentParser(description="Generate an example dataset and run the whole nnunet-semi set-up.")
+    parser.add_argument("--out", default="demo_output", help="folder for nnUNet_raw/preprocessed/results")
+    parser.add_argument("-np", type=int, default=2, help="worker processes")
+    args = parser.parse_args(argv)
+    paths = run_example(args.out, args.np)
+    from nnunet_semi.trainer.discovery import trainer_dir
+
+    exports = "\n".join(f"export {k}={v}" for k, v in paths.items())
+    print(f"\nExample ready (Dataset{EXAMPLE_DATASET_ID}_SemiExample). To train:\n\n{exports}\n"
+          f"export nnUNet_extTrainer=\"{trainer_dir()}\"\n"
+          f"nnUNetv2_train {EXAMPLE_DATASET_ID} 3d_fullres 0 -tr nnUNetTrainer             # labeled-only baseline\n"
+          f"nnUNetv2_train {EXAMPLE_DATASET_ID} 3d_fullres 0 -tr nnUNetTrainerMeanTeacher  # semi-supervised\n")
+
+
+@_reports_input_errors
+def demo_entry(argv=None) -> None:
+    from nnunet_semi.tools.demo import DEMO_DATASET, run_demo
+
+    parser = argparse.ArgumentParser(
+        description="Labeled-only nnU-Net against Mean Teacher on a generated dataset, through nnU-Net's commands "
+                    "(about 10 minutes on 2 CPU cores).")
+    parser.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
+    args = parser.parse_args(argv)
+    earlier = join(args.out, "nnUNet_results", DEMO_DATASET)
+    if os.path.isdir(earlier):
+        raise SemiInputError(f"{earlier} exists from an earlier run. Remove {args.out} or pass another --out.")
+    run_demo(args.out)
+
+
+@_reports_input_errors
+def benchmark_entry(argv=None) -> None:
+    from nnunet_semi.tools.benchmark.coarse import (
+        COARSE_EPOCHS,
+        COARSE_ITERATIONS,
+        COARSE_NUM_VAL,
+        COARSE_RAMPUP_FRACTION,
+        DEFAULT_MAX_PATCH_VOXELS,
+    )
+    from nnunet_semi.tools.benchmark.common import TINY_DATASET_ID, make_tiny_dataset, semi_trainers
+
+    parser = argparse.ArgumentParser(
+        description="nnUNetv2_semi_benchmark quality|speed|report|cell: --tiny runs on a generated dataset in a "
+                    "few minutes on CPU, quality --coarse any real dataset on a coarse grid with a small U-Net in "
+                    "about an hour per trainer on CPU.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    quality = sub.add_parser("quality", help="train, predict and score every trainer against labeled-only nnU-Net")
+    speed = sub.add_parser("speed", help="time per iteration and peak memory as ratios to stock nnU-Net")
+    for p in (quality, speed):
+        p.add_argument("-d", help="dataset id or name (planned and preprocessed); not with --tiny")
+        p.add_argument("-tr", nargs="+", default=None, help=f"trainers (default: {' '.join(semi_trainers())}); "
+                                                             "nnUNetTrainer is always included")
+        p.add_argument("-c", default="3d_fullres", help="configuration")
+        p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
+        p.add_argument("-o", required=True, help="output folder")
+        p.add_argument("--tiny", action="store_true", help="generated tiny dataset and network: minutes on 2 CPU cores")
+    quality.add_argument("--num_labeled", nargs="+", default=["8"], help="labeled counts, and 'all'")
+    quality.add_argument("--epochs", type=int, default=None, help=f"default 50; --coarse: {COARSE_EPOCHS}")
+    quality.add_argument("--iterations", type=int, default=None,
+                         help=f"iterations per epoch; default 250; --coarse: {COARSE_ITERATIONS}")
+    quality.add_argument("-f", type=int, default=0, help="fold")
+    quality.add_argument("--test_labels", default=None, help="labels of imagesTs; default: the fold's val cases")
+    quality.add_argument("--order", choices=("first", "random"), default="first")
+    quality.add_argument("--seed", type=int, default=12345, help="seed of --order random and of every run")
+    quality.add_argument("--num_val", type=int, default=None,
+                         help=f"validate on the last K training cases (one fold, 0); --coarse default: "
+                              f"{COARSE_NUM_VAL}, or the fold's own split with 0")
+    quality.add_argument("--jobs", type=int, default=1,
+                         help="train the runs of each labeled count as this many processes side by side on the "
+                              "device (data-loading workers and CPU threads split between them); default 1")
+    quality.add_argument("--repeats", type=int, default=1,
+                         help="train stock nnU-Net this many times (seeds seed, seed+1, ...): its run-to-run spread")
+    quality.add_argument("--rampup_iterations", type=int, default=None,
+                         help=f"one unsupervised ramp length in iterations for every method; default: each "
+                              f"method's own; --coarse: {COARSE_RAMPUP_FRACTION:.0%}% of the run")
+    quality.add_argument("--score_ema_pair", action="store_true",
+                         help="also score the student and the teacher of every trainer with an EMA teacher")
+    quality.add_argument("--predict_test", action="store_true",
+                         help="also predict imagesTs (no labels needed) and pack it per run (--coarse: on when "
+                              "imagesTs exists)")
+    quality.add_argument("--coarse", action="store_true",
+                         help="plan a copy of the dataset at a coarse spacing (median case in one patch of at most "
+                              "--coarse_voxels voxels) with a 16-128-feature U-Net, and train on it")
+    quality.add_argument("--coarse_voxels", type=int, default=DEFAULT_MAX_PATCH_VOXELS,
+                         help="--coarse: most voxels in one patch (default %(default)s)")
+    quality.add_argument("--coarse_spacing", type=float, nargs="+", default=None,
+                         help="--coarse: this target spacing in mm (one value: isotropic) instead of the derived one")
+    report = sub.add_parser("report", help="merge quality result folders of one dataset and split protocol")
+    report.add_argument("folders", nargs="+", help="result folders of nnUNetv2_semi_benchmark quality")
+    report.add_argument("-o", required=True, help="output folder of the merged table and plot")
+    report.add_argument("--readme", default=None,
+                        help="also rewrite the marked results block of this file (the project's README) with the "
+                             "merged tables")
+    cell = sub.add_parser("cell", help="one named cell of the cell table, start to finish in one command "
+                                       "(scripts/run_cell.sh installs the offline wheels first)")
+    cell.add_argument("name", nargs="?", help="the cell (--list: the table)")
+    cell.add_argument("-o", help="output folder: the results tables and <cell>.tar.gz with everything")
+    cell.add_argument("--deadline", type=float, default=None,
+                      help="seconds from the start by which everything is in -o (default: the cell's; 0: none)")
+    cell.add_argument("--data", default=None, help="the raw dataset folder (default: data/<dataset> in the checkout)")
+    cell.add_argument("--work", default=None, help="work folder (default: $TMPDIR/nnunet_semi_cells/<cell>)")
+    cell.add_argument("--started", type=float, default=None,
+                      help="time.time() when the command began (run_cell.sh passes it: the install counts)")
+    cell.add_argument("--list", action="store_true", help="print the cell table")
+    speed.add_argument("--steps", type=int, default=None, help="timed steps per trainer (default 20; --tiny: 3)")
+    speed.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; --tiny: 1)")
+    speed.add_argument("--compute_only", action="store_true",
+                       help="time only the steps without data loading: the compute ratio, half the run (on a CPU the "
+                            "augmentation workers share the cores, so the time with loading says nothing of a GPU)")
+    speed.add_argument("--num_labeled", type=int, default=None,
+                       help="write a labeled split first (needed when the dataset has no imagesUnlabeled)")
+    args = parser.parse_args(argv)
+    if args.command == "report":
+        from nnunet_semi.tools.benchmark.report import merge_results, write_into_readme
+
+        if args.readme is not None and not os.path.isfile(args.readme):
+            raise SemiInputError(f"--readme {args.readme}: no such file.")
+        merge_results(args.folders, args.o)
+        if args.readme is not None:
+            command = " ".join(["nnUNetv2_semi_benchmark report", *args.folders, "-o", args.o, "--readme",
+                                args.readme])
+            write_into_readme(join(args.o, "results.md"), args.readme, command)
+        print(open(join(args.o, "results.md")).read())
+        return
+    if args.command == "cell":
+        _cell_command(args)
+        return
+    trainers = args.tr or semi_trainers()
+    dataset, plans = args.d, args.p
+    if args.command == "quality" and (args.jobs < 1 or args.repeats < 1):  # before anything is written
+        raise SemiInputError(f"--jobs {args.jobs}: give at least 1 (1 trains one run after the other)."
+                             if args.jobs < 1 else f"--repeats {args.repeats}: give at least 1.")
+    if args.command == "speed" and ((args.steps is not None and args.steps < 1) or
+                                    (args.warmup is not None and args.warmup < 0)):
+        raise SemiInputError(f"--steps {args.steps} --warmup {args.warmup}: give at least 1 timed step and no "
+                             f"negative warm-up.")
+    if args.tiny and getattr(args, "coarse", False):
+        raise SemiInputError("--tiny and --coarse exclude each other: --coarse plans a dataset given with -d.")
+    if args.tiny:
+        raw = make_tiny_dataset(join(args.o, "tiny_dataset"))
+        dataset, plans = TINY_DATASET_ID, "nnUNetDemoPlans"
+    elif dataset is None:
+        raise SemiInputError("give -d DATASET or --tiny.")
+    if args.command == "quality":
+        _quality_command(args, dataset, plans, trainers, raw if args.tiny else None)
+    else:
+        from nnunet_semi.data.splits import make_labeled_split
+        from nnunet_semi.tools.benchmark.speed import run_speed_benchmark
+
+        num_labeled = 2 if args.tiny else args.num_labeled
+        if num_labeled is not None:
+            make_labeled_split(dataset, num_labeled)
+        steps = args.steps if args.steps is not None else (3 if args.tiny else 20)
+        warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+        run_speed_benchmark(dataset, trainers, args.o, args.c, plans, steps=steps, warmup=warmup,
+                            compute_only=args.compute_only)
+        print(open(join(args.o, "speed.md")).read())
+
+
+def _quality_command(args, dataset, plans: str, trainers: list[str], tiny_raw: str | None) -> None:
+    from nnunet_semi.tools.benchmark.coarse import (
+        COARSE_EPOCHS,
+        COARSE_ITERATIONS,
+        COARSE_NUM_VAL,
+        COARSE_RAMPUP_FRACTION,
+    )
+    from nnunet_semi.tools.benchmark.quality import run_quality_benchmark
+
+    configuration, extra, num_val, rampup = args.c, {}, args.num_val, args.rampup_iterations
+    epochs = args.epochs or (2 if tiny_raw else COARSE_EPOCHS if args.coarse else 50)
+    iterations = args.iterations or (4 if tiny_raw else COARSE_ITERATIONS if args.coarse else 250)
+    predict_test, checkpoint_every = args.predict_test, None
+    if args.repeats < 1:
+        raise SemiInputError(f"--repeats {args.repeats}: give at least 1.")
+    if args.jobs < 1:
+        raise SemiInputError(f"--jobs {args.jobs}: give at least 1 (1 trains one run after the other).")
+    if args.coarse:
+        from nnunet_semi.data.dataset_io import labeled_case_ids, load_json, require_env_folder, resolve_dataset_name
+        from nnunet_semi.data.splits import check_held_out_size
+        from nnunet_semi.tools.benchmark.coarse import COARSE_CONFIGURATION, plan_coarse
+
+        name = resolve_dataset_name(dataset)
+        raw = join(require_env_folder("nnUNet_raw"), name)
+        num_val = COARSE_NUM_VAL if num_val is None else (num_val or None)
+        if num_val is not None:  # before planning: a bad size costs nothing
+            num_cases = len(labeled_case_ids(raw, load_json(join(raw, "dataset.json"))))
+            for count in args.num_labeled:
+                check_held_out_size(num_cases, 0 if count == "all" else int(count), num_val, name,
+                                    None if args.num_val else f"--num_val {num_val} (the --coarse default)")
+        coarse = plan_coarse(dataset, args.coarse_voxels, args.coarse_spacing,
+                             num_processes=int(os.environ.get("nnUNet_def_n_proc", 2)))
+        plans, configuration = coarse["plans"], COARSE_CONFIGURATION
+        rampup = round(COARSE_RAMPUP_FRACTION * epochs * iterations) if rampup is None else rampup
+        checkpoint_every = 1  # short runs: resume a killed run from its last epoch
+        predict_test = predict_test or os.path.isdir(join(raw, "imagesTs"))
+        extra = {"spacing_mm": "x".join(f"{s:g}" for s in coarse["spacing"]),
+                 "patch_size": "x".join(map(str, coarse["patch_size"])), "batch_size": coarse["batch_size"],
+                 "features": "-".join(map(str, coarse["features"]))}
+        print(f"coarse plans {plans}: spacing {extra['spacing_mm']} mm, patch {extra['patch_size']}, batch "
+              f"{coarse['batch_size']}, U-Net features {extra['features']}; {epochs} x {iterations} iterations, "
+              f"unsupervised ramp over {rampup} iterations for every method")
+    counts = ["2", "all"] if tiny_raw else args.num_labeled
+    test_labels = join(tiny_raw, "labelsTs") if tiny_raw else args.test_labels
+    run_quality_benchmark(dataset, counts, trainers, epochs, iterations, args.o, configuration, args.f, plans,
+                          test_labels, args.order, args.seed, num_val=num_val, repeats=args.repeats,
+                          rampup_iterations=rampup, predict_test=predict_test, checkpoint_every=checkpoint_every,
+                          extra_columns=extra, score_ema_pair=args.score_ema_pair,
+                          run_suffix="" if args.rampup_iterations is None else f"_ramp{args.rampup_iterations}",
+                          jobs=args.jobs)
+    print(open(join(args.o, "results.md")).read())
+
+
+def _cell_command(args) -> None:
+    from nnunet_semi.tools.benchmark.cells import cell_table_markdown, run_cell
+
+    if args.list:
+        print(cell_table_markdown())
+        return
+    if args.name is None or args.o is None:
+        raise SemiInputError("give a cell name and -o OUT_DIR (--list: the cells).")
+    run_cell(args.name, args.o, args.deadline, args.data, args.work, args.started)
+
+
+
+
+def main(argv=None) -> None:
+    """``python -m nnunet_semi.cli COMMAND ARGS``: a command by its name without ``nnUNetv2_semi_`` (scripts that
+    run a checkout's own code without installing it, e.g. ``scripts/run_cell.sh``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {name.removesuffix("_entry"): entry for name, entry in globals().items() if name.endswith("_entry")}
+    if not argv or argv[0] not in commands:
+        print(f"usage: python -m nnunet_semi.cli {{{','.join(commands)}}} ...", file=sys.stderr)
+        sys.exit(2)
+    commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

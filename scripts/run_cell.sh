@@ -28,4 +28,4 @@ if [ -d "$wheels" ]; then
 fi
 # the checkout's own code, not an installed copy of another commit
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-exec python3 -m nnunet_semi.tools.benchmark.cli cell "$cell" -o "$out" --started "$started" "${args[@]}"
+exec python3 -m nnunet_semi.cli benchmark cell "$cell" -o "$out" --started "$started" "${args[@]}"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from os.path import join
 
@@ -155,15 +154,3 @@ def run_demo(out_dir: str, baseline_trainer: str = "nnUNetTrainer_demo",
     step(f"done; results in {join(out_dir, 'demo_results.json')} and demo_results.png, nnU-Net output in "
          f"{log_file}")
     return results
-
-
-def main(argv=None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip("`"))
-    parser.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
-    args = parser.parse_args(argv)
-    if os.path.isdir(join(args.out, "nnUNet_results", DEMO_DATASET)):
-        sys.exit(f"nnUNetv2_semi_demo: error: {join(args.out, 'nnUNet_results', DEMO_DATASET)} exists from an "
-                 f"earlier run. Remove {args.out} or pass another --out.")
-    run_demo(args.out)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 from nnunet_semi.data.dataset_io import use_nnunet_folders
 from nnunet_semi.data.splits import make_labeled_split
@@ -30,21 +29,3 @@ def run_example(out_dir: str, num_processes: int = 2, num_labeled: int = 4) -> d
     print(f"fold 0: {len(fold0['train'])} labeled, {len(fold0['unlabeled'])} training cases used as unlabeled, "
           f"{len(fold0['val'])} validation; plus 12 imagesUnlabeled cases")
     return paths
-
-
-def main(argv=None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Generate an example dataset and run the whole nnunet-semi set-up.")
-    parser.add_argument("--out", default="demo_output", help="folder for nnUNet_raw/preprocessed/results")
-    parser.add_argument("-np", type=int, default=2, help="worker processes")
-    args = parser.parse_args(argv)
-    paths = run_example(args.out, args.np)
-    from nnunet_semi.trainer.discovery import trainer_dir
-
-    exports = "\n".join(f"export {k}={v}" for k, v in paths.items())
-    print(f"\nExample ready (Dataset{EXAMPLE_DATASET_ID}_SemiExample). To train:\n\n{exports}\n"
-          f"export nnUNet_extTrainer=\"{trainer_dir()}\"\n"
-          f"nnUNetv2_train {EXAMPLE_DATASET_ID} 3d_fullres 0 -tr nnUNetTrainer             # labeled-only baseline\n"
-          f"nnUNetv2_train {EXAMPLE_DATASET_ID} 3d_fullres 0 -tr nnUNetTrainerMeanTeacher  # semi-supervised\n",
-          file=sys.stdout)

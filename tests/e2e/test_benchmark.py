@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from nnunet_semi.tools.benchmark.cli import main, semi_trainers
+from nnunet_semi.cli import benchmark_entry as main
+from nnunet_semi.tools.benchmark.common import semi_trainers
 from nnunet_semi.tools.benchmark.quality import case_metrics
 
 

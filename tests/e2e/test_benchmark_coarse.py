@@ -14,9 +14,9 @@ import pytest
 from scipy.stats import wilcoxon
 
 from helpers import DATASET_ID
+from nnunet_semi.cli import benchmark_entry as main
 from nnunet_semi.data.splits import make_labeled_split
 from nnunet_semi.errors import SemiInputError
-from nnunet_semi.tools.benchmark.cli import main
 from nnunet_semi.tools.benchmark.coarse import (
     COARSE_PLANS,
     check_spacing_leaves_a_patch,

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from nnunet_semi.cli import benchmark_entry as main
 from nnunet_semi.errors import SemiInputError
 from nnunet_semi.tools import offline
 from nnunet_semi.tools.benchmark import cells
-from nnunet_semi.tools.benchmark.cli import main
 from nnunet_semi.tools.benchmark.common import resolve_trainer
 
 
@@ -27,6 +27,18 @@ def test_unknown_cell_is_one_line_listing_the_known_ones(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown cell 'la4-sgr'" in err and "la4-sgrs" in err and "cpu-dryrun" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_run_cell_sh_reaches_the_cell_command_of_the_checkout():
+    """scripts/run_cell.sh runs ``python -m nnunet_semi.cli benchmark cell`` on the checkout, without an install."""
+    root = Path(__file__).resolve().parents[2]
+    assert "python3 -m nnunet_semi.cli benchmark cell" in (root / "scripts" / "run_cell.sh").read_text()
+    listed = subprocess.run([sys.executable, "-m", "nnunet_semi.cli", "benchmark", "cell", "--list"], cwd=root,
+                            capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(root)})
+    assert listed.returncode == 0 and "cpu-la4-sgrs" in listed.stdout
+    unknown = subprocess.run([sys.executable, "-m", "nnunet_semi.cli", "nonsense"], cwd=root, capture_output=True,
+                             text=True, env=os.environ | {"PYTHONPATH": str(root)})
+    assert unknown.returncode == 2 and "benchmark" in unknown.stderr
 
 
 def test_deadline_too_short_to_train_is_refused_before_anything_is_written(tmp_path, capsys):
@@ -164,7 +176,7 @@ def test_cell_deadline_stops_training_cleanly_and_returns_the_logs_so_far(tmp_pa
     long_cell = dataclasses.replace(cells.CELLS["tiny"], name="tiny-long", epochs=10_000, reserve_s=10)
     monkeypatch.setitem(cells.CELLS, "tiny-long", long_cell)
     monkeypatch.setattr(cells, "SETUP_ESTIMATE_S", 0)
-    from nnunet_semi.tools.benchmark.cli import make_tiny_dataset
+    from nnunet_semi.tools.benchmark.common import make_tiny_dataset
 
     make_tiny_dataset(str(cell_work / "tiny_dataset"))  # made once per module; the deadline is for training
     out, started = tmp_path / "out", time.time()

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_semi.tools.demo import DEMO_DATASET, DEMO_PLANS, main, run_demo
+from nnunet_semi.cli import demo_entry as main
+from nnunet_semi.tools.demo import DEMO_DATASET, DEMO_PLANS, run_demo
 
 SUPPORT = Path(__file__).resolve().parents[1] / "support"
 
@@ -35,5 +36,9 @@ def test_demo_trains_predicts_and_scores_both_trainers(tmp_path, monkeypatch, ca
         assert (out / "nnUNet_results" / DEMO_DATASET / f"{trainer}__{DEMO_PLANS}__3d_fullres" / "fold_0" /
                 "checkpoint_final.pth").is_file()
 
-    with pytest.raises(SystemExit, match="exists from an earlier run"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:  # one error line, as every command
         main(["--out", str(out)])
+    error = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and error.startswith("nnUNetv2_semi_demo: error: ")
+    assert "exists from an earlier run" in error and len(error.splitlines()) == 1

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from nnunet_semi.tools.example import EXAMPLE_DATASET_ID, main
+from nnunet_semi.cli import example_entry as main
+from nnunet_semi.tools.example import EXAMPLE_DATASET_ID
 
 
 @pytest.mark.slow

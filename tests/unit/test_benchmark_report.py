@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from nnunet_semi.tools.benchmark.cli import main
+from nnunet_semi.cli import benchmark_entry as main
 from nnunet_semi.tools.benchmark.quality import METRICS
 
 

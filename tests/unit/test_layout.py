@@ -36,3 +36,18 @@ def test_every_library_module_is_in_a_layer():
     root = Path(nnunet_semi.__file__).parent
     top = {p.name.removesuffix(".py") for p in root.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
     assert top - {"__init__", "ext_trainers"} == set(LAYERS)  # ext_trainers: trainers/ in a wheel
+
+
+def test_every_command_is_an_entry_of_cli_with_its_one_error_style():
+    import tomllib
+
+    import nnunet_semi.cli
+
+    pyproject = Path(nnunet_semi.__file__).parents[1] / "pyproject.toml"
+    scripts = tomllib.loads(pyproject.read_text())["project"]["scripts"]
+    for command, target in scripts.items():
+        module, function = target.split(":")
+        assert module == "nnunet_semi.cli", command
+        entry = getattr(nnunet_semi.cli, function)
+        assert entry.__wrapped__ is not None, command  # the one error style
+        assert command == f"nnUNetv2_semi_{function.removesuffix('_entry')}"  # what its error line names

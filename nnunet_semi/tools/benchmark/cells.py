@@ -142,7 +142,7 @@ def run_cell(name: str, out_dir: str, deadline_s: float | None = None, data: str
 
     os.environ.setdefault("nnUNet_compile", "false")  # compiling costs minutes of a 9-minute command
     if cell.dataset == "tiny":
-        from nnunet_semi.tools.benchmark.cli import TINY_DATASET_ID, make_tiny_dataset
+        from nnunet_semi.tools.benchmark.common import TINY_DATASET_ID, make_tiny_dataset
 
         raw = make_tiny_dataset(join(work_dir, "tiny_dataset"))
         dataset, plans, test_labels = TINY_DATASET_ID, "nnUNetDemoPlans", join(raw, "labelsTs")

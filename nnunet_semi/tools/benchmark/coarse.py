@@ -35,6 +35,9 @@ DEFAULT_MAX_PATCH_VOXELS = 50_000
 SPACING_FACTOR_STEP = 0.25
 MIN_AXIS_VOXELS = 8  # below this, nnU-Net's planner cannot pool even twice along that axis
 COARSE_FEATURES_MIN, COARSE_FEATURES_MAX = 16, 128
+# the coarse mode's defaults: 1 500 iterations (an hour for stock nnU-Net on 2 CPU cores at LA's coarse plans), the
+# unsupervised ramp over 40 % of them for every method (SGRS's 6 000 of 15 000), 16 validation cases for power
+COARSE_EPOCHS, COARSE_ITERATIONS, COARSE_RAMPUP_FRACTION, COARSE_NUM_VAL = 15, 100, 0.4, 16
 _SETTINGS_KEY = "semi_coarse"  # what the coarse plans were made from, stored in the plans file itself
 
 

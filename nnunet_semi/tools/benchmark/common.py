@@ -1,8 +1,10 @@
-"""Shared pieces of the benchmarks: trainers on a given schedule, provenance, device choice."""
+"""Shared pieces of the benchmarks: trainers on a given schedule, provenance, device choice, the registered
+methods and the generated tiny dataset."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 from datetime import datetime, timezone
@@ -14,6 +16,7 @@ import torch
 import nnunet_semi
 
 BASELINE_TRAINER = "nnUNetTrainer"
+TINY_DATASET_ID = 994
 
 
 def resolve_trainer(name: str) -> type:
@@ -92,3 +95,30 @@ def load_plans_and_dataset_json(preprocessed_dataset: str, plans_identifier: str
     with open(join(preprocessed_dataset, "dataset.json")) as f:
         dataset_json = json.load(f)
     return plans, dataset_json
+
+
+def semi_trainers() -> list[str]:
+    """Every registered method (variants excluded): adding a trainer to nnunet_semi.methods adds it here."""
+    import nnunet_semi.methods
+
+    return [n for n in nnunet_semi.methods.__all__ if "_" not in n]
+
+
+def make_tiny_dataset(root: str) -> str:
+    """A generated, planned and preprocessed dataset with a tiny network; exports the nnU-Net path variables."""
+    from nnunet_semi.data.dataset_io import use_nnunet_folders
+    from nnunet_semi.data.unlabeled import preprocess_unlabeled
+    from nnunet_semi.tools.demo import write_demo_plans
+    from nnunet_semi.tools.synthetic import make_synthetic_dataset, plan_and_preprocess
+
+    paths = use_nnunet_folders(root)
+    raw = join(paths["nnUNet_raw"], f"Dataset{TINY_DATASET_ID}_SemiTiny")
+    preprocessed = join(paths["nnUNet_preprocessed"], os.path.basename(raw))
+    if os.path.isfile(join(preprocessed, "nnUNetDemoPlans.json")):
+        return raw  # made by an earlier run in the same folder
+    make_synthetic_dataset(paths["nnUNet_raw"], TINY_DATASET_ID, name="SemiTiny", num_labeled=8, num_unlabeled=4,
+                           num_test=4, shape=(24, 24, 24), seed=7)
+    plan_and_preprocess(TINY_DATASET_ID, check_dataset_integrity=False)
+    write_demo_plans(preprocessed, features=(4, 8, 16))
+    preprocess_unlabeled(TINY_DATASET_ID, ["3d_fullres"], num_processes=1, plans_identifier="nnUNetDemoPlans")
+    return raw
