@@ -27,15 +27,18 @@ class ClassMemoryBank(nn.Module):
         self.register_buffer("pointer", torch.zeros(num_classes, dtype=torch.long))
 
     @torch.no_grad()
-    def push(self, features: torch.Tensor, labels: torch.Tensor, max_per_class: int | None = None) -> None:
-        """Append features (N, D) to the banks of their labels (N,); at most ``max_per_class`` random ones each."""
+    def push(self, features: torch.Tensor, labels: torch.Tensor, max_per_class: int | None = None,
+             generator: torch.Generator | None = None) -> None:
+        """Append features (N, D) to the banks of their labels (N,); at most ``max_per_class`` random ones each
+        (drawn with ``generator``, on the features' device; None: torch's global one)."""
         length = self.memory.shape[1]
         for c in labels.unique().tolist():
             if not 0 <= c < self.memory.shape[0]:
                 continue
             selected = features[labels == c].detach().float()
             if max_per_class is not None and selected.shape[0] > max_per_class:
-                selected = selected[torch.randperm(selected.shape[0], device=selected.device)[:max_per_class]]
+                order = torch.randperm(selected.shape[0], device=selected.device, generator=generator)
+                selected = selected[order[:max_per_class]]
             selected = selected[-length:]
             slots = (self.pointer[c] + torch.arange(selected.shape[0], device=self.memory.device)) % length
             self.memory[c, slots] = selected.to(self.memory.device)
@@ -108,13 +111,15 @@ class NeuralProcessHead(nn.Module):
         return Gaussian(mean, 0.1 + 0.9 * torch.nn.functional.softplus(raw_std))
 
     def decode(self, projected: torch.Tensor, summary: NeuralProcessSummary, latent: Gaussian,
-               num_samples: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+               num_samples: int, noise: torch.Tensor | None = None, generator: torch.Generator | None = None
+               ) -> torch.Tensor:
         """Logits (T, B, n, C) for projected voxels (B, n, d), one per latent sample ``z ~ latent``
         (reparameterised; ``noise`` (T, B, d): the standard normal draws, to decode chunks of one image with the
-        same samples)."""
+        same samples; else drawn with ``generator``, on the device of ``projected``)."""
         batch, voxels, dim = projected.shape
         if noise is None:
-            noise = torch.randn(num_samples, batch, dim, device=projected.device, dtype=latent.mean.dtype)
+            noise = torch.randn(num_samples, batch, dim, device=projected.device, dtype=latent.mean.dtype,
+                                generator=generator)
         z = latent.mean[None] + latent.std[None] * noise  # (T, B, d)
         inputs = torch.cat([z[:, :, None].expand(-1, -1, voxels, -1),
                             projected[None].expand(num_samples, -1, -1, -1),
@@ -123,19 +128,21 @@ class NeuralProcessHead(nn.Module):
 
     @torch.no_grad()
     def predict_dense(self, features: torch.Tensor, context: ClassMemoryBank, target: ClassMemoryBank,
-                      num_samples: int, summary_voxels: int = 4096, chunk_voxels: int = 2**16) -> torch.Tensor:
+                      num_samples: int, summary_voxels: int = 4096, chunk_voxels: int = 2**16,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
         """Calibrated probabilities (B, C, *spatial) for every voxel: the mean over ``num_samples`` latent samples
         of ``z ~ q_C`` (conditioned on the labeled context only), the same samples for every voxel of an image.
         Per-image summaries come from ``summary_voxels`` random voxels. Voxels are decoded ``chunk_voxels`` at a
         time over batch and space together (one image per chunk), so peak memory is set by ``chunk_voxels``
-        whatever the batch size."""
+        whatever the batch size. The random voxels and samples are drawn with ``generator`` (on the device of
+        ``features``; None: torch's global one)."""
         batch = features.shape[0]
         flat = features.flatten(2).transpose(1, 2)  # (B, N, F)
-        index = torch.randperm(flat.shape[1], device=flat.device)[:summary_voxels]
+        index = torch.randperm(flat.shape[1], device=flat.device, generator=generator)[:summary_voxels]
         summary = self.summarize(self.project(flat[:, index].float()), context.centers(), context.available(),
                                  target.centers(), target.available())
         noise = torch.randn(num_samples, batch, summary.q_context.mean.shape[-1], device=flat.device,
-                            dtype=summary.q_context.mean.dtype)
+                            dtype=summary.q_context.mean.dtype, generator=generator)
         probs = torch.empty(batch, flat.shape[1], self.decoder[-1].out_features, device=flat.device)
         for b in range(batch):
             image_summary = NeuralProcessSummary(*(_take_image(x, b) for x in summary))
@@ -165,7 +172,8 @@ def _attend_to_centers(projected: torch.Tensor, centers: torch.Tensor, available
 
 
 def sample_voxels_per_image(features: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
-                            voxels_per_image: int, class_balanced: bool = False
+                            voxels_per_image: int, class_balanced: bool = False,
+                            generator: torch.Generator | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same number of random voxels from every image (the NP summaries are per image).
 
@@ -177,6 +185,7 @@ def sample_voxels_per_image(features: torch.Tensor, labels: torch.Tensor, valid:
         voxels_per_image: n.
         class_balanced: every class present in an image is drawn with the same probability mass (a small
             structure gets about n / #classes voxels instead of its volume share); else uniform over valid voxels.
+        generator: random source on the device of ``features`` (None: torch's global one).
 
     Returns:
         features (B, n, F) (gradient flows), labels (B, n), flat voxel indices (B, n).
@@ -192,7 +201,7 @@ def sample_voxels_per_image(features: torch.Tensor, labels: torch.Tensor, valid:
         counts.scatter_add_(1, classes, flat_valid)
         probability = flat_valid / torch.gather(counts, 1, classes).clamp_min(1)
     replacement = bool(((flat_valid > 0).sum(1) < voxels_per_image).any())
-    index = torch.multinomial(probability, voxels_per_image, replacement=replacement)  # (B, n)
+    index = torch.multinomial(probability, voxels_per_image, replacement=replacement, generator=generator)  # (B, n)
     flat_features = features.flatten(2).transpose(1, 2)
     gathered = torch.gather(flat_features, 1, index[..., None].expand(-1, -1, features.shape[1]))
     return gathered, torch.gather(flat_labels, 1, index), index

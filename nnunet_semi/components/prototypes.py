@@ -95,7 +95,8 @@ class PrototypeBank(nn.Module):
 
 
 def gather_voxels(features: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                  max_per_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  max_per_class: int | None = None, generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Feature vectors and labels of the voxels in ``mask``, optionally at most ``max_per_class`` of each class (a
     uniform random subset per class, as the dual network's release draws class-balanced counts): a uniform subset
     over all voxels would be mostly background on small structures, and the bound keeps memory fixed on 3D patches.
@@ -105,6 +106,7 @@ def gather_voxels(features: torch.Tensor, labels: torch.Tensor, mask: torch.Tens
         labels: (B, 1, *spatial) class indices.
         mask: (B, 1, *spatial) bool.
         max_per_class: keep at most this many voxels of every class (None: all).
+        generator: random source of the subsets, on the device of ``mask`` (None: torch's global one).
 
     Returns:
         (N, D) features (gradient flows back to ``features``) and (N,) labels, grouped by class when subsampled.
@@ -117,7 +119,8 @@ def gather_voxels(features: torch.Tensor, labels: torch.Tensor, mask: torch.Tens
         for c in selected_labels.unique():
             of_class = index[selected_labels == c]
             if of_class.numel() > max_per_class:
-                of_class = of_class[torch.randperm(of_class.numel(), device=of_class.device)[:max_per_class]]
+                order = torch.randperm(of_class.numel(), device=of_class.device, generator=generator)
+                of_class = of_class[order[:max_per_class]]
             chosen.append(of_class)
         index = torch.cat(chosen) if chosen else index
     flat_features = features.movedim(1, -1).reshape(-1, features.shape[1])

@@ -20,14 +20,22 @@ from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrig
 from batchgeneratorsv2.transforms.intensity.contrast import ContrastTransform
 from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
 from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+from batchgeneratorsv2.transforms.nnunet.random_binary_operator import ApplyRandomBinaryOperatorTransform
+from batchgeneratorsv2.transforms.nnunet.remove_connected_components import (
+    RemoveRandomConnectedComponentFromOneHotEncodingTransform,
+)
+from batchgeneratorsv2.transforms.nnunet.seg_to_onehot import MoveSegAsOneHotToDataTransform
 from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
 from batchgeneratorsv2.transforms.spatial.low_resolution import SimulateLowResolutionTransform
 from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 from batchgeneratorsv2.transforms.utils.nnunet_masking import MaskImageTransform
 from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, Convert3DTo2DTransform
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
+from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTansform
+from batchgeneratorsv2.transforms.utils.seg_to_regions import ConvertSegmentationToRegionsTransform
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from threadpoolctl import threadpool_limits
@@ -36,6 +44,15 @@ _SPATIAL = (SpatialTransform, MirrorTransform, Convert3DTo2DTransform, Convert2D
 # image-only transforms of nnU-Net's pipeline; everything else there edits segmentations and has no meaning here
 _PHOTOMETRIC = (GaussianNoiseTransform, GaussianBlurTransform, MultiplicativeBrightnessTransform, ContrastTransform,
                 SimulateLowResolutionTransform, GammaTransform)
+# steps of nnU-Net's pipeline that edit or convert segmentations only (or the cascade's one-hot input)
+_SEGMENTATION_ONLY = (RemoveLabelTansform, DownsampleSegForDSTransform, ConvertSegmentationToRegionsTransform,
+                      MoveSegAsOneHotToDataTransform, ApplyRandomBinaryOperatorTransform,
+                      RemoveRandomConnectedComponentFromOneHotEncodingTransform)
+
+
+def _wrapped(transform: BasicTransform) -> BasicTransform:
+    """The transform a ``RandomTransform`` applies with its probability (the transform itself otherwise)."""
+    return transform.transform if isinstance(transform, RandomTransform) else transform
 
 
 class ImageOnlyDataset:
@@ -67,15 +84,24 @@ def split_spatial_and_photometric(pipeline: ComposeTransforms
     Keeps the order within each part and whatever settings a trainer variant gave nnU-Net's transforms. The
     mask-for-norm step (present when the plans normalise inside the nonzero mask) zeroes the image outside that mask
     after the photometric changes, as nnU-Net does for labeled crops.
+
+    Raises:
+        ValueError: for a transform of none of these kinds (a trainer variant's own augmentation), naming it:
+            silently dropping it would train the unlabeled views without it.
     """
     spatial, photometric, masking = [], [], None
     for t in pipeline.transforms:
         if isinstance(t, _SPATIAL):
             spatial.append(t)
-        elif isinstance(t, RandomTransform) and isinstance(t.transform, _PHOTOMETRIC) or isinstance(t, _PHOTOMETRIC):
+        elif isinstance(_wrapped(t), _PHOTOMETRIC):
             photometric.append(t)
         elif isinstance(t, MaskImageTransform):
             masking = t
+        elif not isinstance(_wrapped(t), _SEGMENTATION_ONLY):
+            raise ValueError(
+                f"nnU-Net's training pipeline holds {type(_wrapped(t)).__name__}, which nnunet-semi does not know "
+                f"as spatial, photometric or segmentation-only, so it cannot tell which unlabeled view it belongs "
+                f"to. Override the trainer's split_unlabeled_pipeline to place it (or drop it).")
     return ComposeTransforms(spatial), ComposeTransforms(photometric), masking
 
 

@@ -23,11 +23,13 @@ from os.path import isdir, isfile, join
 
 import numpy as np
 from nnunetv2.configuration import default_num_processes
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from tqdm import tqdm
 
 from nnunet_semi.data.dataset_io import (
     UNLABELED_IMAGES_FOLDER,
+    UNLABELED_SUFFIX,
     check_configuration,
     labeled_case_ids,
     load_json,
@@ -37,6 +39,7 @@ from nnunet_semi.data.dataset_io import (
     save_json_atomic,
     unlabeled_preprocessed_folder,
 )
+from nnunet_semi.data.splits import UNLABELED_KEY
 from nnunet_semi.errors import SemiInputError
 
 # A case id becomes a file name in the preprocessed folder: keep it to one plain path component.
@@ -189,6 +192,55 @@ def unlabeled_preprocessing_is_current(folder: str, plans: dict, configuration: 
     identity_file = join(folder, _IDENTITY_FILE)
     return isfile(identity_file) and load_json(identity_file) == \
         _preprocessing_identity(plans, configuration, dataset_json)
+
+
+def unlabeled_case_folders(labeled_folder: str, splits_file: str, fold: int | str, raw_dataset_folder: str,
+                           plans: dict, configuration: str, dataset_json: dict) -> dict[str, str]:
+    """Case id -> preprocessed folder of every unlabeled case of a fold: the one answer to "which cases are
+    unlabeled", read by the trainers.
+
+    Those are the fold's ``unlabeled`` split entry (cases of the labeled folder whose labels are never read, written
+    by ``nnUNetv2_semi_split``) plus every preprocessed ``imagesUnlabeled`` case; in fold ``all``, every labeled case
+    plus ``imagesUnlabeled``.
+
+    Args:
+        labeled_folder: the configuration's preprocessed folder (``nnUNet_preprocessed/DatasetXXX/<identifier>``).
+        splits_file: the dataset's ``splits_final.json`` (absent: no split entry).
+        fold: the fold index, or "all".
+        raw_dataset_folder: ``nnUNet_raw/DatasetXXX`` (its ``imagesUnlabeled`` without preprocessing is an error).
+        plans, configuration, dataset_json: what the unlabeled preprocessing must have been done with.
+
+    Raises:
+        RuntimeError: unlabeled images not preprocessed, or preprocessed with other plans, or no unlabeled case at
+            all; each names the command that fixes it.
+    """
+    dataset_name, plans_name = plans["dataset_name"], plans["plans_name"]
+    # the labeled folder's storage format is that of the unlabeled one (which also holds our identity file, so
+    # nnU-Net's inference from file endings cannot be run on it)
+    dataset_class = infer_dataset_class(labeled_folder)
+    pool = {}
+    if fold == "all":
+        pool.update({c: labeled_folder for c in dataset_class.get_identifiers(labeled_folder)})
+    elif isfile(splits_file):
+        splits = load_json(splits_file)
+        if fold < len(splits):
+            pool.update({c: labeled_folder for c in splits[fold].get(UNLABELED_KEY, [])})
+    unlabeled_folder = labeled_folder + UNLABELED_SUFFIX
+    raw_unlabeled = join(raw_dataset_folder, UNLABELED_IMAGES_FOLDER)
+    if isdir(unlabeled_folder):
+        if not unlabeled_preprocessing_is_current(unlabeled_folder, plans, configuration, dataset_json):
+            raise RuntimeError(
+                f"{unlabeled_folder} was preprocessed with other plans than {plans_name} now holds. Run "
+                f"nnUNetv2_semi_preprocess -d {dataset_name} -c {configuration} -plans_name {plans_name} again.")
+        pool.update({c: unlabeled_folder for c in dataset_class.get_identifiers(unlabeled_folder)})
+    elif isdir(raw_unlabeled):
+        raise RuntimeError(f"{raw_unlabeled} exists but {unlabeled_folder} does not. Run nnUNetv2_semi_preprocess "
+                           f"-d {dataset_name} -c {configuration} first.")
+    if not pool:
+        raise RuntimeError(
+            f"no unlabeled cases for fold {fold}: add image-only cases to imagesUnlabeled and run "
+            f"nnUNetv2_semi_preprocess, or declare a labeled subset with nnUNetv2_semi_split.")
+    return pool
 
 
 def _dataset_is_2d(preprocessed_dataset_folder: str) -> bool | None:

@@ -24,7 +24,8 @@ from nnunet_semi.components.networks import features_per_stage
 from nnunet_semi.components.pseudo_labels import uncertainty_weighted_fusion
 from nnunet_semi.components.uncertainty import UNCERTAINTY_MEASURES, prediction_uncertainty
 from nnunet_semi.methods.mean_teacher import nnUNetTrainerMeanTeacher
-from nnunet_semi.trainer.base import BEST_VALIDATED, full_resolution, take_samples
+from nnunet_semi.trainer.deployment import BEST_VALIDATED
+from nnunet_semi.trainer.outputs import full_resolution, take_samples
 
 FUSION_SOURCES = ("weak", "strong", "feature", "cross_image")
 STREAMS = ("strong", "feature", "cross_image")
@@ -46,8 +47,8 @@ class nnUNetTrainerCIFP(nnUNetTrainerMeanTeacher):
             for the refined positions, the fusion weights and the voxel weights.
         fusion_sources: predictions fused into the pseudo label, from ``FUSION_SOURCES``.
         fusion_temperature: T of the fusion weights softmax_k(-u_k / T).
-        strong_weight, feature_weight, cross_image_weight: weights of the three streams' losses (applied in
-            ``combine_losses``; the logged terms are unweighted).
+        strong_weight, feature_weight, cross_image_weight: weights of the three streams' losses (``term_weights``
+            names them; the base applies them and logs each term raw and weighted).
         cutmix_probability, cutmix_fraction: per unlabeled sample, the chance of a CutMix box in its strong view and
             the box side over the patch side; the box comes from another unlabeled sample's strong view, and so
             does the strong stream's pseudo label and weight inside it (0: no CutMix).
@@ -83,6 +84,7 @@ class nnUNetTrainerCIFP(nnUNetTrainerMeanTeacher):
     supports_regions = False  # the fusion and pseudo labels are defined on mutually exclusive classes
 
     loss_terms = ("sup",) + STREAMS
+    term_weights = {"strong": "strong_weight", "feature": "feature_weight", "cross_image": "cross_image_weight"}
     statistics = ("confident_fraction", "teacher_student_agreement", "refined_fraction", "pseudo_label_weight",
                   "cross_image_gamma", "cross_image_update_ratio", "cutmix_fraction") + \
         tuple(f"fusion_weight_{s}" for s in FUSION_SOURCES)
@@ -109,19 +111,12 @@ class nnUNetTrainerCIFP(nnUNetTrainerMeanTeacher):
         # the labeled bottleneck is read from the student's main forward (before it is first run, possibly compiled)
         self.encoder_outputs = ModuleOutputs(self.unwrapped_network().encoder)
 
-    def on_train_epoch_start(self):
-        super().on_train_epoch_start()
-        self.auxiliary["cross_image"].train()
-
-    def loss_term_weights(self) -> dict[str, float]:
-        return {"strong": self.strong_weight, "feature": self.feature_weight, "cross_image": self.cross_image_weight}
-
     def compute_losses(self, labeled: dict, unlabeled: dict) -> dict[str, torch.Tensor]:
         x_l, x_weak, x_strong = labeled["data"], unlabeled["data_weak"], unlabeled["data_strong"]
         num_labeled, num_unlabeled = x_l.shape[0], x_weak.shape[0]
         # image perturbation: CutMix between unlabeled strong views, in one forward with the labeled batch
         boxes = cutmix_boxes(num_unlabeled, x_strong.shape[2:], self.cutmix_probability, self.cutmix_fraction,
-                             x_strong.device)
+                             x_strong.device, self.random_generator("cpu"))
         partners = torch.roll(torch.arange(num_unlabeled), 1)
         with self.encoder_outputs as encoder_outputs:
             output = self.network(torch.cat([x_l, paste_from_partners(x_strong, boxes, partners)]))
@@ -138,7 +133,8 @@ class nnUNetTrainerCIFP(nnUNetTrainerMeanTeacher):
         refined = refinement(skips[-1], labeled_bottleneck, ambiguous, full_resolution(labeled["target"]),
                              self.label_manager.num_segmentation_heads)
         with _full_resolution_head_only(decoder):
-            logits["feature"] = decoder(dropout_skips(skips, self.feature_dropout))
+            dropped = dropout_skips(skips, self.feature_dropout, self.random_generator(x_weak.device))
+            logits["feature"] = decoder(dropped)
             logits["cross_image"] = decoder(skips[:-1] + [refined])
 
         # uncertainty-weighted fusion instead of a confidence threshold

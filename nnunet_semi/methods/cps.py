@@ -8,7 +8,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunet_semi.components.losses import hard_pseudo_label_loss
-from nnunet_semi.trainer.base import SemiSupervisedTrainerBase, full_resolution, take_samples
+from nnunet_semi.trainer.base import SemiSupervisedTrainerBase
+from nnunet_semi.trainer.outputs import full_resolution, take_samples
 
 
 class nnUNetTrainerCPS(SemiSupervisedTrainerBase):
@@ -26,6 +27,7 @@ class nnUNetTrainerCPS(SemiSupervisedTrainerBase):
     cps_on_labeled: bool = True
     unlabeled_views = ("strong",)  # both networks see the same strong view; no teacher view
     loss_terms = ("sup", "sup_peer", "cross_pseudo")
+    supervised_terms = ("sup", "sup_peer")
     statistics = ("confident_fraction", "network_agreement")
 
     def build_auxiliary_modules(self) -> nn.ModuleDict:
@@ -47,10 +49,6 @@ class nnUNetTrainerCPS(SemiSupervisedTrainerBase):
         self.peer_forward = DDP(forward, device_ids=[self.local_rank]) if self.is_ddp else forward
         if self.is_ddp:
             self.ddp_wrapped_auxiliary.add("peer")
-
-    def on_train_epoch_start(self):
-        super().on_train_epoch_start()
-        self.auxiliary["peer"].train()
 
     def compute_losses(self, labeled: dict, unlabeled: dict) -> dict[str, torch.Tensor]:
         num_labeled = labeled["data"].shape[0]

@@ -26,7 +26,8 @@ from nnunet_semi.components.networks import (
 from nnunet_semi.components.prototypes import PrototypeBank, gather_voxels
 from nnunet_semi.components.pseudo_labels import union_pseudo_label
 from nnunet_semi.methods.cps import nnUNetTrainerCPS
-from nnunet_semi.trainer.base import BEST_VALIDATED, full_resolution, take_samples
+from nnunet_semi.trainer.deployment import BEST_VALIDATED
+from nnunet_semi.trainer.outputs import full_resolution, take_samples
 
 NETWORK_KINDS = ("plans", "residual_encoder")
 
@@ -35,8 +36,9 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
     """Two networks of the same plans (by default the plans' U-Net and a residual-encoder sibling) trained on the
     same batch, with cross consistency enhancement, KL-weighted pseudo supervision and prototype contrast.
 
-    Terms (``loss_terms``; each already multiplied by its weight attribute; only ``prototype`` is ramped, as the
-    release ramps lambda_c, the others enter from the first step):
+    Terms (``loss_terms``, returned unweighted; the base multiplies each by the weight attribute that
+    ``term_weights`` names; only ``prototype`` is ramped, as the release ramps lambda_c, the others enter from the
+    first step):
         sup, sup_peer: nnU-Net's loss with deep supervision, per network.
         sup_cross_reliable: on labeled voxels where the two networks' confident (max p >= 0.6) foreground decisions
             differ, the squared error of each network's foreground probabilities to the one-hot label (the paper's
@@ -86,6 +88,9 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
     supports_regions = False
     loss_terms = ("sup", "sup_peer", "sup_cross_reliable", "entropy_filtered", "kl_weighted", "output_cosine",
                   "prototype")
+    supervised_terms = ("sup", "sup_peer", "sup_cross_reliable")
+    term_weights = {"sup_cross_reliable": "cross_reliable_weight", "entropy_filtered": "entropy_filtered_weight",
+                    "kl_weighted": "kl_weight", "output_cosine": "cosine_weight", "prototype": "prototype_weight"}
     statistics = ("confident_fraction", "network_agreement", "kept_fraction", "mean_kl", "prototype_similarity")
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -164,28 +169,29 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
 
         terms = {"sup": self.supervised_loss(take_samples(outputs[0], num_labeled), labeled["target"]),
                  "sup_peer": self.supervised_loss(take_samples(outputs[1], num_labeled), labeled["target"]),
-                 "sup_cross_reliable": self.cross_reliable_weight * self._cross_reliable_loss(
+                 "sup_cross_reliable": self._cross_reliable_loss(
                      [z[:num_labeled] for z in logits], [p[:num_labeled] for p in probs], labeled["target"])}
 
         first = 0 if self.cps_on_labeled else num_labeled
         if "cross_pseudo" in self.loss_terms:
-            terms["cross_pseudo"] = self.cross_pseudo_weight * (
-                hard_pseudo_label_loss(logits[0][first:], probs[1][first:])
-                + hard_pseudo_label_loss(logits[1][first:], probs[0][first:]))
+            terms["cross_pseudo"] = (hard_pseudo_label_loss(logits[0][first:], probs[1][first:])
+                                     + hard_pseudo_label_loss(logits[1][first:], probs[0][first:]))
         kl_peer, mean_kl = kl_weighted_pseudo_label_loss(logits[1][first:], probs[0][first:])
         kl_total = kl_peer
         if self.kl_symmetric:
             kl_first, mean_kl_first = kl_weighted_pseudo_label_loss(logits[0][first:], probs[1][first:])
             kl_total, mean_kl = kl_total + kl_first, (mean_kl + mean_kl_first) / 2
-        terms["kl_weighted"] = self.kl_weight * kl_total
-        terms["output_cosine"] = self.cosine_weight * cosine_consistency_loss(
+        terms["kl_weighted"] = kl_total
+        terms["output_cosine"] = cosine_consistency_loss(
             self.probabilities(logits[0][first:]), self.probabilities(logits[1][first:]))
 
         unlabeled_logits = [z[num_labeled:] for z in logits]
         unlabeled_probs = [p[num_labeled:] for p in probs]
         union = union_pseudo_label(*unlabeled_probs)
-        kept = entropy_percentile_mask(*unlabeled_probs, percent=self.entropy_percent)
-        terms["entropy_filtered"] = self.entropy_filtered_weight * sum(
+        kept = entropy_percentile_mask(*unlabeled_probs, percent=self.entropy_percent,
+                                       generator=self.random_generator("cpu"))
+        on_device = self.random_generator(kept.device)
+        terms["entropy_filtered"] = sum(
             masked_pseudo_label_cross_entropy(z, union, kept, self.entropy_filtered_release_scale)
             for z in unlabeled_logits)
 
@@ -193,13 +199,13 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
         for captured, bank, own_probs in ((first_features, self.auxiliary["prototypes_first"], unlabeled_probs[0]),
                                           (peer_features, self.auxiliary["prototypes_peer"], unlabeled_probs[1])):
             features = captured.take()[num_labeled:]
-            bank.update(*gather_voxels(features.detach(), union, kept, self.contrast_voxels_per_class))
+            bank.update(*gather_voxels(features.detach(), union, kept, self.contrast_voxels_per_class, on_device))
             uncertain_features, uncertain_labels = gather_voxels(
-                features, own_probs.argmax(1, keepdim=True), ~kept, self.contrast_voxels_per_class)
+                features, own_probs.argmax(1, keepdim=True), ~kept, self.contrast_voxels_per_class, on_device)
             prototype_loss = prototype_loss + bank.contrast_loss(uncertain_features, uncertain_labels,
                                                                  self.prototype_temperature)
             similarities.append(bank.similarity_to_own_class(uncertain_features.detach(), uncertain_labels))
-        terms["prototype"] = self.prototype_weight * prototype_loss
+        terms["prototype"] = prototype_loss
 
         self.log_confidence_and_agreement(unlabeled_probs[0], unlabeled_probs[1], "network_agreement")
         self.log_step_statistic("kept_fraction", kept.float().mean())
@@ -215,10 +221,6 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
         return sum(masked_probability_mse(self.probabilities(z), labels.long(), region, ignore) for z in logits)
 
     # ----------------------------------------------------------------------------------- validation, deploy
-    def on_validation_epoch_start(self):
-        super().on_validation_epoch_start()
-        self.auxiliary["peer"].eval()
-
     def validated_models(self) -> tuple[str, ...]:
         return ("peer", "ensemble")
 
@@ -279,6 +281,7 @@ class nnUNetTrainerDualCCE_plainCrossPseudo(nnUNetTrainerDualCCE):
     trainer had before it followed the paper; it largely cancels the KL weighting."""
 
     loss_terms = nnUNetTrainerDualCCE.loss_terms + ("cross_pseudo",)
+    term_weights = nnUNetTrainerDualCCE.term_weights | {"cross_pseudo": "cross_pseudo_weight"}
 
 
 class nnUNetTrainerDualCCE_releaseCCEScale(nnUNetTrainerDualCCE):

@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 
 from nnunet_semi.components.losses import probability_mse
-from nnunet_semi.trainer.base import BEST_VALIDATED, SemiSupervisedTrainerBase, full_resolution, take_samples
+from nnunet_semi.trainer.base import SemiSupervisedTrainerBase
+from nnunet_semi.trainer.deployment import BEST_VALIDATED
+from nnunet_semi.trainer.outputs import full_resolution, take_samples
 
 
 class nnUNetTrainerMeanTeacher(SemiSupervisedTrainerBase):

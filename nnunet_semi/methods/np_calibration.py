@@ -30,7 +30,8 @@ from nnunet_semi.components.neural_process import (
 from nnunet_semi.components.pseudo_labels import dual_confidence_weights
 from nnunet_semi.components.uncertainty import percentile
 from nnunet_semi.methods.mean_teacher import nnUNetTrainerMeanTeacher
-from nnunet_semi.trainer.base import BEST_VALIDATED, full_resolution, take_samples
+from nnunet_semi.trainer.deployment import BEST_VALIDATED
+from nnunet_semi.trainer.outputs import full_resolution, take_samples
 
 PSEUDO_LABEL_SOURCES = ("np", "fused")
 
@@ -94,6 +95,8 @@ class nnUNetTrainerNPCal(nnUNetTrainerMeanTeacher):
     supports_regions = False  # the NP head predicts mutually exclusive classes
 
     loss_terms = ("sup", "sup_np", "pseudo", "np_pseudo", "np_kl")
+    supervised_terms = ("sup", "sup_np")
+    term_weights = {"np_pseudo": "np_loss_weight", "np_kl": "kl_weight"}
     statistics = ("confident_fraction", "teacher_student_agreement", "seg_np_agreement", "confidence_gap",
                   "weight_mean", "weight_p10", "weight_p90", "np_labeled_dice", "seg_labeled_dice", "np_warm")
 
@@ -145,16 +148,17 @@ class nnUNetTrainerNPCal(nnUNetTrainerMeanTeacher):
             teacher_probs = self.teacher_probabilities(torch.cat([x_l, unlabeled["data_weak"]]))[num_labeled:]
         teacher_features = teacher_captured.take()
 
+        rng = self.random_generator(logits.device)
         with torch.no_grad():
             # banks hold the EMA head's projections (a slowly moving key space, as the EMA teacher)
             features_l, labels_l, _ = sample_voxels_per_image(teacher_features[:num_labeled], labels, valid, n,
-                                                              balanced)
+                                                              balanced, rng)
             # (an image without valid voxels draws ignore-label voxels; banks skip labels outside the classes)
             projected_l, labels_l = head_teacher.project(features_l.float()).flatten(0, 1), labels_l.flatten()
-            context.push(projected_l, labels_l, self.bank_push_per_class)
-            target.push(projected_l, labels_l, self.bank_push_per_class)
+            context.push(projected_l, labels_l, self.bank_push_per_class, rng)
+            target.push(projected_l, labels_l, self.bank_push_per_class, rng)
             np_probs = head_teacher.predict_dense(teacher_features[num_labeled:], context, target, self.np_samples,
-                                                  n, self.np_chunk_voxels)
+                                                  n, self.np_chunk_voxels, rng)
             if self.np_warmup["warm"]:
                 source = np_probs if self.pseudo_label_source == "np" else (np_probs + teacher_probs) / 2
                 pseudo = source.argmax(1, keepdim=True)
@@ -166,22 +170,22 @@ class nnUNetTrainerNPCal(nnUNetTrainerMeanTeacher):
                 weights = confidence_seg = torch.gather(teacher_probs, 1, pseudo)
                 confidence_np = torch.gather(np_probs, 1, pseudo)
             features_u, labels_u, _ = sample_voxels_per_image(
-                teacher_features[num_labeled:], pseudo, weights >= self.target_bank_min_weight, n, balanced)
+                teacher_features[num_labeled:], pseudo, weights >= self.target_bank_min_weight, n, balanced, rng)
             target.push(head_teacher.project(features_u.float()).flatten(0, 1), labels_u.flatten(),
-                        self.bank_push_per_class)
+                        self.bank_push_per_class, rng)
 
         # the student's NP head on a voxel subsample of labeled (labels) and unlabeled (pseudo labels) images
         student_features = student_captured.take()
         sampled_l, sampled_labels_l, index_l = sample_voxels_per_image(student_features[:num_labeled], labels, valid,
-                                                                       n, balanced)
+                                                                       n, balanced, rng)
         sampled_valid_l = torch.gather(valid.flatten(1), 1, index_l)
         sampled_u, sampled_labels_u, index_u = sample_voxels_per_image(
-            student_features[num_labeled:], pseudo, torch.ones_like(pseudo, dtype=torch.bool), n, balanced)
+            student_features[num_labeled:], pseudo, torch.ones_like(pseudo, dtype=torch.bool), n, balanced, rng)
         sampled_weights_u = torch.gather(weights.flatten(1), 1, index_u)
         projected = head.project(torch.cat([sampled_l, sampled_u]).float())
         summary = head.summarize(projected, context.centers(), context.available(), target.centers(),
                                  target.available())
-        np_logits = head.decode(projected, summary, summary.q_target, self.np_samples)  # (T, B, n, C)
+        np_logits = head.decode(projected, summary, summary.q_target, self.np_samples, generator=rng)  # (T, B, n, C)
         log_mean = torch.logsumexp(torch.log_softmax(np_logits.float(), -1), 0) - math.log(self.np_samples)
         sampled_labels = torch.cat([torch.where(sampled_valid_l, sampled_labels_l, 0), sampled_labels_u])
         nll = -torch.gather(log_mean, -1, sampled_labels[..., None])[..., 0]  # (B, n)
@@ -198,8 +202,8 @@ class nnUNetTrainerNPCal(nnUNetTrainerMeanTeacher):
         self.log_step_statistic("seg_np_agreement", (teacher_probs.argmax(1) == np_probs.argmax(1)).float().mean())
         self.log_step_statistic("confidence_gap", (confidence_seg - confidence_np).abs().mean())
         self.log_step_statistic("weight_mean", weights.mean())
-        self.log_step_statistic("weight_p10", percentile(weights, 10))
-        self.log_step_statistic("weight_p90", percentile(weights, 90))
+        self.log_step_statistic("weight_p10", percentile(weights, 10, generator=self.random_generator("cpu")))
+        self.log_step_statistic("weight_p90", percentile(weights, 90, generator=self.random_generator("cpu")))
 
         labeled_rows, unlabeled_rows = slice(0, num_labeled), slice(num_labeled, None)
         return {
@@ -207,10 +211,9 @@ class nnUNetTrainerNPCal(nnUNetTrainerMeanTeacher):
             "sup_np": weighted_mean(nll[labeled_rows], sampled_valid_l)
             + self.np_dice_weight * np_dice(labeled_rows, sampled_valid_l.float()),
             "pseudo": weighted_ce_dice_loss(logits[num_labeled:], pseudo, weights),
-            "np_pseudo": self.np_loss_weight * (
-                weighted_mean(nll[unlabeled_rows], sampled_weights_u)
-                + self.np_dice_weight * np_dice(unlabeled_rows, sampled_weights_u.float())),
-            "np_kl": self.kl_weight * gaussian_kl(summary.q_target, summary.q_context),
+            "np_pseudo": weighted_mean(nll[unlabeled_rows], sampled_weights_u)
+            + self.np_dice_weight * np_dice(unlabeled_rows, sampled_weights_u.float()),
+            "np_kl": gaussian_kl(summary.q_target, summary.q_context),
         }
 
     @torch.no_grad()

@@ -17,7 +17,8 @@ from nnunet_semi.components.losses import masked_soft_dice_loss, voxel_cross_ent
 from nnunet_semi.components.masks import synergy_regions
 from nnunet_semi.components.mixing import clipped_gaussian_noise, mixup_with_labeled_partners
 from nnunet_semi.methods.mean_teacher import nnUNetTrainerMeanTeacher
-from nnunet_semi.trainer.base import BEST_VALIDATED, full_resolution, take_samples
+from nnunet_semi.trainer.deployment import BEST_VALIDATED
+from nnunet_semi.trainer.outputs import full_resolution, take_samples
 
 
 class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
@@ -39,7 +40,8 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
         double_ema: the released code's two EMA updates per step (fixed 0.99 then the warm-up schedule).
         student_weight_shrink: after the first of those updates the release multiplies the student's float weights
             by (1 - this) every step (its WeightEMA's "customized weight decay", 0.02 x 0.01 = 2e-4); 0: none.
-        supervised_weight: factor on nnU-Net's supervised loss; the release's ``0.5 * (CE + Dice)`` is 0.5.
+        supervised_weight: factor on nnU-Net's supervised loss (``term_weights["sup"]``); the release's
+            ``0.5 * (CE + Dice)`` is 0.5.
         pseudo_label_views: the student views the regional loss supervises: the plain and the mixed unlabeled
             prediction (paper), or one of them (an ablation; the partition always uses both).
     The regional loss uses the full-resolution output only (``unsup_uses_deep_supervision = False``); the supervised
@@ -67,6 +69,8 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
     supports_regions = False  # the partition is defined on mutually exclusive classes
 
     loss_terms = ("sup", "pseudo_ce", "pseudo_dice")
+    # L_pseudo = 0.5 * (mean of the Dice terms + mean of the CE terms); compute_losses returns the two means
+    term_weights = {"sup": "supervised_weight", "pseudo_ce": 0.5, "pseudo_dice": 0.5}
     statistics = ("confident_fraction", "teacher_student_agreement", "agree_certain_fraction",
                   "disagree_certain_fraction", "ambiguous_fraction")
 
@@ -80,11 +84,12 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
     def compute_losses(self, labeled: dict, unlabeled: dict) -> dict[str, torch.Tensor]:
         x_l, x_u = labeled["data"], unlabeled["data_weak"]
         n_l, n_u = x_l.shape[0], x_u.shape[0]
-        noisy_u = clipped_gaussian_noise(x_u, self.noise_std, self.noise_clip)
-        noisy_l = clipped_gaussian_noise(x_l, self.noise_std, self.noise_clip)
+        on_device, on_cpu = self.random_generator(x_u.device), self.random_generator("cpu")
+        noisy_u = clipped_gaussian_noise(x_u, self.noise_std, self.noise_clip, on_device)
+        noisy_l = clipped_gaussian_noise(x_l, self.noise_std, self.noise_clip, on_device)
         teacher = self.teacher_probabilities(noisy_u)
         pseudo = teacher.argmax(1, keepdim=True)  # (B_u, 1, *spatial)
-        mixed, _, _ = mixup_with_labeled_partners(noisy_u, noisy_l, self.mixup_alpha)
+        mixed, _, _ = mixup_with_labeled_partners(noisy_u, noisy_l, self.mixup_alpha, on_cpu)
 
         student_u = unlabeled["data_strong"] if self.student_uses_strong_view else x_u
         output = self.network(torch.cat([x_l, student_u, mixed]))
@@ -111,10 +116,9 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
                            ("disagree_certain_fraction", regions.disagree_certain),
                            ("ambiguous_fraction", regions.ambiguous)):
             self.log_step_statistic(name, mask.float().mean())
-        # L_pseudo = 0.5 * (mean of the 2 Dice terms per view + mean of the CE terms, one per view)
-        n_views = len(self.pseudo_label_views)
-        return {"sup": self.supervised_weight * self.supervised_loss(take_samples(output, n_l), labeled["target"]),
-                "pseudo_ce": 0.5 * ce / n_views, "pseudo_dice": 0.5 * dice / (2 * n_views)}
+        n_views = len(self.pseudo_label_views)  # one CE and two Dice terms per view
+        return {"sup": self.supervised_loss(take_samples(output, n_l), labeled["target"]),
+                "pseudo_ce": ce / n_views, "pseudo_dice": dice / (2 * n_views)}
 
     def after_optimizer_step(self) -> None:
         if self.double_ema:  # released: a fixed-0.99 EMA, then the warm-up EMA, every step

@@ -24,29 +24,33 @@ def isolated_style(plot_function):
 
 @isolated_style
 def plot_semi_progress(logged: dict[str, list], keys: list[str], epoch: int, filename: str) -> None:
-    """Plot loss terms (top), pseudo-label statistics and the unsupervised weight (bottom) for epochs 0..epoch.
+    """Plot the loss terms as returned (top), as weighted in the total (middle), and the pseudo-label statistics
+    with the unsupervised weight (bottom) for epochs 0..epoch.
 
     Args:
         logged: nnU-Net's local-logger dict (key -> one value per epoch).
-        keys: the semi-supervised keys to plot (``semi_loss_*`` go to the top panel).
+        keys: the semi-supervised keys to plot (``semi_loss_*`` on top, ``semi_weighted_*`` in the middle).
         epoch: last epoch to plot.
         filename: output PNG.
     """
     x = list(range(epoch + 1))
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 10), sharex=True)
+    fig, (raw, weighted, bottom) = plt.subplots(3, 1, figsize=(12, 14), sharex=True)
     for key in keys:
         values = logged[key][: epoch + 1]
         if len(values) != len(x):
             continue
-        axis = top if key.startswith("semi_loss_") else bottom
-        axis.plot(x, values, label=key.removeprefix("semi_"), linewidth=2)
+        axis = raw if key.startswith("semi_loss_") else weighted if key.startswith("semi_weighted_") else bottom
+        axis.plot(x, values, label=key.removeprefix("semi_").removeprefix("loss_").removeprefix("weighted_"),
+                  linewidth=2)
     if "mean_fg_dice" in logged and len(logged["mean_fg_dice"]) >= len(x):
         bottom.plot(x, logged["mean_fg_dice"][: epoch + 1], label="student_dice", linestyle="dotted", linewidth=2)
-    top.set_ylabel("loss terms")
+    raw.set_ylabel("loss terms (as returned)")
+    weighted.set_ylabel("loss terms (weighted, in the total)")
     bottom.set_ylabel("statistics / weight")
     bottom.set_xlabel("epoch")
-    for axis in (top, bottom):
-        axis.legend(loc="best")
+    for axis in (raw, weighted, bottom):
+        if axis.lines:
+            axis.legend(loc="best")
         axis.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(filename)

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nnunet_semi.trainer.base import average_gradients_over_ranks
+from nnunet_semi.trainer.ddp import average_gradients_over_ranks
 
 
 def _worker(rank: int, world_size: int, init_file: str, results) -> None:

@@ -287,7 +287,8 @@ def test_each_method_declares_its_papers_ramp_and_only_the_declared_terms_ramp()
     assert float(_bare(nnUNetTrainerCPS).combine_losses({"sup": one, "sup_peer": one, "cross_pseudo": one}, 0.01)) \
         == pytest.approx(3.5)
     dual_terms = dict.fromkeys(nnUNetTrainerDualCCE.loss_terms, one)
-    assert float(_bare(nnUNetTrainerDualCCE).combine_losses(dual_terms, 0.01)) == pytest.approx(3 + 3 + 0.01)
+    # sup, sup_peer, 0.5 x sup_cross_reliable; three unsupervised terms at weight 1; 0.1 x the ramped prototype
+    assert float(_bare(nnUNetTrainerDualCCE).combine_losses(dual_terms, 0.01)) == pytest.approx(2.5 + 3 + 0.001)
     with pytest.raises(ValueError, match="not unsupervised terms"):
         _bare(nnUNetTrainerMeanTeacher, ramped_terms=("sup", "nonsense")).ramped_unsupervised_terms()
 
@@ -426,3 +427,73 @@ def test_undeclared_statistics_and_terms_are_refused_at_the_first_step(semi_data
     trainer = _make_trainer(semi_dataset, cls)
     with pytest.raises(ValueError, match=named):
         trainer.train_step(next(trainer.dataloader_train))
+
+
+@pytest.mark.parametrize("declarations, named", [
+    ({"supervised_terms": ("sup", "made_up")}, "supervised_terms names \\['made_up'\\]"),
+    ({"term_weights": {"made_up": 0.5}}, "term_weights names \\['made_up'\\]"),
+    ({"term_weights": {"consistency": "no_such_attribute"}}, "'no_such_attribute', which is not a number"),
+])
+def test_loss_declarations_naming_nothing_are_refused_at_initialize(semi_dataset, declarations, named):
+    with pytest.raises(ValueError, match=named):
+        _make_trainer(semi_dataset, type("Misdeclared", (_TinyMeanTeacher,), declarations))
+
+
+def test_term_weights_are_applied_by_the_base_and_logged_raw_and_weighted(semi_dataset):
+    """A weight named by attribute follows that attribute (a one-line variant), a supervised term takes no ramp."""
+    cls = type("Weighted", (_TinyMeanTeacher,), {"consistency_factor": 3.0, "term_weights": {
+        "sup": 2.0, "consistency": "consistency_factor"}})
+    trainer = _make_trainer(semi_dataset, cls)
+    out = trainer.train_step(next(trainer.dataloader_train))
+    ramp = float(out["unsup_weight"])
+    assert float(out["weighted_sup"]) == pytest.approx(2.0 * float(out["loss_sup"]))
+    assert float(out["weighted_consistency"]) == pytest.approx(3.0 * ramp * float(out["loss_consistency"]))
+    assert float(out["loss"]) == pytest.approx(float(out["weighted_sup"] + out["weighted_consistency"]), rel=1e-5)
+    trainer.on_train_epoch_end([out])
+    logged = trainer.logger.local_logger.my_fantastic_logging
+    assert logged["semi_weighted_consistency"][-1] == pytest.approx(float(out["weighted_consistency"]))
+    assert logged["semi_loss_consistency"][-1] == pytest.approx(float(out["loss_consistency"]))
+
+
+def test_setting_nnunets_schedule_attribute_on_a_class_is_refused():
+    with pytest.raises(TypeError, match="sets `num_epochs`.*set `epochs` instead"):
+        type("WrongSchedule", (_TinyMeanTeacher,), {"num_epochs": 10})
+
+
+def test_the_base_puts_trained_auxiliary_modules_in_train_mode_and_all_in_eval_for_validation(semi_dataset):
+    from nnunet_semi.methods import nnUNetTrainerCPS
+
+    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerCPS, teacher_momentum=0.99))
+    trainer.auxiliary["peer"].eval()  # as validation leaves it
+    trainer.on_train_epoch_start()
+    assert trainer.auxiliary["peer"].training and not trainer.teacher.training
+    trainer.on_validation_epoch_start()
+    assert not trainer.auxiliary["peer"].training and not trainer.teacher.training
+
+
+def test_a_checkpoint_logged_with_fewer_keys_resumes_with_those_keys_aligned(semi_dataset, tmp_path):
+    """A checkpoint of an older version lacks some log keys: after the resume they are NaN for its epochs."""
+    trainer = _make_trainer(semi_dataset)
+    for epoch in range(2):  # as nnU-Net saves at the end of epoch 1: its checkpoint resumes at epoch 2
+        trainer.current_epoch = epoch
+        trainer.on_train_epoch_end([trainer.train_step(next(trainer.dataloader_train))])
+    for key in ("semi_weighted_sup", "semi_weighted_consistency"):
+        del trainer.logger.local_logger.my_fantastic_logging[key]
+    trainer.save_checkpoint(str(tmp_path / "old.pth"))
+    resumed = _make_trainer(semi_dataset)
+    resumed.load_checkpoint(str(tmp_path / "old.pth"))
+    logged = resumed.logger.local_logger.my_fantastic_logging
+    assert len(logged["semi_weighted_sup"]) == 2 and np.isnan(logged["semi_weighted_sup"]).all()
+    resumed.on_train_epoch_end([resumed.train_step(next(resumed.dataloader_train))])
+    assert len(logged["semi_weighted_sup"]) == 3 and np.isfinite(logged["semi_weighted_sup"][2])
+
+
+def test_the_runs_random_streams_derive_from_its_seed():
+    def stream(seed):
+        trainer = _bare(_TinyMeanTeacher)
+        trainer._generators = {}
+        torch.manual_seed(seed)
+        return torch.rand(5, generator=trainer.random_generator("cpu"))
+
+    torch.testing.assert_close(stream(7), stream(7), rtol=0, atol=0)
+    assert not torch.equal(stream(7), stream(8))

@@ -20,10 +20,13 @@ from helpers import DATASET_ID, DATASET_NAME, plan_and_preprocess, point_nnunet_
 from nnunet_semi.data.splits import make_labeled_split
 from nnunet_semi.data.unlabeled import preprocess_unlabeled
 from nnunet_semi.tools.synthetic import make_synthetic_dataset
+from support.fixmatch_method import nnUNetTrainerFixMatchExample
 
-# one class per method: variants (``<Trainer>_<change>``) only change class attributes of their parent
+# one class per method: variants (``<Trainer>_<change>``) only change class attributes of their parent; and the
+# test-only FixMatch example of "Adding a method", confident everywhere (an untrained network is confident nowhere)
 TRAINERS = sorted({getattr(nnunet_semi.methods, n) for n in nnunet_semi.methods.__all__ if "_" not in n},
-                  key=lambda c: c.__name__)
+                  key=lambda c: c.__name__) + [
+    type("nnUNetTrainerFixMatchExample", (nnUNetTrainerFixMatchExample,), {"pseudo_label_threshold": 0.0})]
 SETTINGS = {  # name: (spatial shape, foreground classes, configuration, dataset.json labels or None)
     "2d_binary": ((40, 40), 1, "2d", None),
     "3d_multiclass": ((24, 24, 24), 2, "3d_fullres", None),
@@ -107,8 +110,11 @@ def test_trainer_contract(trainer_cls, setting, _contract_templates, tmp_path, m
     if trainer.teacher is not None:
         assert validation["teacher_tp"].shape == validation["tp_hard"].shape
     trainer.optimizer.zero_grad(set_to_none=True)
+    global_random_state = torch.get_rng_state()
     terms = trainer.compute_losses({"data": labeled["data"], "target": labeled["target"]}, unlabeled)
-    sum(v for k, v in terms.items() if not k.startswith("sup")).backward()
+    # every draw of the method comes from the run's generators (random_generator), none from torch's global one
+    assert torch.equal(torch.get_rng_state(), global_random_state)
+    sum(v for k, v in terms.items() if k not in trainer.supervised_terms).backward()
     heads = len(trainer.network.decoder.seg_layers)
     unused = set() if trainer.unsup_uses_deep_supervision else {
         n for n, _ in trainer.network.named_parameters()
@@ -131,6 +137,8 @@ def test_trainer_contract(trainer_cls, setting, _contract_templates, tmp_path, m
     fresh.load_checkpoint(str(checkpoint))
     for k, v in trainer.auxiliary.state_dict().items():
         torch.testing.assert_close(fresh.auxiliary.state_dict()[k], v)
+    for device_type, generator in trainer._generators.items():  # the random streams continue where they were
+        assert torch.equal(fresh.random_generator(device_type).get_state(), generator.get_state())
     saved = torch.load(checkpoint, weights_only=False)
     inference_network = trainer_cls.build_network_architecture(
         trainer.plans_manager, trainer.configuration_manager, 1, outputs, enable_deep_supervision=False)
