@@ -1,5 +1,4 @@
-"""Library pieces of NPCal (issue #9): class memory banks, the neural-process head, voxel sampling and dual-confidence
-weights. Tiny tensors; gradient flow and the KL's pull of the target distribution toward the context one."""
+"""components.neural_process: class memory banks, the NP head, voxel sampling."""
 
 from __future__ import annotations
 
@@ -15,7 +14,16 @@ from nnunet_semi.components.neural_process import (
     gaussian_kl,
     sample_voxels_per_image,
 )
-from nnunet_semi.components.pseudo_labels import dual_confidence_weights
+
+
+def _banks(head, classes=3):
+    context, target = ClassMemoryBank(classes, 8, 64), ClassMemoryBank(classes, 8, 64)
+    features = torch.randn(60, 4)
+    labels = torch.arange(60) % classes
+    with torch.no_grad():
+        context.push(head.project(features), labels)
+        target.push(head.project(features + 1.5), labels)  # a shifted "pseudo-labeled" distribution
+    return context, target
 
 
 def test_memory_bank_is_a_per_class_fifo_with_centers_and_state():
@@ -40,16 +48,6 @@ def test_gaussian_kl_is_zero_for_equal_distributions_and_matches_the_closed_form
     q = Gaussian(torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 1.0]]))
     expected = (math.log(2) + (1 + 1) / 8 - 0.5) + 0.0
     assert gaussian_kl(p, q).item() == pytest.approx(expected)
-
-
-def _banks(head, classes=3):
-    context, target = ClassMemoryBank(classes, 8, 64), ClassMemoryBank(classes, 8, 64)
-    features = torch.randn(60, 4)
-    labels = torch.arange(60) % classes
-    with torch.no_grad():
-        context.push(head.project(features), labels)
-        target.push(head.project(features + 1.5), labels)  # a shifted "pseudo-labeled" distribution
-    return context, target
 
 
 def test_np_head_shapes_gradient_and_dense_prediction_in_2d_and_3d():
@@ -115,43 +113,6 @@ def test_sample_voxels_per_image_draws_valid_voxels_with_gradient():
     torch.testing.assert_close(sampled[1, 0], features[1, :, index[1, 0] // 4, index[1, 0] % 4])
     sampled.sum().backward()
     assert features.grad[0, :, 1:].abs().sum() == 0 and features.grad[1].abs().sum() > 0
-
-
-def test_dual_confidence_rules_down_weight_one_sided_confidence():
-    # voxel 0: both confident; voxel 1: segmentation confident, NP not; voxel 2: both unsure (pseudo label 0)
-    seg = torch.tensor([[0.95, 0.05], [0.95, 0.05], [0.55, 0.45]]).T[None]
-    np_ = torch.tensor([[0.9, 0.1], [0.55, 0.45], [0.5, 0.5]]).T[None]
-    pseudo = torch.zeros(1, 1, 3, dtype=torch.long)
-    product, c_seg, _ = dual_confidence_weights(seg, np_, "product", pseudo_label=pseudo)
-    assert c_seg[0, 0].tolist() == pytest.approx([0.95, 0.95, 0.55])
-    assert product[0, 0].tolist() == pytest.approx([0.855, 0.5225, 0.275])
-    minimum, _, _ = dual_confidence_weights(seg, np_, "min", pseudo_label=pseudo)
-    assert minimum[0, 0].tolist() == pytest.approx([0.9, 0.55, 0.5])
-    agreement, _, _ = dual_confidence_weights(seg, np_, "agreement", tau=0.2, pseudo_label=pseudo)
-    assert agreement[0, 0].tolist() == pytest.approx([math.exp(-0.25) * 0.9, math.exp(-2.0) * 0.55,
-                                                     math.exp(-0.25) * 0.5])
-    assert agreement[0, 0, 1] < agreement[0, 0, 2]  # one-sided confidence ranks below shared doubt
-    with pytest.raises(ValueError, match="rule must be"):
-        dual_confidence_weights(seg, np_, "mean", pseudo_label=pseudo)
-    with pytest.raises(ValueError, match="needs the pseudo_label"):
-        dual_confidence_weights(seg, np_)
-
-
-@pytest.mark.parametrize("rule", ["product", "min", "agreement"])
-def test_confidently_disagreeing_heads_get_a_small_weight_and_agreeing_ones_a_large_one(rule):
-    # the segmentation head says (0.05, 0.95), the NP head (0.95, 0.05); the pseudo label is the NP head's class 0
-    seg = torch.tensor([[0.05, 0.95], [0.95, 0.05]]).T[None]
-    np_ = torch.tensor([[0.95, 0.05], [0.95, 0.05]]).T[None]
-    pseudo = torch.zeros(1, 1, 2, dtype=torch.long)
-    weights, c_seg, c_np = dual_confidence_weights(seg, np_, rule, pseudo_label=pseudo)
-    assert c_seg[0, 0].tolist() == pytest.approx([0.05, 0.95]) and c_np[0, 0].tolist() == pytest.approx([0.95, 0.95])
-    assert weights[0, 0, 0] <= 0.05 and weights[0, 0, 1] >= 0.9
-    # the max-probability measure cannot tell the two voxels apart
-    blind, _, _ = dual_confidence_weights(seg, np_, rule, measure="max_prob")
-    assert blind[0, 0, 0].item() == pytest.approx(blind[0, 0, 1].item())
-    # the entropy measure is applied to both heads: two agreeing heads are on one scale
-    entropy, c_seg_entropy, c_np_entropy = dual_confidence_weights(np_, np_, rule, measure="entropy")
-    torch.testing.assert_close(c_seg_entropy, c_np_entropy)
 
 
 def test_class_balanced_voxel_sampling_gives_a_small_structure_its_share():
