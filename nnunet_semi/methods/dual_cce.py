@@ -32,6 +32,17 @@ from nnunet_semi.trainer.outputs import full_resolution, take_samples
 NETWORK_KINDS = ("plans", "residual_encoder")
 
 
+class _MemberInTrainingEnsembleAtInference:
+    """``build_network_architecture`` of the dual network. nnU-Net calls it on the trainer instance in
+    ``initialize`` (2.8: ``self.network = self.build_network_architecture(...)``), where it must build network 1,
+    the plain plans network that ``self.network`` is during training; and on the class in ``nnUNetv2_predict``
+    (``trainer_class.build_network_architecture(...)``), where it must build the deployable model holding both
+    networks. Accessed on an instance it is ``build_member_network``, on the class ``build_deployable_model``."""
+
+    def __get__(self, trainer, trainer_class):
+        return trainer_class.build_deployable_model if trainer is None else trainer.build_member_network
+
+
 class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
     """Two networks of the same plans (by default the plans' U-Net and a residual-encoder sibling) trained on the
     same batch, with cross consistency enhancement, KL-weighted pseudo supervision and prototype contrast.
@@ -66,6 +77,7 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
     three predicts; during training ``self.network`` is the plain plans network.
     """
 
+    build_network_architecture = _MemberInTrainingEnsembleAtInference()
     network_pair: tuple[str, str] = ("plans", "residual_encoder")
     deployed_model = "ensemble"
     peer_blocks_per_stage: tuple[int, ...] | None = RESENC_BLOCKS_PER_STAGE
@@ -96,9 +108,6 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        # nnU-Net's initialize builds self.network through self.build_network_architecture; during training that
-        # must be the plain plans network, while the class-level builder (nnUNetv2_predict) builds the ensemble
-        self.build_network_architecture = self.build_member_network
         self.best_single_network = "student"
 
     # --------------------------------------------------------------------------------------------- networks
@@ -121,8 +130,8 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
                                                   num_output_channels, enable_deep_supervision)
 
     @classmethod
-    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
-                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+    def build_deployable_model(cls, plans_manager, configuration_manager, num_input_channels: int,
+                               num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
         """The deployable model ``nnUNetv2_predict`` builds: both networks; the checkpoint's weights decide which
         of them, or their ensemble, predicts (single-network weights deploy network 1)."""
         first = super().build_network_architecture(plans_manager, configuration_manager, num_input_channels,

@@ -38,7 +38,9 @@ class CheckpointState(nnUNetTrainer):
         if self.local_rank != 0 or self.disable_checkpointing:
             return super().save_checkpoint(filename)
         buffer = io.BytesIO()
-        super().save_checkpoint(buffer)  # nnU-Net builds its checkpoint dict and torch.saves it into memory
+        # nnU-Net 2.8's save_checkpoint builds its dict inline and only torch.saves it (no hook returns it): let it
+        # save into memory, read that back, add ours, and write the file once
+        super().save_checkpoint(buffer)
         buffer.seek(0)
         checkpoint = torch.load(buffer, map_location="cpu", weights_only=False)
         checkpoint[SEMI_STATE_KEY] = self.semi_state()
