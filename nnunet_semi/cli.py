@@ -115,6 +115,51 @@ def export_entry(argv=None):
 
 
 @_reports_input_errors
+def pseudolabel_entry(argv=None) -> None:
+    from nnunet_semi.tools.self_training import SOURCES
+
+    parser = argparse.ArgumentParser(
+        description="Pseudo-label a fold's unlabeled cases with a trained model (nnU-Net's predictor, a fold "
+                    "ensemble by default) into a new nnU-Net raw dataset: the fold's labeled and validation cases "
+                    "unchanged, the pseudo-labeled cases added, uncertain voxels set to the ignore label.")
+    parser.add_argument("-d", required=True, help="source dataset id or name")
+    parser.add_argument("-tr", required=True, help="trainer of the model (any: nnUNetTrainer, a semi trainer)")
+    parser.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
+    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    parser.add_argument("-f", nargs="+", default=None, help="model folds to ensemble (default: every trained fold)")
+    parser.add_argument("--fold", type=int, default=0,
+                        help="the split fold whose unlabeled cases are predicted and whose validation cases stay "
+                             "out (default 0)")
+    parser.add_argument("-o_id", type=int, required=True, help="id of the new dataset")
+    parser.add_argument("-o_name", required=True, help="name of the new dataset (Dataset<id>_<name>)")
+    parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES,
+                        help="where the unlabeled cases come from (default: both)")
+    parser.add_argument("--voxel_threshold", type=float, default=0.9,
+                        help="keep the argmax where the ensemble's max probability reaches this, else the ignore "
+                             "label (default 0.9)")
+    parser.add_argument("--no_ignore", action="store_true", help="hard argmax everywhere, no ignore label")
+    parser.add_argument("--case_threshold", type=float, default=0.0,
+                        help="leave out cases whose confidence (mean max probability over the predicted "
+                             "foreground) is below this (default 0: keep all)")
+    parser.add_argument("--copy", action="store_true", help="copy the images instead of linking them")
+    parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
+    parser.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"), help="default cuda")
+    parser.add_argument("--disable_tta", action="store_true", help="no mirroring at prediction")
+    parser.add_argument("-np", type=int, default=2, help="worker processes for pre- and postprocessing")
+    args = parser.parse_args(argv)
+    from nnunet_semi.tools.self_training import pseudolabel_dataset
+
+    folds = None if args.f is None else tuple(f if f == "all" else int(f) for f in args.f)
+    result = pseudolabel_dataset(args.d, args.tr, args.c, args.o_id, args.o_name, plans=args.p, fold=args.fold,
+                                 folds=folds, sources=tuple(args.sources), voxel_threshold=args.voxel_threshold,
+                                 case_threshold=args.case_threshold, mask_uncertain=not args.no_ignore,
+                                 copy_images=args.copy, checkpoint=args.chk, device=args.device,
+                                 use_mirroring=not args.disable_tta, num_processes=args.np)
+    print(f"{result['dataset']}: {len(result['kept'])} pseudo-labeled cases added, {len(result['left_out'])} left "
+          f"out below --case_threshold {args.case_threshold}; per-case scores in {result['table']}")
+
+
+@_reports_input_errors
 def example_entry(argv=None) -> None:
     from nnunet_semi.tools.example import EXAMPLE_DATASET_ID, run_example
 
