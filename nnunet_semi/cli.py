@@ -160,6 +160,37 @@ def pseudolabel_entry(argv=None) -> None:
 
 
 @_reports_input_errors
+def selftrain_entry(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Offline self-training with plain nnU-Net commands, resumable at every step: the teacher "
+                    "pseudo-labels the fold's unlabeled cases into a new dataset (nnUNetv2_semi_pseudolabel), "
+                    "which is planned with the source's plans, preprocessed and trained on; each round's student "
+                    "is the next round's teacher. Run the same command again to resume.")
+    parser.add_argument("-d", required=True, help="source dataset id or name")
+    parser.add_argument("-tr", required=True, help="the first teacher's trainer (trained here if not finished)")
+    parser.add_argument("-o_id", type=int, required=True, help="id of round 1's dataset (round r: o_id + r - 1)")
+    parser.add_argument("-o_name", required=True, help="name of the derived datasets (<name>_round<r>)")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of pseudo-labeling and training (default 1)")
+    parser.add_argument("--student", default="nnUNetTrainer", help="the students' trainer (default nnUNetTrainer)")
+    parser.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
+    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    parser.add_argument("--fold", type=int, default=0, help="the split fold (default 0)")
+    parser.add_argument("--voxel_threshold", type=float, default=0.9, help="as nnUNetv2_semi_pseudolabel")
+    parser.add_argument("--case_threshold", type=float, default=0.0, help="as nnUNetv2_semi_pseudolabel")
+    parser.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"), help="default cuda")
+    parser.add_argument("--disable_tta", action="store_true", help="no mirroring when pseudo-labeling")
+    parser.add_argument("-np", type=int, default=2, help="worker processes of nnU-Net's pre- and postprocessing")
+    args = parser.parse_args(argv)
+    from nnunet_semi.tools.self_training import self_train
+
+    students = self_train(args.d, args.tr, args.o_id, args.o_name, rounds=args.rounds, configuration=args.c,
+                          plans=args.p, fold=args.fold, student=args.student, voxel_threshold=args.voxel_threshold,
+                          case_threshold=args.case_threshold, device=args.device,
+                          use_mirroring=not args.disable_tta, num_processes=args.np)
+    print(f"students: {', '.join(students)}")
+
+
+@_reports_input_errors
 def example_entry(argv=None) -> None:
     from nnunet_semi.tools.example import EXAMPLE_DATASET_ID, run_example
 

@@ -135,9 +135,10 @@ def pseudolabel_dataset(source: int | str, trainer: str, configuration: str, new
                         sources: tuple[str, ...] = SOURCES, voxel_threshold: float = 0.9,
                         case_threshold: float = 0.0, mask_uncertain: bool = True, copy_images: bool = False,
                         checkpoint: str = "checkpoint_final.pth", device: str = "cpu", use_mirroring: bool = True,
-                        num_processes: int = 1) -> dict:
+                        num_processes: int = 1, model_folder: str | None = None) -> dict:
     """Write ``Dataset<new_id>_<new_name>`` in nnUNet_raw: the source's fold ``fold`` with its unlabeled cases
-    pseudo-labeled by the trained model ``trainer__plans__configuration`` (its ``folds``, all by default).
+    pseudo-labeled by the trained model ``trainer__plans__configuration`` of the source dataset (its ``folds``, all
+    by default), or by the model in ``model_folder`` (a student trained on an earlier derived dataset).
 
     Returns:
         ``{"dataset": folder, "kept": [...], "left_out": [...], "table": csv path}``.
@@ -157,7 +158,8 @@ def pseudolabel_dataset(source: int | str, trainer: str, configuration: str, new
     dataset_json = load_json(join(raw, "dataset.json"))
     if any(isinstance(v, (list, tuple)) for v in dataset_json["labels"].values()):
         raise SemiInputError(f"{name} is region-based: pseudo labels here are defined on mutually exclusive classes.")
-    model_folder = join(require_env_folder("nnUNet_results"), name, f"{trainer}__{plans}__{configuration}")
+    model_folder = model_folder or join(require_env_folder("nnUNet_results"), name,
+                                        f"{trainer}__{plans}__{configuration}")
     use_folds = _model_folds(model_folder, folds, checkpoint)
     splits_file = join(require_env_folder("nnUNet_preprocessed"), name, "splits_final.json")
     if not isfile(splits_file):
@@ -239,3 +241,91 @@ def pseudolabel_dataset(source: int | str, trainer: str, configuration: str, new
         raise
     left_out = [r["case"] for r in rows if not r["kept"]]
     return {"dataset": final, "kept": kept, "left_out": left_out, "table": join(final, CASES_TABLE)}
+
+
+def _run_logged(command: list[str], log_file: str) -> None:
+    """Run one nnU-Net command, printing it and appending it and its output to ``log_file``."""
+    import subprocess
+
+    line = " ".join(command)
+    print(f"$ {line}", flush=True)
+    with open(log_file, "a") as log:
+        log.write(f"$ {line}\n")
+        log.flush()
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise SemiInputError(f"'{line}' failed (exit code {result.returncode}); its output is in {log_file}. Run the "
+                             f"same nnUNetv2_semi_selftrain command again to resume from this step.")
+
+
+def _train_command(dataset: int | str, configuration: str, fold: int, trainer: str, plans: str, device: str,
+                   output_folder: str) -> list[str] | None:
+    """nnUNetv2_train for a run, ``--c`` when a checkpoint is there to resume; None when it has finished."""
+    if isfile(join(output_folder, "checkpoint_final.pth")):
+        return None
+    resume = any(isfile(join(output_folder, n)) for n in ("checkpoint_latest.pth", "checkpoint_best.pth"))
+    return ["nnUNetv2_train", str(dataset), configuration, str(fold), "-tr", trainer, "-p", plans,
+            "-device", device] + (["--c"] if resume else [])
+
+
+def self_train(source: int | str, teacher: str, first_id: int, name: str, *, rounds: int = 1,
+               configuration: str = "3d_fullres", plans: str = "nnUNetPlans", fold: int = 0,
+               student: str = "nnUNetTrainer", voxel_threshold: float = 0.9, case_threshold: float = 0.0,
+               device: str = "cpu", use_mirroring: bool = True, num_processes: int = 1) -> list[str]:
+    """Offline self-training with plain nnU-Net commands, resumable at every step (``nnUNetv2_semi_selftrain``).
+
+    Round r (1 to ``rounds``): the teacher (round 1: ``teacher`` trained on the source's fold ``fold``, trained
+    here if it has not finished; later: the previous round's student) pseudo-labels the fold's unlabeled cases into
+    ``Dataset<first_id + r - 1>_<name>_round<r>``; that dataset is planned with the source's plans (nnU-Net's
+    ``nnUNetv2_move_plans_between_datasets``: the student keeps the teacher's architecture and normalization),
+    preprocessed, given the student's split, and ``student`` trains on it. A step whose output exists is skipped;
+    an interrupted training resumes with ``--c``. Every command is printed and logged to
+    ``nnUNet_results/<source>/selftrain_<name>.log``.
+
+    Returns:
+        the model folders of the students, one per round.
+    """
+    if rounds < 1:
+        raise SemiInputError(f"--rounds {rounds}: give at least 1.")
+    source_name = resolve_dataset_name(source)
+    results, preprocessed = require_env_folder("nnUNet_results"), require_env_folder("nnUNet_preprocessed")
+    raw_root = require_env_folder("nnUNet_raw")
+    log_file = join(results, source_name, f"selftrain_{name}.log")
+    os.makedirs(join(results, source_name), exist_ok=True)
+    teacher_folder = join(results, source_name, f"{teacher}__{plans}__{configuration}")
+    command = _train_command(source_name, configuration, fold, teacher, plans, device,
+                             join(teacher_folder, f"fold_{fold}"))
+    if command:
+        _run_logged(command, log_file)
+    teacher_folds: tuple = (fold,)
+    students = []
+    for round_index in range(1, rounds + 1):
+        dataset_id = first_id + round_index - 1
+        dataset_name = f"Dataset{dataset_id:03d}_{name}_round{round_index}"
+        if not isfile(join(raw_root, dataset_name, "dataset.json")):
+            print(f"round {round_index}: pseudo labels of {teacher_folder} -> {dataset_name}", flush=True)
+            pseudolabel_dataset(source_name, teacher, configuration, dataset_id, f"{name}_round{round_index}",
+                                plans=plans, fold=fold, folds=teacher_folds, voxel_threshold=voxel_threshold,
+                                case_threshold=case_threshold, device=device, use_mirroring=use_mirroring,
+                                num_processes=num_processes, model_folder=teacher_folder)
+        target = join(preprocessed, dataset_name)
+        if not isfile(join(target, "splits_final.json")):
+            if not isfile(join(target, "dataset_fingerprint.json")):
+                _run_logged(["nnUNetv2_extract_fingerprint", "-d", str(dataset_id), "-np", str(num_processes)],
+                            log_file)
+            _run_logged(["nnUNetv2_move_plans_between_datasets", "-s", source_name, "-t", str(dataset_id), "-sp",
+                         plans, "-tp", plans], log_file)
+            # nnU-Net's planner copies dataset.json beside the plans, and nnUNetv2_preprocess reads it from there;
+            # moved plans skip the planner
+            shutil.copy(join(raw_root, dataset_name, "dataset.json"), join(target, "dataset.json"))
+            _run_logged(["nnUNetv2_preprocess", "-d", str(dataset_id), "-plans_name", plans, "-c", configuration,
+                         "-np", str(num_processes)], log_file)
+            # last, so that a split file says the dataset is ready to train on
+            shutil.copy(join(raw_root, dataset_name, DERIVED_SPLIT), join(target, "splits_final.json"))
+        student_folder = join(results, dataset_name, f"{student}__{plans}__{configuration}")
+        command = _train_command(dataset_id, configuration, 0, student, plans, device, join(student_folder, "fold_0"))
+        if command:
+            _run_logged(command, log_file)
+        students.append(student_folder)
+        teacher, teacher_folder, teacher_folds = student, student_folder, (0,)
+    return students

@@ -124,3 +124,48 @@ def test_bad_input_is_one_error_line_and_writes_nothing(semi_dataset, capsys, ar
     assert re.search(message, error), error
     assert sorted(p.name for p in semi_dataset.raw.iterdir()) == before
     assert DATASET_NAME in before
+
+
+@pytest.mark.slow
+def test_selftrain_runs_the_recipe_with_nnunets_commands_and_resumes_where_it_stopped(semi_dataset):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from nnunet_semi.trainer.discovery import trainer_dir
+
+    support = Path(__file__).resolve().parents[1] / "support"
+    env = dict(os.environ) | {"nnUNet_extTrainer": os.pathsep.join([trainer_dir(), str(support / "ext")]),
+                              "PYTHONPATH": os.pathsep.join([str(support), os.environ.get("PYTHONPATH", "")]),
+                              "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnUNet_compile": "f"}
+    command = ["nnUNetv2_semi_selftrain", "-d", str(DATASET_ID), "-tr", "nnUNetTrainerTiny", "--student",
+               "nnUNetTrainerTiny", "-o_id", "995", "-o_name", "Self", "-device", "cpu", "-np", "1",
+               "--disable_tta", "--voxel_threshold", "0.5"]
+    first = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    derived = "Dataset995_Self_round1"
+    for step in (f"$ nnUNetv2_train {DATASET_NAME} 3d_fullres 0 -tr nnUNetTrainerTiny",
+                 "$ nnUNetv2_extract_fingerprint -d 995",
+                 "$ nnUNetv2_move_plans_between_datasets -s Dataset990_SemiSynthetic -t 995",
+                 "$ nnUNetv2_preprocess -d 995", "$ nnUNetv2_train 995 3d_fullres 0 -tr nnUNetTrainerTiny"):
+        assert step in first.stdout, step  # every step's command printed
+    log = (semi_dataset.results / DATASET_NAME / "selftrain_Self.log").read_text()
+    assert "$ nnUNetv2_preprocess -d 995" in log
+    # the student has the teacher's plans (architecture and normalization) and trained on its split
+    teacher_plans = json.loads((semi_dataset.preprocessed_dataset / "nnUNetPlans.json").read_text())
+    student_plans = json.loads((semi_dataset.preprocessed / derived / "nnUNetPlans.json").read_text())
+    assert student_plans["configurations"] == teacher_plans["configurations"]
+    assert student_plans["foreground_intensity_properties_per_channel"] == \
+        teacher_plans["foreground_intensity_properties_per_channel"]
+    split = json.loads((semi_dataset.preprocessed / derived / "splits_final.json").read_text())
+    assert split == json.loads((semi_dataset.raw / derived / "splits_pseudolabel.json").read_text())
+    student = semi_dataset.results / derived / "nnUNetTrainerTiny__nnUNetPlans__3d_fullres" / "fold_0"
+    assert (student / "checkpoint_final.pth").is_file()
+
+    # interrupted before the student finished: the same command runs only the student's training again
+    (student / "checkpoint_final.pth").unlink()
+    again = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    commands = [line for line in again.stdout.splitlines() if line.startswith("$ ")]
+    assert len(commands) == 1 and commands[0].startswith("$ nnUNetv2_train 995 3d_fullres 0 -tr nnUNetTrainerTiny")
+    assert "--c" in commands[0] and (student / "checkpoint_final.pth").is_file()
