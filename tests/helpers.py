@@ -95,3 +95,16 @@ def plain_unet_architecture(dim: int = 3) -> dict:
                             "norm_op": norm, "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
                             "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
                             "nonlin_kwargs": {"inplace": True}}}
+
+
+def random_streams_rewinder(trainer):
+    """A function that rewinds the trainer's random streams (``random_generator``) to where they are now, so that
+    two ``compute_losses`` calls draw the same noise, samples and boxes."""
+    trainer.random_generator(trainer.device)
+    trainer.random_generator("cpu")
+    states = {k: g.get_state() for k, g in trainer._generators.items()}
+
+    def rewind():
+        for k, state in states.items():
+            trainer._generators[k].set_state(state)
+    return rewind
