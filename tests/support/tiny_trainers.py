@@ -57,11 +57,12 @@ class nnUNetTrainerDualCCETiny(_TinySchedule, nnUNetTrainerDualCCE):
 
 
 class nnUNetTrainerMeanTeacherSlowCheckpoints(nnUNetTrainerMeanTeacher):
-    """The kill test's trainer: 6 epochs of 3 iterations, a checkpoint every epoch, a short visible ramp, and each
+    """The kill test's trainer: 10 epochs of 3 iterations, a checkpoint every epoch, a short visible ramp, and each
     checkpoint's complete temporary file kept for a second before its rename, so that a kill can land inside the
-    write."""
+    write. 10 epochs, not fewer: on a fast machine the timed kills advance the run by two or three epochs each, and
+    with 6 the last start finished before its kill could land."""
 
-    epochs = 6
+    epochs = 10
     iterations_per_epoch = 3
     val_iterations_per_epoch = 1
     deploy_selection_epochs = 2
