@@ -172,6 +172,10 @@ def selftrain_entry(argv=None) -> None:
     parser.add_argument("-o_name", required=True, help="name of the derived datasets (<name>_round<r>)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of pseudo-labeling and training (default 1)")
     parser.add_argument("--student", default="nnUNetTrainer", help="the students' trainer (default nnUNetTrainer)")
+    parser.add_argument("--finetune", metavar="TRAINER",
+                        help="then fine-tune each student on the labeled cases alone with this trainer (e.g. "
+                             "nnUNetTrainer_50epochs; nnU-Net's -pretrained_weights, which re-initializes the "
+                             "segmentation heads); the fine-tuned model is the round's model")
     parser.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
     parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     parser.add_argument("--fold", type=int, default=0, help="the split fold (default 0)")
@@ -184,10 +188,11 @@ def selftrain_entry(argv=None) -> None:
     from nnunet_semi.tools.self_training import self_train
 
     students = self_train(args.d, args.tr, args.o_id, args.o_name, rounds=args.rounds, configuration=args.c,
-                          plans=args.p, fold=args.fold, student=args.student, voxel_threshold=args.voxel_threshold,
+                          plans=args.p, fold=args.fold, student=args.student, finetune=args.finetune,
+                          voxel_threshold=args.voxel_threshold,
                           case_threshold=args.case_threshold, device=args.device,
                           use_mirroring=not args.disable_tta, num_processes=args.np)
-    print(f"students: {', '.join(students)}")
+    print(f"models of the rounds: {', '.join(students)}")
 
 
 @_reports_input_errors
@@ -244,12 +249,16 @@ def benchmark_entry(argv=None) -> None:
     for p in (quality, speed):
         p.add_argument("-d", help="dataset id or name (planned and preprocessed); not with --tiny")
         p.add_argument("-tr", nargs="+", default=None, help=f"trainers (default: {' '.join(semi_trainers())}); "
-                                                             "nnUNetTrainer is always included")
+                                                             "nnUNetTrainer is always included; quality also "
+                                                             "takes selftrain (offline self-training)")
         p.add_argument("-c", default="3d_fullres", help="configuration")
         p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
         p.add_argument("-o", required=True, help="output folder")
         p.add_argument("--tiny", action="store_true", help="generated tiny dataset and network: minutes on 2 CPU cores")
     quality.add_argument("--num_labeled", nargs="+", default=["8"], help="labeled counts, and 'all'")
+    quality.add_argument("--selftrain_rounds", type=int, default=1,
+                         help="rounds of 'selftrain' in -tr (offline self-training: the stock run as teacher, "
+                              "stock students on its pseudo labels); default 1")
     quality.add_argument("--epochs", type=int, default=None, help=f"default 50; --coarse: {COARSE_EPOCHS}")
     quality.add_argument("--iterations", type=int, default=None,
                          help=f"iterations per epoch; default 250; --coarse: {COARSE_ITERATIONS}")
@@ -325,6 +334,11 @@ def benchmark_entry(argv=None) -> None:
     if args.command == "quality" and (args.jobs < 1 or args.repeats < 1):  # before anything is written
         raise SemiInputError(f"--jobs {args.jobs}: give at least 1 (1 trains one run after the other)."
                              if args.jobs < 1 else f"--repeats {args.repeats}: give at least 1.")
+    if args.command == "quality" and args.selftrain_rounds < 1:
+        raise SemiInputError(f"--selftrain_rounds {args.selftrain_rounds}: give at least 1.")
+    if args.command == "speed" and "selftrain" in trainers:
+        raise SemiInputError("-tr selftrain: offline self-training is several stock trainings, not a training step "
+                             "of its own; time it with quality (its training min) or leave it out of speed.")
     if args.command == "speed" and ((args.steps is not None and args.steps < 1) or
                                     (args.warmup is not None and args.warmup < 0)):
         raise SemiInputError(f"--steps {args.steps} --warmup {args.warmup}: give at least 1 timed step and no "
@@ -401,7 +415,7 @@ def _quality_command(args, dataset, plans: str, trainers: list[str], tiny_raw: s
                           rampup_iterations=rampup, predict_test=predict_test, checkpoint_every=checkpoint_every,
                           extra_columns=extra, score_ema_pair=args.score_ema_pair,
                           run_suffix="" if args.rampup_iterations is None else f"_ramp{args.rampup_iterations}",
-                          jobs=args.jobs)
+                          jobs=args.jobs, selftrain_rounds=args.selftrain_rounds)
     print(open(join(args.o, "results.md")).read())
 
 

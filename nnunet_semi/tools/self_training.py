@@ -130,15 +130,37 @@ def _place(source: str, destination: str, copy: bool) -> None:
         os.symlink(os.path.abspath(source), destination)
 
 
+def _initialize_with_class(predictor, trainer_class: type, model_folder: str, folds: tuple, checkpoint: str) -> None:
+    """``nnUNetPredictor.initialize_from_trained_model_folder`` with the network built by ``trainer_class``."""
+    import torch
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(join(model_folder, "plans.json"))
+    dataset_json = load_json(join(model_folder, "dataset.json"))
+    checkpoints = [torch.load(join(model_folder, f"fold_{f}", checkpoint), map_location="cpu", weights_only=False)
+                   for f in folds]
+    configuration = plans_manager.get_configuration(checkpoints[0]["init_args"]["configuration"])
+    network = trainer_class.build_network_architecture(
+        plans_manager, configuration, determine_num_input_channels(plans_manager, configuration, dataset_json),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
+    predictor.manual_initialization(network, plans_manager, configuration, [c["network_weights"] for c in checkpoints],
+                                    dataset_json, trainer_class.__name__,
+                                    checkpoints[0]["inference_allowed_mirroring_axes"])
+
+
 def pseudolabel_dataset(source: int | str, trainer: str, configuration: str, new_id: int, new_name: str, *,
                         plans: str = "nnUNetPlans", fold: int = 0, folds: tuple[int | str, ...] | None = None,
                         sources: tuple[str, ...] = SOURCES, voxel_threshold: float = 0.9,
                         case_threshold: float = 0.0, mask_uncertain: bool = True, copy_images: bool = False,
                         checkpoint: str = "checkpoint_final.pth", device: str = "cpu", use_mirroring: bool = True,
-                        num_processes: int = 1, model_folder: str | None = None) -> dict:
+                        num_processes: int = 1, model_folder: str | None = None,
+                        trainer_class: type | None = None) -> dict:
     """Write ``Dataset<new_id>_<new_name>`` in nnUNet_raw: the source's fold ``fold`` with its unlabeled cases
     pseudo-labeled by the trained model ``trainer__plans__configuration`` of the source dataset (its ``folds``, all
     by default), or by the model in ``model_folder`` (a student trained on an earlier derived dataset).
+    ``trainer_class`` builds the network where nnU-Net cannot find the checkpoint's trainer by name (the
+    benchmark's scheduled classes).
 
     Returns:
         ``{"dataset": folder, "kept": [...], "left_out": [...], "table": csv path}``.
@@ -184,7 +206,10 @@ def pseudolabel_dataset(source: int | str, trainer: str, configuration: str, new
         predictions = join(staging, ".predictions")
         os.makedirs(predictions)
         predictor = nnUNetPredictor(use_mirroring=use_mirroring, device=torch.device(device), allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(model_folder, use_folds, checkpoint)
+        if trainer_class is None:  # nnU-Net finds the trainer by the name in the checkpoint
+            predictor.initialize_from_trained_model_folder(model_folder, use_folds, checkpoint)
+        else:
+            _initialize_with_class(predictor, trainer_class, model_folder, use_folds, checkpoint)
         ids = sorted(cases)
         predictor.predict_from_files([cases[c] for c in ids], [join(predictions, c) for c in ids],
                                      save_probabilities=True, overwrite=True,
@@ -228,8 +253,10 @@ def pseudolabel_dataset(source: int | str, trainer: str, configuration: str, new
                                  "checkpoint": checkpoint, "voxel_threshold": voxel_threshold if mask_uncertain
                                  else None, "case_threshold": case_threshold, "sources": list(sources)}}
         save_json_atomic(derived, join(staging, "dataset.json"))
-        # the student's split: the same validation cases, trained on the labeled and the kept pseudo-labeled ones
-        save_json_atomic([{"train": sorted(split["train"] + kept), "val": sorted(split["val"])}],
+        # the student's split, fold 0: the same validation cases, trained on the labeled and the kept pseudo-labeled
+        # ones; fold 1: the labeled cases alone, for fine-tuning the student (nnUNetv2_semi_selftrain --finetune)
+        save_json_atomic([{"train": sorted(split["train"] + kept), "val": sorted(split["val"])},
+                          {"train": sorted(split["train"]), "val": sorted(split["val"])}],
                          join(staging, DERIVED_SPLIT))
         with open(join(staging, CASES_TABLE), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -243,7 +270,7 @@ def pseudolabel_dataset(source: int | str, trainer: str, configuration: str, new
     return {"dataset": final, "kept": kept, "left_out": left_out, "table": join(final, CASES_TABLE)}
 
 
-def _run_logged(command: list[str], log_file: str) -> None:
+def run_logged(command: list[str], log_file: str) -> None:
     """Run one nnU-Net command, printing it and appending it and its output to ``log_file``."""
     import subprocess
 
@@ -255,50 +282,91 @@ def _run_logged(command: list[str], log_file: str) -> None:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         raise SemiInputError(f"'{line}' failed (exit code {result.returncode}); its output is in {log_file}. Run the "
-                             f"same nnUNetv2_semi_selftrain command again to resume from this step.")
+                             f"same command again to resume from this step.")
 
 
 def _train_command(dataset: int | str, configuration: str, fold: int, trainer: str, plans: str, device: str,
-                   output_folder: str) -> list[str] | None:
-    """nnUNetv2_train for a run, ``--c`` when a checkpoint is there to resume; None when it has finished."""
+                   output_folder: str, pretrained_weights: str | None = None) -> list[str] | None:
+    """nnUNetv2_train for a run, ``--c`` when a checkpoint is there to resume (nnU-Net refuses ``--c`` with
+    ``-pretrained_weights``: the weights are only loaded at the start); None when it has finished."""
     if isfile(join(output_folder, "checkpoint_final.pth")):
         return None
     resume = any(isfile(join(output_folder, n)) for n in ("checkpoint_latest.pth", "checkpoint_best.pth"))
+    start = ["--c"] if resume else [] if pretrained_weights is None else ["-pretrained_weights", pretrained_weights]
     return ["nnUNetv2_train", str(dataset), configuration, str(fold), "-tr", trainer, "-p", plans,
-            "-device", device] + (["--c"] if resume else [])
+            "-device", device] + start
+
+
+def prepare_student_dataset(source_name: str, dataset_id: int, plans: str, configuration: str,
+                            num_processes: int, run) -> None:
+    """Plan and preprocess a derived raw dataset (``pseudolabel_dataset``) with the source's plans, and give it the
+    student's split; skipped when its ``splits_final.json`` is there, each finished step skipped on a rerun.
+
+    ``run(command)`` runs one nnU-Net command (a list) and raises when it fails. The plans are moved with
+    ``nnUNetv2_move_plans_between_datasets``, so the student keeps the teacher's architecture and normalization.
+    """
+    dataset_name = resolve_dataset_name(dataset_id)
+    target = join(require_env_folder("nnUNet_preprocessed"), dataset_name)
+    if isfile(join(target, "splits_final.json")):
+        return
+    raw = join(require_env_folder("nnUNet_raw"), dataset_name)
+    if not isfile(join(target, "dataset_fingerprint.json")):
+        run(["nnUNetv2_extract_fingerprint", "-d", str(dataset_id), "-np", str(num_processes)])
+    run(["nnUNetv2_move_plans_between_datasets", "-s", source_name, "-t", str(dataset_id), "-sp", plans,
+         "-tp", plans])
+    # nnU-Net's planner copies dataset.json beside the plans, and nnUNetv2_preprocess reads it from there; moved
+    # plans skip the planner
+    shutil.copy(join(raw, "dataset.json"), join(target, "dataset.json"))
+    run(["nnUNetv2_preprocess", "-d", str(dataset_id), "-plans_name", plans, "-c", configuration, "-np",
+         str(num_processes)])
+    # last, so that a split file says the dataset is ready to train on
+    shutil.copy(join(raw, DERIVED_SPLIT), join(target, "splits_final.json"))
 
 
 def self_train(source: int | str, teacher: str, first_id: int, name: str, *, rounds: int = 1,
                configuration: str = "3d_fullres", plans: str = "nnUNetPlans", fold: int = 0,
-               student: str = "nnUNetTrainer", voxel_threshold: float = 0.9, case_threshold: float = 0.0,
-               device: str = "cpu", use_mirroring: bool = True, num_processes: int = 1) -> list[str]:
+               student: str = "nnUNetTrainer", finetune: str | None = None, voxel_threshold: float = 0.9,
+               case_threshold: float = 0.0, device: str = "cpu", use_mirroring: bool = True,
+               num_processes: int = 1) -> list[str]:
     """Offline self-training with plain nnU-Net commands, resumable at every step (``nnUNetv2_semi_selftrain``).
 
     Round r (1 to ``rounds``): the teacher (round 1: ``teacher`` trained on the source's fold ``fold``, trained
-    here if it has not finished; later: the previous round's student) pseudo-labels the fold's unlabeled cases into
+    here if it has not finished; later: the previous round's model) pseudo-labels the fold's unlabeled cases into
     ``Dataset<first_id + r - 1>_<name>_round<r>``; that dataset is planned with the source's plans (nnU-Net's
     ``nnUNetv2_move_plans_between_datasets``: the student keeps the teacher's architecture and normalization),
-    preprocessed, given the student's split, and ``student`` trains on it. A step whose output exists is skipped;
-    an interrupted training resumes with ``--c``. Every command is printed and logged to
-    ``nnUNet_results/<source>/selftrain_<name>.log``.
+    preprocessed, given the student's split, and ``student`` trains on it (fold 0). With ``finetune`` (a trainer,
+    e.g. ``nnUNetTrainer_50epochs``), the student is then fine-tuned on the labeled cases alone (the derived
+    dataset's fold 1) with nnU-Net's ``-pretrained_weights``, and the fine-tuned model is the round's model. A step
+    whose output exists is skipped; an interrupted training resumes with ``--c``. Every command is printed and
+    logged to ``nnUNet_results/<source>/selftrain_<name>.log``.
 
     Returns:
-        the model folders of the students, one per round.
+        the model folders of the rounds (the fine-tuned ones with ``finetune``), one per round.
     """
     if rounds < 1:
         raise SemiInputError(f"--rounds {rounds}: give at least 1.")
+    if first_id + rounds - 1 > 999:
+        raise SemiInputError(f"-o_id {first_id} with --rounds {rounds}: round {rounds} would need dataset id "
+                             f"{first_id + rounds - 1}; nnU-Net dataset ids end at 999.")
+    if finetune is not None and finetune == student:
+        raise SemiInputError(f"--finetune {finetune}: the student's trainer; give another one (e.g. "
+                             f"nnUNetTrainer_50epochs), so that the fine-tuned model has a folder of its own.")
     source_name = resolve_dataset_name(source)
-    results, preprocessed = require_env_folder("nnUNet_results"), require_env_folder("nnUNet_preprocessed")
+    results = require_env_folder("nnUNet_results")
     raw_root = require_env_folder("nnUNet_raw")
     log_file = join(results, source_name, f"selftrain_{name}.log")
     os.makedirs(join(results, source_name), exist_ok=True)
+
+    def run(command: list[str]) -> None:
+        run_logged(command, log_file)
+
     teacher_folder = join(results, source_name, f"{teacher}__{plans}__{configuration}")
     command = _train_command(source_name, configuration, fold, teacher, plans, device,
                              join(teacher_folder, f"fold_{fold}"))
     if command:
-        _run_logged(command, log_file)
+        run(command)
     teacher_folds: tuple = (fold,)
-    students = []
+    models = []
     for round_index in range(1, rounds + 1):
         dataset_id = first_id + round_index - 1
         dataset_name = f"Dataset{dataset_id:03d}_{name}_round{round_index}"
@@ -308,24 +376,19 @@ def self_train(source: int | str, teacher: str, first_id: int, name: str, *, rou
                                 plans=plans, fold=fold, folds=teacher_folds, voxel_threshold=voxel_threshold,
                                 case_threshold=case_threshold, device=device, use_mirroring=use_mirroring,
                                 num_processes=num_processes, model_folder=teacher_folder)
-        target = join(preprocessed, dataset_name)
-        if not isfile(join(target, "splits_final.json")):
-            if not isfile(join(target, "dataset_fingerprint.json")):
-                _run_logged(["nnUNetv2_extract_fingerprint", "-d", str(dataset_id), "-np", str(num_processes)],
-                            log_file)
-            _run_logged(["nnUNetv2_move_plans_between_datasets", "-s", source_name, "-t", str(dataset_id), "-sp",
-                         plans, "-tp", plans], log_file)
-            # nnU-Net's planner copies dataset.json beside the plans, and nnUNetv2_preprocess reads it from there;
-            # moved plans skip the planner
-            shutil.copy(join(raw_root, dataset_name, "dataset.json"), join(target, "dataset.json"))
-            _run_logged(["nnUNetv2_preprocess", "-d", str(dataset_id), "-plans_name", plans, "-c", configuration,
-                         "-np", str(num_processes)], log_file)
-            # last, so that a split file says the dataset is ready to train on
-            shutil.copy(join(raw_root, dataset_name, DERIVED_SPLIT), join(target, "splits_final.json"))
+        prepare_student_dataset(source_name, dataset_id, plans, configuration, num_processes, run)
         student_folder = join(results, dataset_name, f"{student}__{plans}__{configuration}")
         command = _train_command(dataset_id, configuration, 0, student, plans, device, join(student_folder, "fold_0"))
         if command:
-            _run_logged(command, log_file)
-        students.append(student_folder)
+            run(command)
         teacher, teacher_folder, teacher_folds = student, student_folder, (0,)
-    return students
+        if finetune is not None:
+            finetune_folder = join(results, dataset_name, f"{finetune}__{plans}__{configuration}")
+            command = _train_command(dataset_id, configuration, 1, finetune, plans, device,
+                                     join(finetune_folder, "fold_1"),
+                                     pretrained_weights=join(student_folder, "fold_0", "checkpoint_final.pth"))
+            if command:
+                run(command)
+            teacher, teacher_folder, teacher_folds = finetune, finetune_folder, (1,)
+        models.append(teacher_folder)
+    return models

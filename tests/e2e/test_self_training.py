@@ -1,5 +1,6 @@
-"""nnUNetv2_semi_pseudolabel: a trained model's pseudo labels of a fold's unlabeled cases as a new nnU-Net dataset,
-uncertain voxels as the ignore label, the fold's validation cases kept out, bad input refused without writing."""
+"""Offline self-training: nnUNetv2_semi_pseudolabel (pseudo labels of a fold's unlabeled cases as a new nnU-Net
+dataset, uncertain voxels as the ignore label, validation cases kept out, bad input refused without writing),
+nnUNetv2_semi_selftrain (the recipe with nnU-Net's commands, resumed at every step) and selftrain in the benchmark."""
 
 from __future__ import annotations
 
@@ -81,8 +82,9 @@ def test_pseudolabel_writes_a_valid_dataset_without_the_validation_cases(semi_da
     unlabeled = set(split["unlabeled"]) | {p.name.removesuffix("_0000.nii.gz")
                                            for p in (semi_dataset.raw_dataset / "imagesUnlabeled").iterdir()}
     assert {r["case"] for r in rows} == unlabeled and not unlabeled & set(split["val"])
-    derived_split = json.loads((strict / "splits_pseudolabel.json").read_text())[0]
+    derived_split, finetune_split = json.loads((strict / "splits_pseudolabel.json").read_text())
     assert derived_split["val"] == sorted(split["val"]) and set(split["train"]) < set(derived_split["train"])
+    assert finetune_split == {"train": sorted(split["train"]), "val": sorted(split["val"])}  # labeled cases alone
     for case in split["train"] + split["val"]:  # labeled and validation cases unchanged
         np.testing.assert_array_equal(_label(strict / "labelsTr" / f"{case}.nii.gz"),
                                       _label(semi_dataset.raw_dataset / "labelsTr" / f"{case}.nii.gz"))
@@ -104,6 +106,13 @@ def test_pseudolabel_writes_a_valid_dataset_without_the_validation_cases(semi_da
         pseudolabel_dataset(DATASET_ID, "nnUNetTrainer", "3d_fullres", 993, "None", case_threshold=1.0,
                             use_mirroring=False)
     assert not list(semi_dataset.raw.glob("*Dataset993*"))
+    # a run killed while it wrote leaves its staging folder; the next run starts afresh and completes
+    stale = semi_dataset.raw / ".Dataset994_Killed.incomplete"
+    stale.mkdir()
+    (stale / "half_written.nii.gz").write_bytes(b"")
+    again = pseudolabel_dataset(DATASET_ID, "nnUNetTrainer", "3d_fullres", 994, "Killed", use_mirroring=False)
+    assert not stale.exists() and not list((semi_dataset.raw / "Dataset994_Killed").rglob("half_written*"))
+    verify_dataset_integrity(again["dataset"], num_processes=1)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -126,11 +135,18 @@ def test_bad_input_is_one_error_line_and_writes_nothing(semi_dataset, capsys, ar
     assert DATASET_NAME in before
 
 
+def _commands(completed) -> list[str]:
+    return [line for line in completed.stdout.splitlines() if line.startswith("$ ")]
+
+
 @pytest.mark.slow
-def test_selftrain_runs_the_recipe_with_nnunets_commands_and_resumes_where_it_stopped(semi_dataset):
+def test_selftrain_runs_the_recipe_with_nnunets_commands_and_resumes_at_every_step(semi_dataset):
     import os
+    import shutil
     import subprocess
     from pathlib import Path
+
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
     from nnunet_semi.trainer.discovery import trainer_dir
 
@@ -139,33 +155,127 @@ def test_selftrain_runs_the_recipe_with_nnunets_commands_and_resumes_where_it_st
                               "PYTHONPATH": os.pathsep.join([str(support), os.environ.get("PYTHONPATH", "")]),
                               "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnUNet_compile": "f"}
     command = ["nnUNetv2_semi_selftrain", "-d", str(DATASET_ID), "-tr", "nnUNetTrainerTiny", "--student",
-               "nnUNetTrainerTiny", "-o_id", "995", "-o_name", "Self", "-device", "cpu", "-np", "1",
-               "--disable_tta", "--voxel_threshold", "0.5"]
-    first = subprocess.run(command, env=env, capture_output=True, text=True)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    derived = "Dataset995_Self_round1"
-    for step in (f"$ nnUNetv2_train {DATASET_NAME} 3d_fullres 0 -tr nnUNetTrainerTiny",
-                 "$ nnUNetv2_extract_fingerprint -d 995",
-                 "$ nnUNetv2_move_plans_between_datasets -s Dataset990_SemiSynthetic -t 995",
-                 "$ nnUNetv2_preprocess -d 995", "$ nnUNetv2_train 995 3d_fullres 0 -tr nnUNetTrainerTiny"):
-        assert step in first.stdout, step  # every step's command printed
-    log = (semi_dataset.results / DATASET_NAME / "selftrain_Self.log").read_text()
-    assert "$ nnUNetv2_preprocess -d 995" in log
-    # the student has the teacher's plans (architecture and normalization) and trained on its split
-    teacher_plans = json.loads((semi_dataset.preprocessed_dataset / "nnUNetPlans.json").read_text())
-    student_plans = json.loads((semi_dataset.preprocessed / derived / "nnUNetPlans.json").read_text())
-    assert student_plans["configurations"] == teacher_plans["configurations"]
-    assert student_plans["foreground_intensity_properties_per_channel"] == \
-        teacher_plans["foreground_intensity_properties_per_channel"]
-    split = json.loads((semi_dataset.preprocessed / derived / "splits_final.json").read_text())
-    assert split == json.loads((semi_dataset.raw / derived / "splits_pseudolabel.json").read_text())
-    student = semi_dataset.results / derived / "nnUNetTrainerTiny__nnUNetPlans__3d_fullres" / "fold_0"
-    assert (student / "checkpoint_final.pth").is_file()
+               "nnUNetTrainerTiny", "--finetune", "nnUNetTrainerTinyFinetune", "--rounds", "2", "-o_id", "995",
+               "-o_name", "Self", "-device", "cpu", "-np", "1", "--disable_tta", "--voxel_threshold", "0.5"]
 
-    # interrupted before the student finished: the same command runs only the student's training again
+    def run():
+        completed = subprocess.run(command, env=env, capture_output=True, text=True)
+        assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+        return completed
+
+    first = run()
+    rounds = ["Dataset995_Self_round1", "Dataset996_Self_round2"]
+    tiny, finetuned = "nnUNetTrainerTiny__nnUNetPlans__3d_fullres", "nnUNetTrainerTinyFinetune__nnUNetPlans__3d_fullres"
+    student_checkpoint = semi_dataset.results / rounds[0] / tiny / "fold_0" / "checkpoint_final.pth"
+    steps = [f"$ nnUNetv2_train {DATASET_NAME} 3d_fullres 0 -tr nnUNetTrainerTiny",
+             "$ nnUNetv2_extract_fingerprint -d 995",
+             f"$ nnUNetv2_move_plans_between_datasets -s {DATASET_NAME} -t 995",
+             "$ nnUNetv2_preprocess -d 995", "$ nnUNetv2_train 995 3d_fullres 0 -tr nnUNetTrainerTiny",
+             f"$ nnUNetv2_train 995 3d_fullres 1 -tr nnUNetTrainerTinyFinetune -p nnUNetPlans -device cpu "
+             f"-pretrained_weights {student_checkpoint}",
+             "$ nnUNetv2_extract_fingerprint -d 996", "$ nnUNetv2_preprocess -d 996",
+             "$ nnUNetv2_train 996 3d_fullres 0 -tr nnUNetTrainerTiny",
+             "$ nnUNetv2_train 996 3d_fullres 1 -tr nnUNetTrainerTinyFinetune"]
+    printed = _commands(first)
+    assert len(printed) == len(steps) + 1  # and round 2's plans move
+    for step in steps:  # every step's command printed, in the recipe's order
+        assert any(line.startswith(step) for line in printed), step
+    positions = [next(i for i, line in enumerate(printed) if line.startswith(step)) for step in steps]
+    assert positions == sorted(positions)
+    log = (semi_dataset.results / DATASET_NAME / "selftrain_Self.log").read_text()
+    assert "$ nnUNetv2_preprocess -d 996" in log
+    assert log.count("Loading pretrained weights") >= 2  # nnU-Net: each fine-tuning began from its student
+    # the students have the teacher's plans (architecture and normalization) and trained on their split
+    teacher_plans = json.loads((semi_dataset.preprocessed_dataset / "nnUNetPlans.json").read_text())
+    for derived in rounds:
+        verify_dataset_integrity(str(semi_dataset.raw / derived), num_processes=1)
+        student_plans = json.loads((semi_dataset.preprocessed / derived / "nnUNetPlans.json").read_text())
+        assert student_plans["configurations"] == teacher_plans["configurations"]
+        assert student_plans["foreground_intensity_properties_per_channel"] == \
+            teacher_plans["foreground_intensity_properties_per_channel"]
+        split = json.loads((semi_dataset.preprocessed / derived / "splits_final.json").read_text())
+        assert split == json.loads((semi_dataset.raw / derived / "splits_pseudolabel.json").read_text())
+        for model, fold in ((tiny, 0), (finetuned, 1)):
+            assert (semi_dataset.results / derived / model / f"fold_{fold}" / "checkpoint_final.pth").is_file()
+    # round 2 pseudo-labeled with round 1's fine-tuned model
+    provenance = json.loads((semi_dataset.raw / rounds[1] / "dataset.json").read_text())["semi_pseudolabel"]
+    assert provenance["model"] == str(semi_dataset.results / rounds[0] / finetuned) and provenance["folds"] == [1]
+    assert f"models of the rounds: {semi_dataset.results / rounds[0] / finetuned}, " \
+           f"{semi_dataset.results / rounds[1] / finetuned}" in first.stdout
+
+    # interrupted in round 2's student training: the same command resumes only that training
+    student = semi_dataset.results / rounds[1] / tiny / "fold_0"
     (student / "checkpoint_final.pth").unlink()
-    again = subprocess.run(command, env=env, capture_output=True, text=True)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    commands = [line for line in again.stdout.splitlines() if line.startswith("$ ")]
-    assert len(commands) == 1 and commands[0].startswith("$ nnUNetv2_train 995 3d_fullres 0 -tr nnUNetTrainerTiny")
+    commands = _commands(run())
+    assert len(commands) == 1 and commands[0].startswith("$ nnUNetv2_train 996 3d_fullres 0 -tr nnUNetTrainerTiny")
     assert "--c" in commands[0] and (student / "checkpoint_final.pth").is_file()
+    # interrupted in round 2's preprocessing (the split file is written last): planning and preprocessing again
+    (semi_dataset.preprocessed / rounds[1] / "splits_final.json").unlink()
+    commands = _commands(run())
+    assert [c.split()[1] for c in commands] == ["nnUNetv2_move_plans_between_datasets", "nnUNetv2_preprocess"]
+    assert (semi_dataset.preprocessed / rounds[1] / "splits_final.json").is_file()
+    # killed while pseudo-labeling round 2 (only its staging folder existed): round 2 is done again, round 1 kept
+    for root in (semi_dataset.raw, semi_dataset.preprocessed, semi_dataset.results):
+        shutil.rmtree(root / rounds[1])
+    (semi_dataset.raw / f".{rounds[1]}.incomplete").mkdir()
+    again = run()
+    assert f"round 2: pseudo labels of {semi_dataset.results / rounds[0] / finetuned}" in again.stdout
+    assert [c.split()[1:3] for c in _commands(again)] == [
+        ["nnUNetv2_extract_fingerprint", "-d"], ["nnUNetv2_move_plans_between_datasets", "-s"],
+        ["nnUNetv2_preprocess", "-d"], ["nnUNetv2_train", "996"], ["nnUNetv2_train", "996"]]
+    verify_dataset_integrity(str(semi_dataset.raw / rounds[1]), num_processes=1)
+    assert not (semi_dataset.raw / f".{rounds[1]}.incomplete").exists()
+
+
+def test_selftrain_refuses_a_finetune_trainer_equal_to_the_student_before_running_anything(semi_dataset, capsys):
+    from nnunet_semi.cli import selftrain_entry
+
+    before = sorted(p.name for p in semi_dataset.results.iterdir())
+    with pytest.raises(SystemExit) as info:
+        selftrain_entry(["-d", str(DATASET_ID), "-tr", "nnUNetTrainer", "--finetune", "nnUNetTrainer", "-o_id", "995",
+                         "-o_name", "Self", "-device", "cpu"])
+    error = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "--finetune nnUNetTrainer: the student's trainer" in error
+    assert sorted(p.name for p in semi_dataset.results.iterdir()) == before
+
+
+@pytest.mark.slow
+def test_the_benchmark_scores_selftrain_like_a_trainer_and_counts_all_its_trainings(semi_dataset, monkeypatch,
+                                                                                  capsys):
+    import shutil
+
+    from nnunet_semi.tools.benchmark.quality import run_quality_benchmark, training_seconds
+
+    monkeypatch.setenv("nnUNet_extTrainer", "")
+    out = semi_dataset.results.parent / "bench"
+    rows = run_quality_benchmark(DATASET_ID, ["2"], ["selftrain"], 2, 3, str(out), selftrain_rounds=2)
+    printed = capsys.readouterr().out
+    by_trainer = {t: [r for r in rows if r["trainer"] == t] for t in ("nnUNetTrainer", "selftrain")}
+    # scored on the same held-out cases as stock
+    assert sorted(r["case"] for r in by_trainer["selftrain"]) == sorted(r["case"] for r in by_trainer["nnUNetTrainer"])
+    assert by_trainer["selftrain"][0]["deployed"] == "student of round 2"
+    # the teacher is the stock run; round 2 pseudo-labeled with round 1's student
+    teacher = semi_dataset.results / DATASET_NAME / "nnUNetTrainer__bench_2lab_2x3__nnUNetPlans__3d_fullres"
+    derived = sorted(p.name for p in semi_dataset.raw.iterdir() if "_selftrain_2lab_2x3_round" in p.name)
+    assert [d.split("_", 1)[1] for d in derived] == [f"SemiSynthetic_selftrain_2lab_2x3_round{r}" for r in (2, 1)]
+    round1, round2 = sorted(derived, key=lambda d: d[-1])
+    assert f"round 1, pseudo labels of {teacher} -> {round1}" in printed
+    students = [semi_dataset.results / d / f"nnUNetTrainer__bench_2lab_2x3_selftrain_round{r}__nnUNetPlans__3d_fullres"
+                for r, d in ((1, round1), (2, round2))]
+    assert f"round 2, pseudo labels of {students[0]} -> {round2}" in printed
+    # its cost: the teacher's and both students' epochs
+    total = sum(training_seconds(str(folder / "fold_0")) for folder in (teacher, *students))
+    assert float(by_trainer["selftrain"][0]["train_seconds"]) == pytest.approx(total, abs=0.2)
+    assert float(by_trainer["nnUNetTrainer"][0]["train_seconds"]) < total
+    md = (out / "results.md").read_text()
+    assert "| 2 | selftrain | student of round 2 |" in md and "training min" in md
+
+    # interrupted in round 2's student: the rerun finds the derived datasets and trains only that student again
+    shutil.rmtree(out / "runs" / "selftrain__bench_2lab_2x3_2rounds")
+    (students[1] / "fold_0" / "checkpoint_final.pth").unlink()
+    again = run_quality_benchmark(DATASET_ID, ["2"], ["selftrain"], 2, 3, str(out), selftrain_rounds=2)
+    printed = capsys.readouterr().out
+    assert "pseudo labels of" not in printed and "nnUNetTrainer__bench_2lab_2x3: scored earlier" in printed
+    assert (students[1] / "fold_0" / "checkpoint_final.pth").is_file()
+    assert sorted(p.name for p in semi_dataset.raw.iterdir() if "_selftrain_" in p.name) == derived
+    assert len(again) == len(rows)

@@ -78,3 +78,7 @@ class nnUNetTrainerMeanTeacherSlowCheckpoints(nnUNetTrainerMeanTeacher):
         from nnunet_semi.trainer.checkpoints import atomic_torch_save
 
         atomic_torch_save(checkpoint, filename, before_replace=lambda: time.sleep(1.0))
+
+
+class nnUNetTrainerTinyFinetune(nnUNetTrainerTiny):
+    """The self-training test's fine-tuning trainer: the tiny schedule under a name of its own."""

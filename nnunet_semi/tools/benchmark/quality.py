@@ -33,6 +33,7 @@ from nnunet_semi.tools.benchmark.statistics import paired_comparison
 from nnunet_semi.trainer.plotting import isolated_style
 
 METRICS = ("dice", "jaccard", "hd95_mm", "asd_mm", "hd95_vox", "asd_vox")
+SELFTRAIN = "selftrain"  # offline self-training in the trainer list: stock teacher, pseudo labels, stock student
 
 
 def require_medpy() -> None:
@@ -210,6 +211,15 @@ def _deployed_model(output_folder: str) -> str:
     return checkpoint.get("semi_state", {}).get("deployed_weights", "network")
 
 
+def training_seconds(output_folder: str) -> float:
+    """Seconds the run spent in its epochs (nnU-Net's logged epoch start and end times; a resumed run's epochs
+    counted once each), from ``checkpoint_final.pth``."""
+    logged = torch.load(join(output_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False,
+                        mmap=True)["logging"]
+    return float(sum(end - start for start, end in zip(logged["epoch_start_timestamps"],
+                                                        logged["epoch_end_timestamps"])))
+
+
 def ema_pair_weights(output_folder: str) -> dict[str, dict]:
     """Student and teacher weights of a checkpoint whose trainer keeps an EMA teacher beside the student
     (``{"student": ..., "teacher": ...}``, one of them the deployed ``network_weights``); empty for other trainers."""
@@ -323,13 +333,14 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                           checkpoint_every: int | None = None, extra_columns: dict | None = None,
                           score_ema_pair: bool = False, run_suffix: str = "", jobs: int = 1,
                           stop_training_at: float | None = None, stop_at: float | None = None,
-                          on_results_written=None) -> list[dict]:
+                          on_results_written=None, selftrain_rounds: int = 1) -> list[dict]:
     """Train, predict and score; writes ``results.csv``, ``results.md`` and ``results.png`` into ``out_dir``.
 
     Args:
         dataset_name_or_id: a planned and preprocessed dataset (its ``imagesUnlabeled``, if any, preprocessed too).
         num_labeled: labeled counts as strings: integers, or ``"all"`` (stock nnU-Net on the full split).
-        trainers: semi-supervised trainer names; ``nnUNetTrainer`` is always added as the baseline.
+        trainers: semi-supervised trainer names; ``nnUNetTrainer`` is always added as the baseline. ``selftrain``
+            is offline self-training (``_self_training_run``), ``selftrain_rounds`` rounds.
         epochs, iterations: the schedule, identical for every trainer.
         out_dir: where results and predictions go. Each finished run leaves ``runs/<run>/scores.csv`` (and its
             training log); a run whose scores are there is not trained, predicted or scored again, so committing
@@ -378,8 +389,10 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
         raise SemiInputError(f"-f {fold} with --num_val: the held-out split has one fold, 0.")
     plans, dataset_json = load_plans_and_dataset_json(preprocessed, plans_identifier)
     labels = PlansManager(plans).get_label_manager(dataset_json).foreground_labels
-    all_trainers = [BASELINE_TRAINER] + [t for t in trainers if t != BASELINE_TRAINER]
+    all_trainers = [BASELINE_TRAINER] + [t for t in trainers if t not in (BASELINE_TRAINER, SELFTRAIN)]
     classes = {t: resolve_trainer(t) for t in all_trainers}
+    if selftrain_rounds < 1:
+        raise SemiInputError(f"--selftrain_rounds {selftrain_rounds}: give at least 1.")
     info = provenance(device)
     val_iterations = val_iterations if val_iterations is not None else max(1, iterations // 5)
     os.makedirs(join(out_dir, "runs"), exist_ok=True)
@@ -443,7 +456,7 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                       "rampup_iterations": "" if rampup_iterations is None else rampup_iterations,
                       "seed": seed + repeat,
                       "evaluated_on": "imagesTs" if test_labels else f"fold {fold} val",
-                      **(extra_columns or {}), **info}
+                      "train_seconds": round(training_seconds(output_folder), 1), **(extra_columns or {}), **info}
             run_rows = _as_written(_score_run(cases, predictions, dataset_json, labels, common))
             os.makedirs(run_dir, exist_ok=True)
             _keep_run_record(output_folder, run_dir)
@@ -458,6 +471,19 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
             write_results(rows, out_dir, member_rows)  # after every run: a stopped command keeps its tables
             if on_results_written is not None:
                 on_results_written()
+        if SELFTRAIN in trainers and count != "all":
+            teacher_schedule = next(schedule for name, repeat, schedule in runs
+                                    if name == BASELINE_TRAINER and repeat == 0)
+            selftrain_rows = _self_training_run(
+                dataset_name, count, teacher_schedule, selftrain_rounds, plans, plans_identifier, configuration,
+                fold, dataset_json, cases, labels, out_dir, raw, device, predict_test, stop_at,
+                {"num_val": len(cases) if test_labels is None else "", "rampup_iterations": "",
+                 "evaluated_on": "imagesTs" if test_labels else f"fold {fold} val", **(extra_columns or {}), **info})
+            if selftrain_rows:
+                rows += selftrain_rows
+                write_results(rows, out_dir, member_rows)
+                if on_results_written is not None:
+                    on_results_written()
     if not rows:
         print("no run finished: nothing to tabulate")
         return rows
@@ -465,6 +491,92 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
     if on_results_written is not None:
         on_results_written()
     return rows
+
+
+def _derived_dataset_id(name: str) -> int:
+    """The id of ``Dataset<id>_<name>`` if an earlier run made or began it (resume), else the highest id that no
+    dataset uses in nnUNet_raw, nnUNet_preprocessed or nnUNet_results."""
+    import re
+
+    roots = [require_env_folder(v) for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")]
+    used = set()
+    for root in roots:
+        for entry in os.listdir(root):
+            match = re.fullmatch(r"\.?Dataset(\d{3})_(.+?)(\.incomplete)?", entry)
+            if match:
+                if match.group(2) == name:  # made or begun earlier (a begun one is staged afresh)
+                    return int(match.group(1))
+                used.add(int(match.group(1)))
+    free = [i for i in range(999, 0, -1) if i not in used]
+    if not free:
+        raise SemiInputError("selftrain: every nnU-Net dataset id 1-999 is in use; free one for the derived dataset.")
+    return free[0]
+
+
+def _self_training_run(dataset_name: str, count: str, teacher_schedule: tuple, rounds: int, plans: dict,
+                       plans_identifier: str, configuration: str, fold: int, dataset_json: dict, cases: dict,
+                       labels: list[int], out_dir: str, raw: str, device: torch.device, predict_test: bool,
+                       stop_at: float | None, columns: dict) -> list[dict]:
+    """``selftrain`` in the trainer list: offline self-training scored like every trainer.
+
+    The teacher is this count's first stock run (trained here if its checkpoint is not on this machine). Each round
+    pseudo-labels the fold's unlabeled cases with the previous model into a derived dataset (``pseudolabel_dataset``
+    with its defaults: voxels below 0.9 ensemble probability ignored, every case kept), plans and preprocesses it
+    with the source's plans (``prepare_student_dataset``) and trains stock nnU-Net on it with the same schedule and
+    seed. The last student predicts the same held-out cases; ``train_seconds`` is the teacher's plus every
+    student's. Resumable at every step; the derived datasets stay in nnUNet_raw/_preprocessed/_results (named
+    ``<source>_selftrain_<count>lab_<epochs>x<iterations>_round<r>``, a free id chosen)."""
+    from nnunet_semi.tools.self_training import run_logged, prepare_student_dataset, pseudolabel_dataset
+
+    epochs, iterations, val_iterations, tag, _, seed, checkpoint_every = teacher_schedule
+    run_name = f"{SELFTRAIN}__{tag}_{rounds}round{'s' if rounds > 1 else ''}"
+    run_dir = join(out_dir, "runs", run_name)
+    scores_file, archive = join(run_dir, "scores.csv"), join(run_dir, "test_predictions.tar.gz")
+    if isfile(scores_file) and (not predict_test or isfile(archive)):
+        print(f"{run_name}: scored earlier ({scores_file}), skipping")
+        return _read_csv(scores_file)
+    if stop_at is not None and time.time() >= stop_at:
+        print(f"deadline: {run_name} not started; run the same command again to train it")
+        return []
+    stock = resolve_trainer(BASELINE_TRAINER)
+    teacher_cls = with_schedule(stock, *teacher_schedule)
+    teacher_folder = _train(teacher_cls, plans, configuration, fold, dataset_json, device)
+    seconds = training_seconds(teacher_folder)
+    os.makedirs(run_dir, exist_ok=True)
+    log_file = join(run_dir, "selftrain_commands.log")
+    source = dataset_name.split("_", 1)[1]
+    model_folder, model_folds, model_cls = os.path.dirname(teacher_folder), (fold,), teacher_cls
+    for round_index in range(1, rounds + 1):
+        name = f"{source}_selftrain_{tag.removeprefix('bench_')}_round{round_index}"
+        derived_id = _derived_dataset_id(name)
+        derived = f"Dataset{derived_id:03d}_{name}"
+        if not isfile(join(require_env_folder("nnUNet_raw"), derived, "dataset.json")):
+            print(f"{run_name}: round {round_index}, pseudo labels of {model_folder} -> {derived}", flush=True)
+            pseudolabel_dataset(dataset_name, BASELINE_TRAINER, configuration, derived_id, name,
+                                plans=plans_identifier, fold=fold, folds=model_folds, device=device.type,
+                                num_processes=1, model_folder=model_folder, trainer_class=model_cls)
+        prepare_student_dataset(dataset_name, derived_id, plans_identifier, configuration, 1,
+                                lambda command: run_logged(command, log_file))
+        student_plans, student_json = load_plans_and_dataset_json(
+            join(require_env_folder("nnUNet_preprocessed"), derived), plans_identifier)
+        student_cls = with_schedule(stock, epochs, iterations, val_iterations, f"{tag}_selftrain_round{round_index}",
+                                    None, seed, checkpoint_every)
+        student_folder = _train(student_cls, student_plans, configuration, 0, student_json, device)
+        seconds += training_seconds(student_folder)
+        model_folder, model_folds, model_cls = os.path.dirname(student_folder), (0,), student_cls
+    predictions = join(out_dir, "predictions", run_name)
+    _predict(student_cls, student_folder, student_plans, configuration, student_json, cases, predictions, device)
+    common = {"trainer": SELFTRAIN, "num_labeled": count, "repeat": 0, "deployed": f"student of round {rounds}",
+              "dataset": dataset_name, "configuration": configuration, "plans": plans_identifier, "fold": fold,
+              "epochs": epochs, "iterations_per_epoch": iterations, "seed": seed, "selftrain_rounds": rounds,
+              **columns, "train_seconds": round(seconds, 1)}
+    run_rows = _as_written(_score_run(cases, predictions, dataset_json, labels, common))
+    _keep_run_record(student_folder, run_dir)
+    if predict_test:
+        _pack_test_predictions(student_cls, student_folder, student_plans, configuration, student_json, raw,
+                               join(out_dir, "test_predictions", run_name), archive, device)
+    _write_csv(run_rows, scores_file)  # last: its presence means the run is complete
+    return run_rows
 
 
 def _score_ema_pair(trainer_cls: type, run_row: dict, run_dir: str, cases: dict, out_dir: str, plans: dict,
@@ -509,14 +621,17 @@ def write_results(rows: list[dict], out_dir: str, ema_pair_rows: list[dict] | No
              f"commit {info['commit']}, nnU-Net {info['nnunetv2']}, torch {info['torch']}, device {info['device']}, "
              f"{info['date']}. Mean ± std over cases (and foreground classes); distances are NaN-excluded means "
              f"(a distance is undefined when a mask is empty). Gain: Dice points over nnUNetTrainer with the same "
-             f"labeled cases.", "",
-             "| labeled | trainer | deployed | Dice % | gain | Jaccard % | 95HD mm | ASD mm | 95HD vox | ASD vox |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"labeled cases. Training min: the run's epochs (selftrain: its teacher and every student), as "
+             f"measured on this device (side by side with --jobs: while sharing it).", "",
+             "| labeled | trainer | deployed | Dice % | gain | Jaccard % | 95HD mm | ASD mm | 95HD vox | ASD vox | "
+             "training min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (count, trainer), stats in summary.items():
         cells = [f"{stats[m][0]:.2f} ± {stats[m][1]:.2f}" for m in METRICS]
-        gain = stats.get("gain")
+        gain, seconds = stats.get("gain"), stats["train_seconds"]
         lines.append(f"| {count} | {trainer} | {stats['deployed']} | {cells[0]} | "
-                     f"{'' if gain is None else f'{gain:+.2f}'} | {' | '.join(cells[1:])} |")
+                     f"{'' if gain is None else f'{gain:+.2f}'} | {' | '.join(cells[1:])} | "
+                     f"{'' if seconds is None else f'{seconds / 60:.1f}'} |")
     lines += ["", *paired_table(rows)]
     if ema_pair_rows:
         _write_csv(ema_pair_rows, join(out_dir, "ema_pair.csv"))
@@ -592,7 +707,9 @@ def summarize(rows: list[dict]) -> dict:
     rows = first_runs(rows)  # stock's repeats are in the paired table
     for key in dict.fromkeys((r["num_labeled"], r["trainer"]) for r in rows):
         selected = [r for r in rows if (r["num_labeled"], r["trainer"]) == key]
-        stats = {"deployed": "/".join(sorted({str(r.get("deployed", "")) for r in selected}))}
+        stats = {"deployed": "/".join(sorted({str(r.get("deployed", "")) for r in selected})),
+                 # the run's epochs (selftrain: teacher and students); rows written before the column: None
+                 "train_seconds": float(selected[0]["train_seconds"]) if selected[0].get("train_seconds") else None}
         for metric in METRICS:
             values = np.array([r[metric] for r in selected], dtype=float)
             values = values * 100 if metric in ("dice", "jaccard") else values

@@ -93,14 +93,17 @@ def merge_results(folders: list[str], out_dir: str) -> list[dict]:
              f"From {', '.join(f'`{f}`' for f in folders)}. Labeled counts carry their schedule (epochs x iterations "
              f"per epoch): rows of different schedules are never averaged or paired. A trainer run at several "
              f"commits or unsupervised ramps is one row each (`@commit`, `ramp N`). Mean ± std over cases; gain: "
-             f"Dice points over {BASELINE_TRAINER} of the same labeled count and schedule.", "",
-             "| labeled · schedule | trainer | deployed | Dice % | gain | Jaccard % | 95HD mm | ASD mm |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"Dice points over {BASELINE_TRAINER} of the same labeled count and schedule; training min: the run's "
+             f"epochs (selftrain: teacher and students), blank for runs scored before it was recorded.", "",
+             "| labeled · schedule | trainer | deployed | Dice % | gain | Jaccard % | 95HD mm | ASD mm | "
+             "training min |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for (count, trainer), stats in summary.items():
-        gain = stats.get("gain")
+        gain, seconds = stats.get("gain"), stats["train_seconds"]
         cells = [f"{stats[m][0]:.2f} ± {stats[m][1]:.2f}" for m in ("dice", "jaccard", "hd95_mm", "asd_mm")]
         lines.append(f"| {count} | {trainer} | {stats['deployed']} | {cells[0]} | "
-                     f"{'' if gain is None else f'{gain:+.2f}'} | {' | '.join(cells[1:])} |")
+                     f"{'' if gain is None else f'{gain:+.2f}'} | {' | '.join(cells[1:])} | "
+                     f"{'' if seconds is None else f'{seconds / 60:.1f}'} |")
     lines += ["", *paired_table(rows)]
     if pairs:
         lines += ["", *ema_pair_table(pairs)]
