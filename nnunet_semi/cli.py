@@ -11,20 +11,24 @@ import os
 import sys
 from os.path import join
 
-from nnunet_semi.errors import SemiInputError
+from nnunet_semi.errors import SemiInputError, SemiRunsFailed
 
 
 def _reports_input_errors(entry):
-    """Bad input ends the command with one ``error:`` line and exit code 2, like argparse's own errors."""
+    """Bad input ends the command with one ``error:`` line and exit code 2, like argparse's own errors; failed runs
+    of a command that went on are listed at its end, exit code 1."""
 
     @functools.wraps(entry)
     def wrapped(argv=None):
+        prog = entry.__name__.removesuffix("_entry")
         try:
             entry(argv)
         except SemiInputError as e:
-            prog = entry.__name__.removesuffix("_entry")
             print(f"nnUNetv2_semi_{prog}: error: {e}", file=sys.stderr)
             sys.exit(2)
+        except SemiRunsFailed as e:
+            print(f"nnUNetv2_semi_{prog}: {e}", file=sys.stderr)
+            sys.exit(1)
 
     return wrapped
 
@@ -221,11 +225,15 @@ def demo_entry(argv=None) -> None:
         description="Labeled-only nnU-Net against Mean Teacher on a generated dataset, through nnU-Net's commands "
                     "(about 10 minutes on 2 CPU cores).")
     parser.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="stream nnU-Net's output here (default: demo_log*.txt in --out, and a progress display)")
+    parser.add_argument("--stop_on_failure", action="store_true",
+                        help="stop when a trainer fails (default: report it and go on with the other)")
     args = parser.parse_args(argv)
     earlier = join(args.out, "nnUNet_results", DEMO_DATASET)
     if os.path.isdir(earlier):
         raise SemiInputError(f"{earlier} exists from an earlier run. Remove {args.out} or pass another --out.")
-    run_demo(args.out)
+    run_demo(args.out, verbose=args.verbose, stop_on_failure=args.stop_on_failure)
 
 
 @_reports_input_errors
@@ -256,6 +264,13 @@ def benchmark_entry(argv=None) -> None:
         p.add_argument("-o", required=True, help="output folder")
         p.add_argument("--tiny", action="store_true", help="generated tiny dataset and network: minutes on 2 CPU cores")
     quality.add_argument("--num_labeled", nargs="+", default=["8"], help="labeled counts, and 'all'")
+    for p in (quality, speed):
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="stream nnU-Net's output of every run here (default: a log file per run in -o/logs, its "
+                            "path printed once, and a progress display)")
+        p.add_argument("--stop_on_failure", action="store_true",
+                       help="stop at the first failed run (default: report it, go on with the others, list the "
+                            "failures at the end and exit with code 1)")
     quality.add_argument("--selftrain_rounds", type=int, default=1,
                          help="rounds of 'selftrain' in -tr (offline self-training: the stock run as teacher, "
                               "stock students on its pseudo labels); default 1")
@@ -362,7 +377,8 @@ def benchmark_entry(argv=None) -> None:
         steps = args.steps if args.steps is not None else (3 if args.tiny else 20)
         warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
         run_speed_benchmark(dataset, trainers, args.o, args.c, plans, steps=steps, warmup=warmup,
-                            compute_only=args.compute_only)
+                            compute_only=args.compute_only, verbose=args.verbose,
+                            stop_on_failure=args.stop_on_failure)
         print(open(join(args.o, "speed.md")).read())
 
 
@@ -410,12 +426,18 @@ def _quality_command(args, dataset, plans: str, trainers: list[str], tiny_raw: s
               f"unsupervised ramp over {rampup} iterations for every method")
     counts = ["2", "all"] if tiny_raw else args.num_labeled
     test_labels = join(tiny_raw, "labelsTs") if tiny_raw else args.test_labels
-    run_quality_benchmark(dataset, counts, trainers, epochs, iterations, args.o, configuration, args.f, plans,
-                          test_labels, args.order, args.seed, num_val=num_val, repeats=args.repeats,
-                          rampup_iterations=rampup, predict_test=predict_test, checkpoint_every=checkpoint_every,
-                          extra_columns=extra, score_ema_pair=args.score_ema_pair,
-                          run_suffix="" if args.rampup_iterations is None else f"_ramp{args.rampup_iterations}",
-                          jobs=args.jobs, selftrain_rounds=args.selftrain_rounds)
+    try:
+        run_quality_benchmark(dataset, counts, trainers, epochs, iterations, args.o, configuration, args.f, plans,
+                              test_labels, args.order, args.seed, num_val=num_val, repeats=args.repeats,
+                              rampup_iterations=rampup, predict_test=predict_test, checkpoint_every=checkpoint_every,
+                              extra_columns=extra, score_ema_pair=args.score_ema_pair,
+                              run_suffix="" if args.rampup_iterations is None else f"_ramp{args.rampup_iterations}",
+                              jobs=args.jobs, selftrain_rounds=args.selftrain_rounds, verbose=args.verbose,
+                              stop_on_failure=args.stop_on_failure)
+    except SemiRunsFailed:
+        if os.path.isfile(join(args.o, "results.md")):  # the tables of the runs that finished, then the failures
+            print(open(join(args.o, "results.md")).read())
+        raise
     print(open(join(args.o, "results.md")).read())
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from os.path import join
 
 import numpy as np
 import SimpleITK as sitk
 
+from nnunet_semi.tools.progress import CommandProgress, log_tail
 from nnunet_semi.trainer.plotting import isolated_style
 
 DEMO_DATASET_ID = 993
@@ -25,16 +27,19 @@ DEMO_DATASET = f"Dataset{DEMO_DATASET_ID:03d}_SemiDemo"
 DEMO_PLANS = "nnUNetDemoPlans"
 
 
-def _run(args: list[str], log_file: str) -> None:
-    """Run an nnU-Net command, its output going to ``log_file``; on failure, show its end and stop."""
-    with open(log_file, "a") as log:
-        log.write(f"\n$ {' '.join(args)}\n")
-        log.flush()
-        result = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+def _run(args: list[str], log_file: str | None) -> None:
+    """Run an nnU-Net command, its output appended to ``log_file`` (None: streamed here); on failure, raise with
+    the end of the log."""
+    if log_file is None:
+        result = subprocess.run(args, env=os.environ)
+    else:
+        with open(log_file, "a") as log:
+            log.write(f"\n$ {' '.join(args)}\n")
+            log.flush()
+            result = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
     if result.returncode != 0:
-        with open(log_file) as log:
-            tail = log.read()[-4000:]
-        raise RuntimeError(f"{' '.join(args)} failed (exit {result.returncode}); end of {log_file}:\n{tail}")
+        where = f"; its last lines, from {log_file}:\n{log_tail(log_file)}" if log_file else ""
+        raise RuntimeError(f"{' '.join(args)} failed (exit code {result.returncode}){where}")
 
 
 def reduce_network(plans: dict, features: tuple[int, ...], convs_per_stage: int | None = None) -> dict:
@@ -96,8 +101,17 @@ def plot_results(results: dict[str, dict[str, float]], filename: str) -> None:
 
 def run_demo(out_dir: str, baseline_trainer: str = "nnUNetTrainer_demo",
              semi_trainer: str = "nnUNetTrainerMeanTeacher_demo", num_labeled: int = 4,
-             case_shape: tuple[int, ...] = (32, 32, 32), num_processes: int = 2) -> dict[str, dict[str, float]]:
-    """Run the whole demo in ``out_dir``; returns trainer -> {test case: Dice}. Writes demo_results.{json,png}."""
+             case_shape: tuple[int, ...] = (32, 32, 32), num_processes: int = 2, verbose: bool = False,
+             stop_on_failure: bool = False, progress_stream=None) -> dict[str, dict[str, float]]:
+    """Run the whole demo in ``out_dir``; returns trainer -> {test case: Dice}. Writes demo_results.{json,png}.
+
+    nnU-Net's output goes to ``demo_log.txt`` (preparation) and ``demo_log_<trainer>.txt`` (each trainer's training
+    and prediction), each path printed once; ``verbose`` streams it here instead. The trainings are followed on a
+    progress display (``tools.progress``). A failed trainer is reported with its log's last lines and the other
+    one goes on (``stop_on_failure``: the demo stops); ``SemiRunsFailed`` lists the failures at the end.
+    """
+    from nnunet_semi.errors import SemiRunsFailed
+    from nnunet_semi.tools.demo_trainers import DEMO_EPOCHS
     import torch
 
     from nnunet_semi.data.dataset_io import use_nnunet_folders
@@ -113,11 +127,18 @@ def run_demo(out_dir: str, baseline_trainer: str = "nnUNetTrainer_demo",
     os.environ.setdefault("nnUNet_n_proc_DA", str(num_processes))
     os.environ.setdefault("nnUNet_def_n_proc", str(num_processes))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    log_file = join(out_dir, "demo_log.txt")
+    os.makedirs(out_dir, exist_ok=True)
+    log_file = None if verbose else join(out_dir, "demo_log.txt")
     start = time.time()
+    trainers = (baseline_trainer, semi_trainer)
+    progress = CommandProgress([(f"{t}, {num_labeled} labeled", DEMO_EPOCHS) for t in trainers],
+                               progress_stream or sys.stdout, live=False if verbose else None)
 
     def step(message: str) -> None:
-        print(f"[{time.time() - start:6.0f} s] {message}", flush=True)
+        progress.message(f"[{time.time() - start:6.0f} s] {message}")
+
+    if log_file:
+        step(f"nnU-Net's output of the preparation goes to {log_file}")
 
     step(f"generating {DEMO_DATASET} (labeled, unlabeled and test cases) in {paths['nnUNet_raw']}")
     raw = make_synthetic_dataset(paths["nnUNet_raw"], DEMO_DATASET_ID, name="SemiDemo", num_labeled=20,
@@ -133,17 +154,30 @@ def run_demo(out_dir: str, baseline_trainer: str = "nnUNetTrainer_demo",
     step(f"fold 0: {len(fold0['train'])} labeled cases; unlabeled: {len(fold0['unlabeled'])} training cases + 20 "
          f"imagesUnlabeled cases; device: {device}")
 
-    results = {}
-    for trainer in (baseline_trainer, semi_trainer):
-        step(f"nnUNetv2_train {DEMO_DATASET_ID} 3d_fullres 0 -p {DEMO_PLANS} -tr {trainer}")
-        _run(["nnUNetv2_train", str(DEMO_DATASET_ID), "3d_fullres", "0", "-p", DEMO_PLANS, "-tr", trainer,
-              "-device", device], log_file)
-        predictions = join(out_dir, f"predictions_{trainer}")
-        step(f"nnUNetv2_predict -tr {trainer} on the {len(os.listdir(join(raw, 'imagesTs')))} test cases")
-        _run(["nnUNetv2_predict", "-i", join(raw, "imagesTs"), "-o", predictions, "-d", str(DEMO_DATASET_ID),
-              "-c", "3d_fullres", "-f", "0", "-p", DEMO_PLANS, "-tr", trainer, "-device", device,
-              "-npp", "1", "-nps", "1"], log_file)
+    results, failures = {}, []
+    for position, trainer in enumerate(trainers):
+        trainer_log = None if verbose else join(out_dir, f"demo_log_{trainer}.txt")
+        step(f"nnUNetv2_train {DEMO_DATASET_ID} 3d_fullres 0 -p {DEMO_PLANS} -tr {trainer}"
+             + (f" (nnU-Net's output: {trainer_log})" if trainer_log else ""))
+        try:
+            with progress.watch(position, join(paths["nnUNet_results"], DEMO_DATASET,
+                                               f"{trainer}__{DEMO_PLANS}__3d_fullres", "fold_0")):
+                _run(["nnUNetv2_train", str(DEMO_DATASET_ID), "3d_fullres", "0", "-p", DEMO_PLANS, "-tr", trainer,
+                      "-device", device], trainer_log)
+            predictions = join(out_dir, f"predictions_{trainer}")
+            step(f"nnUNetv2_predict -tr {trainer} on the {len(os.listdir(join(raw, 'imagesTs')))} test cases")
+            _run(["nnUNetv2_predict", "-i", join(raw, "imagesTs"), "-o", predictions, "-d", str(DEMO_DATASET_ID),
+                  "-c", "3d_fullres", "-f", "0", "-p", DEMO_PLANS, "-tr", trainer, "-device", device,
+                  "-npp", "1", "-nps", "1"], trainer_log)
+        except RuntimeError as error:  # the other trainer goes on (stop_on_failure: not)
+            step(f"{trainer}: FAILED: {error}")
+            failures.append(f"{trainer}: {str(error).splitlines()[0]}")
+            if stop_on_failure:
+                raise SemiRunsFailed(failures) from error
+            continue
         results[trainer] = dice_scores(predictions, join(raw, "labelsTs"))
+    if not results:
+        raise SemiRunsFailed(failures)
 
     with open(join(out_dir, "demo_results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -151,6 +185,8 @@ def run_demo(out_dir: str, baseline_trainer: str = "nnUNetTrainer_demo",
     print(f"\nTest Dice ({len(fold0['train'])} labeled cases, same split and schedule, {device}):")
     for trainer, scores in results.items():
         print(f"  {trainer:40s} {np.mean(list(scores.values())):.4f} ± {np.std(list(scores.values())):.4f}")
-    step(f"done; results in {join(out_dir, 'demo_results.json')} and demo_results.png, nnU-Net output in "
-         f"{log_file}")
+    step(f"done; results in {join(out_dir, 'demo_results.json')} and demo_results.png"
+         + (f", nnU-Net's output in {out_dir}/demo_log*.txt" if log_file else ""))
+    if failures:
+        raise SemiRunsFailed(failures)
     return results

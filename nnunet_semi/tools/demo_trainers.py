@@ -6,14 +6,15 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_semi.methods.mean_teacher import nnUNetTrainerMeanTeacher
+from nnunet_semi.tools.progress import EpochProgressFile
 
 __all__ = ["nnUNetTrainer_demo", "nnUNetTrainerMeanTeacher_demo"]  # what trainers/ re-exports
 
 DEMO_EPOCHS, DEMO_ITERATIONS, DEMO_VAL_ITERATIONS = 20, 25, 5
 
 
-class nnUNetTrainer_demo(nnUNetTrainer):
-    """Stock nnUNetTrainer (labeled cases only) on the demo schedule."""
+class nnUNetTrainer_demo(EpochProgressFile, nnUNetTrainer):
+    """Stock nnUNetTrainer (labeled cases only) on the demo schedule; its epochs on the demo's progress display."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -23,7 +24,7 @@ class nnUNetTrainer_demo(nnUNetTrainer):
         self.num_val_iterations_per_epoch = DEMO_VAL_ITERATIONS
 
 
-class nnUNetTrainerMeanTeacher_demo(nnUNetTrainerMeanTeacher):
+class nnUNetTrainerMeanTeacher_demo(EpochProgressFile, nnUNetTrainerMeanTeacher):
     """Mean Teacher on the demo schedule: 500 iterations, so the ramp and weight are scaled to show an effect (a
     quarter of the run, weight 1) instead of UA-MT's 0.1 over 6 000 iterations."""
 

@@ -60,9 +60,12 @@ def test_quality_tiny(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_speed_tiny(tmp_path, monkeypatch):
+def test_speed_tiny(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("nnUNet_n_proc_DA", "1")
     main(["speed", "--tiny", "-o", str(tmp_path), "-tr", "nnUNetTrainerCPS"])
+    printed = capsys.readouterr().out  # which trainer, where its output went, the time left
+    assert f"trainer 2/2 nnUNetTrainerCPS: 1 + 3 steps (its output: {tmp_path / 'logs' / 'nnUNetTrainerCPS.txt'})" \
+        in printed and printed.count("time left") == 2
     rows = _rows(tmp_path / "speed.csv")
     assert [r["trainer"] for r in rows] == ["nnUNetTrainer", "nnUNetTrainerCPS"]
     for r in rows:
@@ -106,10 +109,15 @@ def _log_span(log_file):
 
 
 @pytest.mark.slow
-def test_quality_jobs_trains_runs_side_by_side(tmp_path, monkeypatch):
+def test_quality_jobs_trains_runs_side_by_side(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("nnUNet_n_proc_DA", "2")
     monkeypatch.setenv("nnUNet_def_n_proc", "1")
     main(["quality", "--tiny", "-o", str(tmp_path), "-tr", "nnUNetTrainerMeanTeacher", "--jobs", "2"])
+    printed = capsys.readouterr().out
+    for run, label in ((1, "nnUNetTrainer, 2 labeled"), (2, "nnUNetTrainerMeanTeacher, 2 labeled"),
+                       (3, "nnUNetTrainer, all labeled")):  # both workers' epochs followed
+        assert f"run {run}/3 {label} | epoch 2/2 | last epoch " in printed, run
+    assert (tmp_path / "logs" / "nnUNetTrainerMeanTeacher__bench_2lab_2x4.txt").is_file()
     rows = _rows(tmp_path / "results.csv")
     assert {(r["trainer"], r["num_labeled"]) for r in rows} == {
         ("nnUNetTrainer", "2"), ("nnUNetTrainerMeanTeacher", "2"), ("nnUNetTrainer", "all")}

@@ -172,3 +172,44 @@ def test_ema_pair_scores_student_and_teacher(semi_dataset, monkeypatch):
     assert set(weights) == {"student", "teacher"}
     assert any(not (weights["student"][k] == weights["teacher"][k]).all() for k in weights["student"])
     assert "Teacher against student of the same run" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_progress_lines_per_epoch_logs_per_run_and_a_failed_run_reported_while_the_others_go_on(semi_dataset):
+    """The command as a user runs it, stdout not a terminal: one plain line per epoch, nnU-Net's output in a log per
+    run, a failed run's error and log path reported, the other runs scored, the failures listed, exit code 1."""
+    import os
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from nnunet_semi.trainer.discovery import trainer_dir
+
+    support = Path(__file__).resolve().parents[1] / "support"
+    env = dict(os.environ) | {"nnUNet_extTrainer": os.pathsep.join([trainer_dir(), str(support / "ext")]),
+                              "PYTHONPATH": os.pathsep.join([str(support), os.environ.get("PYTHONPATH", "")]),
+                              "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnUNet_compile": "f"}
+    out = semi_dataset.results.parent / "bench"
+    completed = subprocess.run(
+        ["nnUNetv2_semi_benchmark", "quality", "-d", str(DATASET_ID), "--num_labeled", "2", "--epochs", "2",
+         "--iterations", "3", "-o", str(out), "-tr", "nnUNetTrainerBroken", "nnUNetTrainerMeanTeacher"],
+        env=env, capture_output=True, text=True)
+    printed = completed.stdout
+    assert completed.returncode == 1, printed[-3000:] + completed.stderr[-3000:]
+    assert not re.search(r"[\r\x1b]", printed)
+    for run, label in ((1, "nnUNetTrainer"), (3, "nnUNetTrainerMeanTeacher")):
+        for epoch in (1, 2):
+            assert f"run {run}/3 {label}, 2 labeled | epoch {epoch}/2 | last epoch " in printed, (run, epoch)
+    assert "all runs' training left" in printed
+    logs = out / "logs"
+    stock_log = (logs / "nnUNetTrainer__bench_2lab_2x3.txt").read_text()
+    assert f"nnUNetTrainer__bench_2lab_2x3: nnU-Net's output goes to {logs / 'nnUNetTrainer__bench_2lab_2x3.txt'}" \
+        in printed
+    assert "Epoch 1" in stock_log and "Epoch time" in stock_log and "Epoch time" not in printed
+    broken_log = logs / "nnUNetTrainerBroken__bench_2lab_2x3.txt"
+    assert "broken on purpose" in broken_log.read_text()  # its traceback
+    assert f"nnUNetTrainerBroken__bench_2lab_2x3: FAILED: RuntimeError: broken on purpose\nlast lines of {broken_log}" \
+        in printed
+    assert "1 run(s) failed:" in completed.stderr and str(broken_log) in completed.stderr
+    # the others went on and were scored
+    assert {r["trainer"] for r in _rows(out / "results.csv")} == {"nnUNetTrainer", "nnUNetTrainerMeanTeacher"}

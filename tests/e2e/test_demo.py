@@ -31,6 +31,12 @@ def test_demo_trains_predicts_and_scores_both_trainers(tmp_path, monkeypatch, ca
     assert (out / "demo_results.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "Test Dice (4 labeled cases" in printed and "nnUNetTrainerMeanTeacherTiny" in printed
+    # the progress display, one plain line per epoch (stdout is no terminal here), nnU-Net's output in the logs
+    for position, trainer in enumerate(results, start=1):
+        assert f"run {position}/2 {trainer}, 4 labeled | epoch 2/2 | last epoch " in printed
+        log = out / f"demo_log_{trainer}.txt"
+        assert f"(nnU-Net's output: {log})" in printed and "Epoch time" in log.read_text()
+    assert "Epoch time" not in printed and "\r" not in printed
     # both trained on the reduced demo plans, the same split
     for trainer in results:
         assert (out / "nnUNet_results" / DEMO_DATASET / f"{trainer}__{DEMO_PLANS}__3d_fullres" / "fold_0" /

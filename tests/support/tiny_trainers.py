@@ -10,6 +10,7 @@ from nnunet_semi.methods import (
     nnUNetTrainerNPCal,
     nnUNetTrainerSGRS,
 )
+from nnunet_semi.tools.progress import EpochProgressFile
 
 
 class _TinySchedule:
@@ -21,11 +22,11 @@ class _TinySchedule:
     deploy_selection_epochs = 2
 
 
-class nnUNetTrainerMeanTeacherTiny(_TinySchedule, nnUNetTrainerMeanTeacher):
+class nnUNetTrainerMeanTeacherTiny(EpochProgressFile, _TinySchedule, nnUNetTrainerMeanTeacher):
     pass
 
 
-class nnUNetTrainerTiny(nnUNetTrainer):
+class nnUNetTrainerTiny(EpochProgressFile, nnUNetTrainer):
     def __init__(self, plans, configuration, fold, dataset_json, device=None):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 3, 1
@@ -82,3 +83,10 @@ class nnUNetTrainerMeanTeacherSlowCheckpoints(nnUNetTrainerMeanTeacher):
 
 class nnUNetTrainerTinyFinetune(nnUNetTrainerTiny):
     """The self-training test's fine-tuning trainer: the tiny schedule under a name of its own."""
+
+
+class nnUNetTrainerBroken(nnUNetTrainer):
+    """Fails at its first training step, after nnU-Net has begun its log: the failed-run report's test."""
+
+    def train_step(self, batch: dict) -> dict:
+        raise RuntimeError("broken on purpose")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 import nnunet_semi
+from nnunet_semi.tools.progress import EpochProgressFile
 
 BASELINE_TRAINER = "nnUNetTrainer"
 TINY_DATASET_ID = 994
@@ -62,7 +63,8 @@ def with_schedule(trainer_cls: type, epochs: int, iterations: int, val_iteration
     attributes = {"__init__": __init__, "__module__": __name__}
     if rampup_iterations is not None:
         attributes["unsup_rampup_iterations"] = rampup_iterations
-    return type(f"{trainer_cls.__name__}__{tag}", (trainer_cls,), attributes)
+    # the progress display follows its epochs (progress.jsonl in the output folder)
+    return type(f"{trainer_cls.__name__}__{tag}", (EpochProgressFile, trainer_cls), attributes)
 
 
 def device_description(device: torch.device) -> str:

@@ -13,6 +13,7 @@ import csv
 import math
 import os
 import shutil
+import sys
 import tarfile
 import time
 from os.path import isdir, isfile, join
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from nnunet_semi.data.dataset_io import require_env_folder, resolve_dataset_name
-from nnunet_semi.errors import SemiInputError
+from nnunet_semi.errors import SemiInputError, SemiRunsFailed
 from nnunet_semi.tools.benchmark.common import (
     BASELINE_TRAINER,
     load_plans_and_dataset_json,
@@ -30,6 +31,7 @@ from nnunet_semi.tools.benchmark.common import (
     with_schedule,
 )
 from nnunet_semi.tools.benchmark.statistics import paired_comparison
+from nnunet_semi.tools.progress import CommandProgress, captured_output, console_stream, log_tail
 from nnunet_semi.trainer.plotting import isolated_style
 
 METRICS = ("dice", "jaccard", "hd95_mm", "asd_mm", "hd95_vox", "asd_vox")
@@ -104,15 +106,19 @@ def _train(trainer_cls: type, plans: dict, configuration: str, fold: int, datase
 
 
 def _train_side_by_side(runs: list[tuple[str, tuple]], jobs: int, plans: dict, configuration: str, fold: int,
-                        dataset_json: dict, device: torch.device, stop_at: float | None = None) -> list[str]:
+                        dataset_json: dict, device: torch.device, stop_at: float | None = None,
+                        progress: CommandProgress | None = None, index: dict | None = None,
+                        run_log=lambda run_name: None) -> tuple[list[str], list[tuple[str, Exception]]]:
     """Train ``runs`` ((trainer name, ``with_schedule`` arguments)) in up to ``jobs`` worker processes at once.
 
     Each worker leads a process group of its own (its data-loading workers inside), so that a run stopped at
     ``stop_at`` (a ``time.time()`` value) is killed whole; its last checkpoint is complete (every write is atomic),
-    so the run resumes later. Returns the run names stopped or never started by then; a failed run raises after
-    the others have finished."""
+    so the run resumes later. A worker's output goes to ``run_log(run name)`` (None: this console), and its epochs
+    to ``progress`` (``index``: run name -> position there). Returns the run names stopped or never started by
+    then, and the failed runs with their errors (the others went on)."""
     if not runs:
-        return []
+        return [], []
+    import contextlib
     import multiprocessing
     from multiprocessing.connection import wait
 
@@ -125,37 +131,50 @@ def _train_side_by_side(runs: list[tuple[str, tuple]], jobs: int, plans: dict, c
           f"worker(s) and {threads_per_run} CPU thread(s) each"
           + ("" if stop_at is None else f"; stopping at {time.strftime('%H:%M:%S', time.localtime(stop_at))}"))
     context = multiprocessing.get_context("spawn")
-    pending, active, failed = list(runs), {}, []
+    pending, active, watches, failed = list(runs), {}, {}, []
     try:
         while pending or active:
             while pending and len(active) < workers:
                 name, schedule = pending.pop(0)
-                process = context.Process(target=_train_worker, name=_run_name(name, schedule), args=(
+                run_name = _run_name(name, schedule)
+                log = run_log(run_name)
+                process = context.Process(target=_train_worker, name=run_name, args=(
                     name, schedule, plans, configuration, fold, dataset_json, str(device), loaders_per_run,
-                    threads_per_run))
+                    threads_per_run, log))
+                if progress is not None:
+                    if log:
+                        progress.message(f"{run_name}: nnU-Net's output goes to {log}")
+                    trainer_cls = with_schedule(resolve_trainer(name), *schedule)
+                    watches[process.name] = contextlib.ExitStack()
+                    watches[process.name].enter_context(progress.watch(
+                        index[run_name], _fold_folder(trainer_cls, plans, configuration, fold)))
                 process.start()
                 active[process.sentinel] = process
             timeout = None if stop_at is None else max(0.0, stop_at - time.time())
             for sentinel in wait(list(active), timeout):
                 process = active.pop(sentinel)
                 process.join()
+                if process.name in watches:
+                    watches.pop(process.name).close()
                 if process.exitcode != 0:
-                    failed.append(f"{process.name} (exit code {process.exitcode})")
+                    log = run_log(process.name)
+                    failed.append((process.name, RuntimeError(
+                        f"training exited with code {process.exitcode}; its traceback is "
+                        + (f"in {log}" if log else "above") + ", its nnU-Net log in the run's nnUNet_results folder")))
             if stop_at is not None and time.time() >= stop_at:
                 stopped = [p.name for p in active.values()] + [_run_name(n, s) for n, s in pending]
                 print(f"deadline: stopped {', '.join(stopped) or 'nothing'} (each resumes from its last checkpoint)")
-                return stopped
+                return stopped, failed
     finally:
         for process in active.values():  # the deadline, an error or Ctrl-C: no run outlives this call
             _kill_process_group(process)
-    if failed:
-        raise RuntimeError(f"training failed: {', '.join(failed)}; its traceback is above, its log in the run's "
-                           f"nnUNet_results folder.")
-    return []
+        for watch in watches.values():
+            watch.close()
+    return [], failed
 
 
-def _run_name(name: str, schedule: tuple) -> str:
-    return with_schedule(resolve_trainer(name), *schedule).__name__
+def _run_name(name: str, schedule: tuple, classes: dict | None = None) -> str:
+    return with_schedule(classes[name] if classes else resolve_trainer(name), *schedule).__name__
 
 
 def _kill_process_group(process) -> None:
@@ -169,13 +188,14 @@ def _kill_process_group(process) -> None:
 
 
 def _train_worker(name: str, schedule: tuple, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                  device: str, data_loaders: int, threads: int) -> str:
+                  device: str, data_loaders: int, threads: int, log_file: str | None = None) -> str:
     """One run in a worker process (the scheduled class is rebuilt here: dynamic classes do not pickle)."""
     os.setpgrp()  # its own process group: a deadline kills the run with its data-loading workers
     os.environ["nnUNet_n_proc_DA"] = str(data_loaders)
     torch.set_num_threads(threads)
     trainer_cls = with_schedule(resolve_trainer(name), *schedule)
-    return _train(trainer_cls, plans, configuration, fold, dataset_json, torch.device(device))
+    with captured_output(log_file):
+        return _train(trainer_cls, plans, configuration, fold, dataset_json, torch.device(device))
 
 
 def _predict(trainer_cls: type, output_folder: str, plans: dict, configuration: str, dataset_json: dict,
@@ -333,7 +353,8 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                           checkpoint_every: int | None = None, extra_columns: dict | None = None,
                           score_ema_pair: bool = False, run_suffix: str = "", jobs: int = 1,
                           stop_training_at: float | None = None, stop_at: float | None = None,
-                          on_results_written=None, selftrain_rounds: int = 1) -> list[dict]:
+                          on_results_written=None, selftrain_rounds: int = 1, verbose: bool = False,
+                          stop_on_failure: bool = False, progress_stream=None) -> list[dict]:
     """Train, predict and score; writes ``results.csv``, ``results.md`` and ``results.png`` into ``out_dir``.
 
     Args:
@@ -365,6 +386,10 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
         stop_at: no prediction or scoring is started after this time.
         on_results_written: called with no arguments each time the results files have been rewritten (after every
             scored run), e.g. to copy them off the machine.
+        verbose: nnU-Net's output of every run on this console; else in ``out_dir/logs/<run>.txt`` (its path
+            printed once) and the progress display alone here (``tools.progress``; ``progress_stream``: where).
+        stop_on_failure: a failed run stops the command; else it is reported (its log's last lines and path), the
+            other runs go on, and ``SemiRunsFailed`` lists the failures at the end, after the tables are written.
     """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -400,41 +425,80 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
         print(f"unsupervised ramp for every method: sigmoid over {rampup_iterations} iterations "
               f"(of {epochs * iterations})")
 
-    rows, member_rows = [], []
-    for count in num_labeled:
-        if count == "all":  # the full split: stock nnU-Net on every label, the upper bound
-            full = full_splits(preprocessed, raw)
-            if num_val is not None:  # the same held-out cases as the labeled subsets
-                full = holdout_split(full, num_val)
-            save_json_atomic(full, join(preprocessed, SPLITS_FILE))
-            split, run_trainers = full[fold], [BASELINE_TRAINER]
-        else:
-            split = make_labeled_split(dataset_name, int(count), order, seed, num_val=num_val)[fold]
-            run_trainers = all_trainers
-        cases = _held_out_cases(raw, dataset_json, split, test_labels)
-        runs = []  # (name, repeat, schedule arguments of with_schedule)
-        for name in run_trainers:
+    def count_runs(count: str) -> list[tuple[str, int, tuple]]:
+        """(name, repeat, schedule arguments of with_schedule) of one labeled count's runs."""
+        runs = []
+        for name in all_trainers if count != "all" else [BASELINE_TRAINER]:
             for repeat in range(repeats if name == BASELINE_TRAINER else 1):
                 ramp_suffix = run_suffix if hasattr(classes[name], "unsup_rampup_iterations") else ""  # stock: none
                 tag = f"bench_{count}lab_{epochs}x{iterations}{ramp_suffix}" + (f"_r{repeat}" if repeat else "")
                 runs.append((name, repeat, (epochs, iterations, val_iterations, tag, rampup_iterations,
                                             seed + repeat, checkpoint_every)))
+        return runs
+
+    planned = {count: count_runs(count) for count in num_labeled}
+    entries, index = [], {}  # the progress display's runs; run name -> its position there
+    for count, runs in planned.items():
+        for name, repeat, schedule in runs:
+            index[_run_name(name, schedule, classes)] = len(entries)
+            entries.append((f"{name}{f' (repeat {repeat})' if repeat else ''}, {count} labeled", epochs))
+        if SELFTRAIN in trainers and count != "all":
+            for r in range(1, selftrain_rounds + 1):
+                index[(SELFTRAIN, count, r)] = len(entries)
+                entries.append((f"{SELFTRAIN} round {r} student, {count} labeled", epochs))
+    progress = CommandProgress(entries, progress_stream or (sys.stdout if verbose else console_stream()),
+                               live=False if verbose else None)
+
+    def run_log(run_name: str) -> str | None:
+        return None if verbose else join(out_dir, "logs", f"{run_name}.txt")
+
+    rows, member_rows, failures = [], [], []
+
+    def failed(run_name: str, error: Exception) -> None:
+        import traceback
+
+        log = run_log(run_name)
+        if log:
+            with open(log, "a") as f:
+                f.write("".join(traceback.format_exception(error)))
+        tail = log_tail(log) if log else ""
+        progress.message(f"{run_name}: FAILED: {type(error).__name__}: {error}"
+                         + (f"\nlast lines of {log}:\n{tail}" if log else ""))
+        failures.append(f"{run_name}: {type(error).__name__}: {error}" + (f" (log: {log})" if log else ""))
+        if stop_on_failure:
+            raise SemiRunsFailed(failures) from error
+
+    for count, runs in planned.items():
+        if count == "all":  # the full split: stock nnU-Net on every label, the upper bound
+            full = full_splits(preprocessed, raw)
+            if num_val is not None:  # the same held-out cases as the labeled subsets
+                full = holdout_split(full, num_val)
+            save_json_atomic(full, join(preprocessed, SPLITS_FILE))
+            split = full[fold]
+        else:
+            split = make_labeled_split(dataset_name, int(count), order, seed, num_val=num_val)[fold]
+        cases = _held_out_cases(raw, dataset_json, split, test_labels)
         stopped = []
         if jobs > 1 or stop_training_at is not None:  # this count's split is on disk: train its runs first
             pending = [(name, schedule) for name, _, schedule in runs
-                       if not isfile(join(out_dir, "runs", with_schedule(classes[name], *schedule).__name__,
-                                          "scores.csv"))]
-            stopped = _train_side_by_side(pending, jobs, plans, configuration, fold, dataset_json, device,
-                                          stop_training_at)
+                       if not isfile(join(out_dir, "runs", _run_name(name, schedule, classes), "scores.csv"))]
+            stopped, side_failures = _train_side_by_side(
+                pending, jobs, plans, configuration, fold, dataset_json, device, stop_training_at,
+                progress=progress, index=index, run_log=run_log)
+            for run_name, error in side_failures:
+                failed(run_name, error)
+            stopped += [run_name for run_name, _ in side_failures]
         for name, repeat, schedule in runs:
             trainer_cls = with_schedule(classes[name], *schedule)
             run_dir = join(out_dir, "runs", trainer_cls.__name__)
             scores_file, archive = join(run_dir, "scores.csv"), join(run_dir, "test_predictions.tar.gz")
             if trainer_cls.__name__ in stopped:
-                _keep_unfinished_record(trainer_cls, plans, configuration, fold, dataset_json, out_dir)
+                if not any(f.startswith(trainer_cls.__name__ + ":") for f in failures):
+                    _keep_unfinished_record(trainer_cls, plans, configuration, fold, dataset_json, out_dir)
                 continue
             if isfile(scores_file) and (not predict_test or isfile(archive)):
                 print(f"{trainer_cls.__name__}: scored earlier ({scores_file}), skipping")
+                progress.skip(index[trainer_cls.__name__])
                 run_rows = _read_csv(scores_file)
                 rows += run_rows
                 if score_ema_pair:
@@ -445,52 +509,94 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                 print(f"deadline: {trainer_cls.__name__} finished training but is not predicted or scored; run "
                       f"the same command again to score it")
                 continue
-            output_folder = _train(trainer_cls, plans, configuration, fold, dataset_json, device)
-            predictions = join(out_dir, "predictions", trainer_cls.__name__)
-            _predict(trainer_cls, output_folder, plans, configuration, dataset_json, cases, predictions, device)
-            common = {"trainer": name, "num_labeled": count, "repeat": repeat,
-                      "deployed": _deployed_model(output_folder), "dataset": dataset_name,
+            log = run_log(trainer_cls.__name__)
+            if log:
+                progress.message(f"{trainer_cls.__name__}: nnU-Net's output goes to {log}")
+            common = {"trainer": name, "num_labeled": count, "repeat": repeat, "dataset": dataset_name,
                       "configuration": configuration, "plans": plans_identifier, "fold": fold,
                       "num_val": len(cases) if test_labels is None else "", "epochs": epochs,
                       "iterations_per_epoch": iterations,
                       "rampup_iterations": "" if rampup_iterations is None else rampup_iterations,
                       "seed": seed + repeat,
-                      "evaluated_on": "imagesTs" if test_labels else f"fold {fold} val",
-                      "train_seconds": round(training_seconds(output_folder), 1), **(extra_columns or {}), **info}
-            run_rows = _as_written(_score_run(cases, predictions, dataset_json, labels, common))
-            os.makedirs(run_dir, exist_ok=True)
-            _keep_run_record(output_folder, run_dir)
-            if predict_test:
-                _pack_test_predictions(trainer_cls, output_folder, plans, configuration, dataset_json, raw,
-                                       join(out_dir, "test_predictions", trainer_cls.__name__), archive, device)
-            _write_csv(run_rows, scores_file)  # last: its presence means the run is complete
-            rows += run_rows
-            if score_ema_pair:
-                member_rows += _score_ema_pair(trainer_cls, run_rows[0], run_dir, cases, out_dir, plans,
-                                               configuration, dataset_json, labels, device)
+                      "evaluated_on": "imagesTs" if test_labels else f"fold {fold} val", **(extra_columns or {}),
+                      **info}
+            try:
+                with captured_output(log):
+                    run_rows = _train_and_score(trainer_cls, plans, configuration, fold, dataset_json, device, cases,
+                                                labels, out_dir, raw, predict_test, common, progress,
+                                                index[trainer_cls.__name__])
+                    rows += run_rows
+                    if score_ema_pair:
+                        member_rows += _score_ema_pair(trainer_cls, run_rows[0], run_dir, cases, out_dir, plans,
+                                                       configuration, dataset_json, labels, device)
+            except Exception as error:  # the others go on (--stop_on_failure: not)
+                failed(trainer_cls.__name__, error)
+                continue
             write_results(rows, out_dir, member_rows)  # after every run: a stopped command keeps its tables
             if on_results_written is not None:
                 on_results_written()
         if SELFTRAIN in trainers and count != "all":
             teacher_schedule = next(schedule for name, repeat, schedule in runs
                                     if name == BASELINE_TRAINER and repeat == 0)
-            selftrain_rows = _self_training_run(
-                dataset_name, count, teacher_schedule, selftrain_rounds, plans, plans_identifier, configuration,
-                fold, dataset_json, cases, labels, out_dir, raw, device, predict_test, stop_at,
-                {"num_val": len(cases) if test_labels is None else "", "rampup_iterations": "",
-                 "evaluated_on": "imagesTs" if test_labels else f"fold {fold} val", **(extra_columns or {}), **info})
+            run_name = _selftrain_run_name(teacher_schedule[3], selftrain_rounds)
+            log = run_log(run_name)
+            try:
+                selftrain_rows = _self_training_run(
+                    dataset_name, count, teacher_schedule, selftrain_rounds, plans, plans_identifier,
+                    configuration, fold, dataset_json, cases, labels, out_dir, raw, device, predict_test, stop_at,
+                    {"num_val": len(cases) if test_labels is None else "", "rampup_iterations": "",
+                     "evaluated_on": "imagesTs" if test_labels else f"fold {fold} val", **(extra_columns or {}),
+                     **info}, progress, index, log)
+            except Exception as error:
+                failed(run_name, error)
+                selftrain_rows = []
             if selftrain_rows:
                 rows += selftrain_rows
                 write_results(rows, out_dir, member_rows)
                 if on_results_written is not None:
                     on_results_written()
-    if not rows:
+    if rows:
+        write_results(rows, out_dir, member_rows)
+        if on_results_written is not None:
+            on_results_written()
+    else:
         print("no run finished: nothing to tabulate")
-        return rows
-    write_results(rows, out_dir, member_rows)
-    if on_results_written is not None:
-        on_results_written()
+    if failures:
+        raise SemiRunsFailed(failures)
     return rows
+
+
+def _train_and_score(trainer_cls: type, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                     device: torch.device, cases: dict, labels: list[int], out_dir: str, raw: str,
+                     predict_test: bool, common: dict, progress: CommandProgress, position: int) -> list[dict]:
+    """Train one run (followed on the progress display), predict and score its held-out cases, keep its record;
+    ``scores.csv`` is written last, so that its presence means the run is complete."""
+    output_folder = _watched_train(trainer_cls, plans, configuration, fold, dataset_json, device, progress, position)
+    run_dir = join(out_dir, "runs", trainer_cls.__name__)
+    predictions = join(out_dir, "predictions", trainer_cls.__name__)
+    _predict(trainer_cls, output_folder, plans, configuration, dataset_json, cases, predictions, device)
+    common = common | {"deployed": _deployed_model(output_folder),
+                       "train_seconds": round(training_seconds(output_folder), 1)}
+    run_rows = _as_written(_score_run(cases, predictions, dataset_json, labels, common))
+    os.makedirs(run_dir, exist_ok=True)
+    _keep_run_record(output_folder, run_dir)
+    if predict_test:
+        _pack_test_predictions(trainer_cls, output_folder, plans, configuration, dataset_json, raw,
+                               join(out_dir, "test_predictions", trainer_cls.__name__),
+                               join(run_dir, "test_predictions.tar.gz"), device)
+    _write_csv(run_rows, join(run_dir, "scores.csv"))
+    return run_rows
+
+
+def _watched_train(trainer_cls: type, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                   device: torch.device, progress: CommandProgress, position: int) -> str:
+    """``_train`` with its epochs on the progress display (a finished run: marked done, nothing to follow)."""
+    folder = _fold_folder(trainer_cls, plans, configuration, fold)
+    if isfile(join(folder, "checkpoint_final.pth")):
+        progress.skip(position)
+        return _train(trainer_cls, plans, configuration, fold, dataset_json, device)
+    with progress.watch(position, folder):
+        return _train(trainer_cls, plans, configuration, fold, dataset_json, device)
 
 
 def _derived_dataset_id(name: str) -> int:
@@ -513,10 +619,15 @@ def _derived_dataset_id(name: str) -> int:
     return free[0]
 
 
+def _selftrain_run_name(tag: str, rounds: int) -> str:
+    return f"{SELFTRAIN}__{tag}_{rounds}round{'s' if rounds > 1 else ''}"
+
+
 def _self_training_run(dataset_name: str, count: str, teacher_schedule: tuple, rounds: int, plans: dict,
                        plans_identifier: str, configuration: str, fold: int, dataset_json: dict, cases: dict,
                        labels: list[int], out_dir: str, raw: str, device: torch.device, predict_test: bool,
-                       stop_at: float | None, columns: dict) -> list[dict]:
+                       stop_at: float | None, columns: dict, progress: CommandProgress, index: dict,
+                       log: str | None) -> list[dict]:
     """``selftrain`` in the trainer list: offline self-training scored like every trainer.
 
     The teacher is this count's first stock run (trained here if its checkpoint is not on this machine). Each round
@@ -525,57 +636,66 @@ def _self_training_run(dataset_name: str, count: str, teacher_schedule: tuple, r
     with the source's plans (``prepare_student_dataset``) and trains stock nnU-Net on it with the same schedule and
     seed. The last student predicts the same held-out cases; ``train_seconds`` is the teacher's plus every
     student's. Resumable at every step; the derived datasets stay in nnUNet_raw/_preprocessed/_results (named
-    ``<source>_selftrain_<count>lab_<epochs>x<iterations>_round<r>``, a free id chosen)."""
-    from nnunet_semi.tools.self_training import run_logged, prepare_student_dataset, pseudolabel_dataset
+    ``<source>_selftrain_<count>lab_<epochs>x<iterations>_round<r>``, a free id chosen). Its output goes to ``log``
+    (None: this console), its students' epochs to ``progress``."""
+    from nnunet_semi.tools.self_training import prepare_student_dataset, pseudolabel_dataset, run_logged
 
     epochs, iterations, val_iterations, tag, _, seed, checkpoint_every = teacher_schedule
-    run_name = f"{SELFTRAIN}__{tag}_{rounds}round{'s' if rounds > 1 else ''}"
+    run_name = _selftrain_run_name(tag, rounds)
     run_dir = join(out_dir, "runs", run_name)
     scores_file, archive = join(run_dir, "scores.csv"), join(run_dir, "test_predictions.tar.gz")
     if isfile(scores_file) and (not predict_test or isfile(archive)):
         print(f"{run_name}: scored earlier ({scores_file}), skipping")
+        for r in range(1, rounds + 1):
+            progress.skip(index[(SELFTRAIN, count, r)])
         return _read_csv(scores_file)
     if stop_at is not None and time.time() >= stop_at:
         print(f"deadline: {run_name} not started; run the same command again to train it")
         return []
+    if log:
+        progress.message(f"{run_name}: nnU-Net's output goes to {log}")
     stock = resolve_trainer(BASELINE_TRAINER)
     teacher_cls = with_schedule(stock, *teacher_schedule)
-    teacher_folder = _train(teacher_cls, plans, configuration, fold, dataset_json, device)
-    seconds = training_seconds(teacher_folder)
-    os.makedirs(run_dir, exist_ok=True)
-    log_file = join(run_dir, "selftrain_commands.log")
-    source = dataset_name.split("_", 1)[1]
-    model_folder, model_folds, model_cls = os.path.dirname(teacher_folder), (fold,), teacher_cls
-    for round_index in range(1, rounds + 1):
-        name = f"{source}_selftrain_{tag.removeprefix('bench_')}_round{round_index}"
-        derived_id = _derived_dataset_id(name)
-        derived = f"Dataset{derived_id:03d}_{name}"
-        if not isfile(join(require_env_folder("nnUNet_raw"), derived, "dataset.json")):
-            print(f"{run_name}: round {round_index}, pseudo labels of {model_folder} -> {derived}", flush=True)
-            pseudolabel_dataset(dataset_name, BASELINE_TRAINER, configuration, derived_id, name,
-                                plans=plans_identifier, fold=fold, folds=model_folds, device=device.type,
-                                num_processes=1, model_folder=model_folder, trainer_class=model_cls)
-        prepare_student_dataset(dataset_name, derived_id, plans_identifier, configuration, 1,
-                                lambda command: run_logged(command, log_file))
-        student_plans, student_json = load_plans_and_dataset_json(
-            join(require_env_folder("nnUNet_preprocessed"), derived), plans_identifier)
-        student_cls = with_schedule(stock, epochs, iterations, val_iterations, f"{tag}_selftrain_round{round_index}",
-                                    None, seed, checkpoint_every)
-        student_folder = _train(student_cls, student_plans, configuration, 0, student_json, device)
-        seconds += training_seconds(student_folder)
-        model_folder, model_folds, model_cls = os.path.dirname(student_folder), (0,), student_cls
-    predictions = join(out_dir, "predictions", run_name)
-    _predict(student_cls, student_folder, student_plans, configuration, student_json, cases, predictions, device)
-    common = {"trainer": SELFTRAIN, "num_labeled": count, "repeat": 0, "deployed": f"student of round {rounds}",
-              "dataset": dataset_name, "configuration": configuration, "plans": plans_identifier, "fold": fold,
-              "epochs": epochs, "iterations_per_epoch": iterations, "seed": seed, "selftrain_rounds": rounds,
-              **columns, "train_seconds": round(seconds, 1)}
-    run_rows = _as_written(_score_run(cases, predictions, dataset_json, labels, common))
-    _keep_run_record(student_folder, run_dir)
-    if predict_test:
-        _pack_test_predictions(student_cls, student_folder, student_plans, configuration, student_json, raw,
-                               join(out_dir, "test_predictions", run_name), archive, device)
-    _write_csv(run_rows, scores_file)  # last: its presence means the run is complete
+    with captured_output(log):
+        teacher_folder = _watched_train(teacher_cls, plans, configuration, fold, dataset_json, device, progress,
+                                        index[teacher_cls.__name__])
+        seconds = training_seconds(teacher_folder)
+        os.makedirs(run_dir, exist_ok=True)
+        commands_log = join(run_dir, "selftrain_commands.log")
+        source = dataset_name.split("_", 1)[1]
+        model_folder, model_folds, model_cls = os.path.dirname(teacher_folder), (fold,), teacher_cls
+        for round_index in range(1, rounds + 1):
+            name = f"{source}_selftrain_{tag.removeprefix('bench_')}_round{round_index}"
+            derived_id = _derived_dataset_id(name)
+            derived = f"Dataset{derived_id:03d}_{name}"
+            if not isfile(join(require_env_folder("nnUNet_raw"), derived, "dataset.json")):
+                progress.message(f"{run_name}: round {round_index}, pseudo labels of {model_folder} -> {derived}")
+                pseudolabel_dataset(dataset_name, BASELINE_TRAINER, configuration, derived_id, name,
+                                    plans=plans_identifier, fold=fold, folds=model_folds, device=device.type,
+                                    num_processes=1, model_folder=model_folder, trainer_class=model_cls)
+            prepare_student_dataset(dataset_name, derived_id, plans_identifier, configuration, 1,
+                                    lambda command: run_logged(command, commands_log))
+            student_plans, student_json = load_plans_and_dataset_json(
+                join(require_env_folder("nnUNet_preprocessed"), derived), plans_identifier)
+            student_cls = with_schedule(stock, epochs, iterations, val_iterations,
+                                        f"{tag}_selftrain_round{round_index}", None, seed, checkpoint_every)
+            student_folder = _watched_train(student_cls, student_plans, configuration, 0, student_json, device,
+                                            progress, index[(SELFTRAIN, count, round_index)])
+            seconds += training_seconds(student_folder)
+            model_folder, model_folds, model_cls = os.path.dirname(student_folder), (0,), student_cls
+        predictions = join(out_dir, "predictions", run_name)
+        _predict(student_cls, student_folder, student_plans, configuration, student_json, cases, predictions,
+                 device)
+        common = {"trainer": SELFTRAIN, "num_labeled": count, "repeat": 0, "deployed": f"student of round {rounds}",
+                  "dataset": dataset_name, "configuration": configuration, "plans": plans_identifier, "fold": fold,
+                  "epochs": epochs, "iterations_per_epoch": iterations, "seed": seed, "selftrain_rounds": rounds,
+                  **columns, "train_seconds": round(seconds, 1)}
+        run_rows = _as_written(_score_run(cases, predictions, dataset_json, labels, common))
+        _keep_run_record(student_folder, run_dir)
+        if predict_test:
+            _pack_test_predictions(student_cls, student_folder, student_plans, configuration, student_json, raw,
+                                   join(out_dir, "test_predictions", run_name), archive, device)
+        _write_csv(run_rows, scores_file)  # last: its presence means the run is complete
     return run_rows
 
 

@@ -133,7 +133,8 @@ def _in_fresh_process(function, *args):
 def run_speed_benchmark(dataset_name_or_id: int | str, trainers: list[str], out_dir: str,
                         configuration: str = "3d_fullres", plans_identifier: str = "nnUNetPlans", steps: int = 20,
                         warmup: int = 3, device: torch.device | None = None,
-                        stop_at: float | None = None, compute_only: bool = False) -> list[dict]:
+                        stop_at: float | None = None, compute_only: bool = False, verbose: bool = False,
+                        stop_on_failure: bool = False) -> list[dict]:
     """Measure stock nnU-Net and every trainer; writes speed.csv, speed.md and speed.png into ``out_dir``, after
     every trainer (a stopped command keeps what it measured).
 
@@ -141,27 +142,54 @@ def run_speed_benchmark(dataset_name_or_id: int | str, trainers: list[str], out_
     ``imagesUnlabeled``. ``stop_at`` (a ``time.time()`` value): no trainer is started after it. ``compute_only``
     times only the steps without loading: on a CPU the augmentation workers share the cores with the network, so
     the time with loading says nothing about a GPU, and skipping it halves the run at large plans.
+
+    Each trainer's own output goes to ``out_dir/logs/<trainer>.txt`` (``verbose``: here); a line per trainer says
+    which is measured, how long it took and the time left (the mean measured so far times the trainers left). A
+    failed trainer is reported with its log's last lines and the others go on (``stop_on_failure``: not; stock
+    failing stops the command, as every ratio needs it); ``SemiRunsFailed`` lists the failures at the end.
     """
+    from nnunet_semi.errors import SemiRunsFailed
+    from nnunet_semi.tools.progress import captured_output, format_duration, log_tail
+
     device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     dataset_name = resolve_dataset_name(dataset_name_or_id)
     names = [BASELINE_TRAINER] + [t for t in trainers if t != BASELINE_TRAINER]
     env = {k: v for k, v in os.environ.items() if k.startswith("nnUNet")}
     rows, info = [], provenance(device)
     os.makedirs(out_dir, exist_ok=True)
+    durations, failures = [], []
     for i, name in enumerate(names):  # a fresh process per trainer: its peak memory is its own
         if stop_at is not None and time.time() >= stop_at:
             print(f"deadline: not measured: {', '.join(names[i:])}")
             break
-        row = _in_fresh_process(measure_trainer, name, dataset_name, configuration, plans_identifier, steps, warmup,
-                                device.type, env, compute_only)
+        log = None if verbose else join(out_dir, "logs", f"{name}.txt")
+        print(f"trainer {i + 1}/{len(names)} {name}: {warmup} + {steps} steps"
+              + ("" if log is None else f" (its output: {log})"), flush=True)
+        started = time.time()
+        try:
+            with captured_output(log):
+                row = _in_fresh_process(measure_trainer, name, dataset_name, configuration, plans_identifier, steps,
+                                        warmup, device.type, env, compute_only)
+        except Exception as error:
+            print(f"{name}: FAILED: {type(error).__name__}: {error}"
+                  + ("" if log is None else f"\nlast lines of {log}:\n{log_tail(log)}"), flush=True)
+            failures.append(f"{name}: {type(error).__name__}: {error}" + ("" if log is None else f" (log: {log})"))
+            if stop_on_failure or not rows:  # every ratio is to stock
+                raise SemiRunsFailed(failures) from error
+            continue
+        durations.append(time.time() - started)
+        left = sum(durations) / len(durations) * (len(names) - i - 1)
         print(f"{name}: {row['step_s_with_loading']:.3f} s/step with loading, "
-              f"{row['step_s_without_loading']:.3f} s/step without, {row['peak_memory_mb']:.0f} MB")
+              f"{row['step_s_without_loading']:.3f} s/step without, {row['peak_memory_mb']:.0f} MB; measured in "
+              f"{format_duration(durations[-1])}, time left {format_duration(left)}", flush=True)
         for key in ("step_s_with_loading", "step_s_without_loading", "peak_memory_mb"):
             row[f"{key}_ratio"] = row[key] / (rows[0] if rows else row)[key]
         row.update(dataset=dataset_name, configuration=configuration, plans=plans_identifier, steps=steps,
                    warmup=warmup, **info)
         rows.append(row)
         write_speed_results(rows, out_dir)
+    if failures:
+        raise SemiRunsFailed(failures)
     return rows
 
 
