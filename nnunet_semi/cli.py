@@ -361,7 +361,8 @@ def benchmark_entry(argv=None) -> None:
     if args.tiny and getattr(args, "coarse", False):
         raise SemiInputError("--tiny and --coarse exclude each other: --coarse plans a dataset given with -d.")
     if args.tiny:
-        raw = make_tiny_dataset(join(args.o, "tiny_dataset"))
+        with _planning_output(args):
+            raw = make_tiny_dataset(join(args.o, "tiny_dataset"))
         dataset, plans = TINY_DATASET_ID, "nnUNetDemoPlans"
     elif dataset is None:
         raise SemiInputError("give -d DATASET or --tiny.")
@@ -380,6 +381,16 @@ def benchmark_entry(argv=None) -> None:
                             compute_only=args.compute_only, verbose=args.verbose,
                             stop_on_failure=args.stop_on_failure)
         print(open(join(args.o, "speed.md")).read())
+
+
+def _planning_output(args):
+    """nnU-Net's planning and preprocessing output to ``-o/logs/planning.txt`` (its path printed), unless -v."""
+    from nnunet_semi.tools.progress import captured_output
+
+    log = None if args.verbose else join(args.o, "logs", "planning.txt")
+    if log:
+        print(f"planning and preprocessing: nnU-Net's output goes to {log}", flush=True)
+    return captured_output(log)
 
 
 def _quality_command(args, dataset, plans: str, trainers: list[str], tiny_raw: str | None) -> None:
@@ -412,8 +423,9 @@ def _quality_command(args, dataset, plans: str, trainers: list[str], tiny_raw: s
             for count in args.num_labeled:
                 check_held_out_size(num_cases, 0 if count == "all" else int(count), num_val, name,
                                     None if args.num_val else f"--num_val {num_val} (the --coarse default)")
-        coarse = plan_coarse(dataset, args.coarse_voxels, args.coarse_spacing,
-                             num_processes=int(os.environ.get("nnUNet_def_n_proc", 2)))
+        with _planning_output(args):
+            coarse = plan_coarse(dataset, args.coarse_voxels, args.coarse_spacing,
+                                 num_processes=int(os.environ.get("nnUNet_def_n_proc", 2)))
         plans, configuration = coarse["plans"], COARSE_CONFIGURATION
         rampup = round(COARSE_RAMPUP_FRACTION * epochs * iterations) if rampup is None else rampup
         checkpoint_every = 1  # short runs: resume a killed run from its last epoch
