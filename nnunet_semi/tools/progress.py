@@ -137,8 +137,9 @@ class CommandProgress:
     def watch(self, index: int, output_folder: str, poll_seconds: float = 1.0):
         """Follow ``output_folder/progress.jsonl`` of run ``index`` while the block runs."""
         started = time.time()
-        seen = len(read_progress(output_folder))
-        self.done[index] = read_progress(output_folder)[-1]["epoch"] if seen else 0
+        earlier = read_progress(output_folder)  # a resumed run's epochs: done, not timed
+        seen = len(earlier)
+        self.done[index] = earlier[-1]["epoch"] if earlier else 0
         if self.live:
             from tqdm import tqdm
 

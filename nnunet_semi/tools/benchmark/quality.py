@@ -136,7 +136,8 @@ def _train_side_by_side(runs: list[tuple[str, tuple]], jobs: int, plans: dict, c
         while pending or active:
             while pending and len(active) < workers:
                 name, schedule = pending.pop(0)
-                run_name = _run_name(name, schedule)
+                trainer_cls = with_schedule(resolve_trainer(name), *schedule)
+                run_name = trainer_cls.__name__
                 log = run_log(run_name)
                 process = context.Process(target=_train_worker, name=run_name, args=(
                     name, schedule, plans, configuration, fold, dataset_json, str(device), loaders_per_run,
@@ -144,7 +145,6 @@ def _train_side_by_side(runs: list[tuple[str, tuple]], jobs: int, plans: dict, c
                 if progress is not None:
                     if log:
                         progress.message(f"{run_name}: nnU-Net's output goes to {log}")
-                    trainer_cls = with_schedule(resolve_trainer(name), *schedule)
                     watches[process.name] = contextlib.ExitStack()
                     watches[process.name].enter_context(progress.watch(
                         index[run_name], _fold_folder(trainer_cls, plans, configuration, fold)))
@@ -478,7 +478,7 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
         else:
             split = make_labeled_split(dataset_name, int(count), order, seed, num_val=num_val)[fold]
         cases = _held_out_cases(raw, dataset_json, split, test_labels)
-        stopped = []
+        stopped, side_failed = [], set()
         if jobs > 1 or stop_training_at is not None:  # this count's split is on disk: train its runs first
             pending = [(name, schedule) for name, _, schedule in runs
                        if not isfile(join(out_dir, "runs", _run_name(name, schedule, classes), "scores.csv"))]
@@ -487,14 +487,15 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                 progress=progress, index=index, run_log=run_log)
             for run_name, error in side_failures:
                 failed(run_name, error)
-            stopped += [run_name for run_name, _ in side_failures]
+            side_failed = {run_name for run_name, _ in side_failures}
         for name, repeat, schedule in runs:
             trainer_cls = with_schedule(classes[name], *schedule)
             run_dir = join(out_dir, "runs", trainer_cls.__name__)
             scores_file, archive = join(run_dir, "scores.csv"), join(run_dir, "test_predictions.tar.gz")
+            if trainer_cls.__name__ in side_failed:  # reported already
+                continue
             if trainer_cls.__name__ in stopped:
-                if not any(f.startswith(trainer_cls.__name__ + ":") for f in failures):
-                    _keep_unfinished_record(trainer_cls, plans, configuration, fold, dataset_json, out_dir)
+                _keep_unfinished_record(trainer_cls, plans, configuration, fold, dataset_json, out_dir)
                 continue
             if isfile(scores_file) and (not predict_test or isfile(archive)):
                 print(f"{trainer_cls.__name__}: scored earlier ({scores_file}), skipping")
