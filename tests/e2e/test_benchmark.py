@@ -140,6 +140,18 @@ def test_quality_refuses_zero_jobs_before_writing_anything(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["quality", "--selftrain_rounds", "0", "-tr", "selftrain"], "--selftrain_rounds 0: give at least 1"),
+    (["speed", "-tr", "selftrain"], "-tr selftrain: offline self-training is several stock trainings"),
+])
+def test_selftrain_refusals_before_writing_anything(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv[:1] + ["--tiny", "-o", str(tmp_path / "out")] + argv[1:])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_quality_without_medpy_stops_before_anything(tmp_path, monkeypatch):
     """medpy is the optional `benchmark` extra: without it the quality benchmark refuses at once, naming the fix."""
     import importlib.util
