@@ -7,10 +7,11 @@ import csv
 import pytest
 
 from nnunet_semi.cli import benchmark_entry as main
-from nnunet_semi.tools.benchmark.quality import METRICS
+from nnunet_semi.tools.benchmark.quality import METRICS, write_results
 
 
-def _write_run(folder, run, trainer, dice, commit, epochs=15, repeat=0, dataset="Dataset101_LA", ramp="600"):
+def _rows(trainer, dice, commit, epochs=15, repeat=0, dataset="Dataset101_LA", ramp="600",
+          date="2026-12-02 00:00 UTC"):
     rows = []
     for i, value in enumerate(dice):
         rows.append({"trainer": trainer, "num_labeled": "4", "case": f"LA_{64 + i:03d}", "class": 1,
@@ -18,8 +19,13 @@ def _write_run(folder, run, trainer, dice, commit, epochs=15, repeat=0, dataset=
                      "deployed": "network", "dataset": dataset, "configuration": "3d_fullres",
                      "plans": "nnUNetPlans_coarse", "fold": 0, "num_val": 4, "epochs": epochs,
                      "iterations_per_epoch": 100, "rampup_iterations": ramp, "seed": 12345 + repeat,
-                     "evaluated_on": "fold 0 val", "commit": commit, "device": "cpu (2 cores)",
-                     "date": "2026-12-02 00:00 UTC"})
+                     "evaluated_on": "fold 0 val", "commit": commit, "nnunetv2": "2.8.1", "torch": "2.14.1",
+                     "device": "cpu (2 cores)", "date": date})
+    return rows
+
+
+def _write_run(folder, run, trainer, dice, commit, **kwargs):
+    rows = _rows(trainer, dice, commit, **kwargs)
     (folder / "runs" / run).mkdir(parents=True)
     with open(folder / "runs" / run / "scores.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -96,3 +102,16 @@ def test_report_refuses_a_readme_without_markers(tmp_path, capsys):
         main(["report", str(folder), "-o", str(tmp_path / "merged"), "--readme", str(readme)])
     assert exit_info.value.code == 2 and "needs exactly one" in capsys.readouterr().err
     assert readme.read_text() == "# Project\n"
+
+
+def test_results_header_names_every_commit_and_the_date_range_of_its_runs(tmp_path):
+    stock = _rows("nnUNetTrainer", [0.80, 0.82], "aaaa", date="2026-12-01 22:01 UTC")
+    method = _rows("nnUNetTrainerMeanTeacher", [0.81, 0.84], "bbbb", date="2026-12-03 14:51 UTC")
+    write_results(stock + method, str(tmp_path))
+    header = (tmp_path / "results.md").read_text().splitlines()[2]
+    assert "commits aaaa, bbbb (each run's in results.csv)" in header
+    assert "nnU-Net 2.8.1, torch 2.14.1, device cpu (2 cores), 2026-12-01 22:01 UTC to 2026-12-03 14:51 UTC." in header
+    (tmp_path / "one").mkdir()
+    write_results(stock, str(tmp_path / "one"))  # one run: its commit and date, no range
+    header = (tmp_path / "one" / "results.md").read_text().splitlines()[2]
+    assert "; commit aaaa, nnU-Net 2.8.1," in header and header.count("UTC") == 1

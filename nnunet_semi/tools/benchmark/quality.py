@@ -728,6 +728,21 @@ def _score_ema_pair(trainer_cls: type, run_row: dict, run_dir: str, cases: dict,
     return rows
 
 
+def _where_and_when(rows: list[dict]) -> str:
+    """The code, libraries, device and date of the runs behind ``rows``: every distinct value, because a result
+    folder collects runs made at different commits (a method's cell re-run after a change, a resumed cell)."""
+    def distinct(key: str) -> list[str]:
+        return list(dict.fromkeys(str(row.get(key, "")) for row in rows))
+
+    commits, dates = distinct("commit"), sorted(distinct("date"))
+    parts = [f"commit {commits[0]}" if len(commits) == 1 else
+             f"commits {', '.join(commits)} (each run's in results.csv)"]
+    parts += [f"{name} {', '.join(distinct(key))}" for name, key in
+              (("nnU-Net", "nnunetv2"), ("torch", "torch"), ("device", "device"))]
+    parts.append(dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}")
+    return ", ".join(parts)
+
+
 def write_results(rows: list[dict], out_dir: str, ema_pair_rows: list[dict] | None = None) -> None:
     """results.csv (every row), results.md (mean ± std, gain and paired statistics against the baseline, and the
     teacher against the student where ``ema_pair_rows`` are given: ema_pair.csv) and results.png."""
@@ -739,8 +754,7 @@ def write_results(rows: list[dict], out_dir: str, ema_pair_rows: list[dict] | No
     lines = [f"# Quality: {info['dataset']}, {info['configuration']}, fold {info['fold']}, evaluated on "
              f"{info['evaluated_on']}", "",
              f"Schedule {info['epochs']} epochs x {info['iterations_per_epoch']} iterations for every trainer; "
-             f"commit {info['commit']}, nnU-Net {info['nnunetv2']}, torch {info['torch']}, device {info['device']}, "
-             f"{info['date']}. Mean ± std over cases (and foreground classes); distances are NaN-excluded means "
+             f"{_where_and_when(rows)}. Mean ± std over cases (and foreground classes); distances are NaN-excluded means "
              f"(a distance is undefined when a mask is empty). Gain: Dice points over nnUNetTrainer with the same "
              f"labeled cases. Training min: the run's epochs (selftrain: its teacher and every student), as "
              f"measured on this device (side by side with --jobs: while sharing it).", "",
