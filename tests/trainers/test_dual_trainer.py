@@ -22,6 +22,7 @@ from nnunet_semi.methods import (
     nnUNetTrainerDualCCE_plainCrossPseudo,
     nnUNetTrainerDualCCE_releaseCCEScale,
     nnUNetTrainerDualCCE_samePair,
+    nnUNetTrainerDualCCE_unsupWeight0,
 )
 from nnunet_semi.tools.export import export_vanilla
 
@@ -99,6 +100,19 @@ def test_the_release_cce_scale_is_n_over_n_kept_times_the_kept_voxel_mean(semi_d
     assert 0 < kept_fraction <= 0.4 + 1e-6
     torch.testing.assert_close(released, mean / kept_fraction, rtol=1e-4, atol=0)
     assert nnUNetTrainerDualCCE_releaseCCEScale.entropy_filtered_release_scale
+
+
+def test_the_supervised_only_control_keeps_the_labeled_terms_and_weights_the_unsupervised_ones_zero(semi_dataset):
+    trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE_unsupWeight0))
+    _disagreeing_step(trainer)  # the biases, so that every term is non-zero
+    out = trainer.train_step(next(trainer.dataloader_train))
+    unsupervised = ("entropy_filtered", "kl_weighted", "output_cosine", "prototype")
+    assert all(float(out[f"weighted_{t}"]) == 0 for t in unsupervised)
+    assert float(out["loss_kl_weighted"]) > 0 and float(out["loss_output_cosine"]) > 0  # computed, logged raw
+    assert float(out["weighted_sup_cross_reliable"]) == pytest.approx(
+        trainer.cross_reliable_weight * float(out["loss_sup_cross_reliable"]))
+    labeled_total = sum(float(out[f"weighted_{t}"]) for t in trainer.supervised_terms)
+    assert float(out["loss"]) == pytest.approx(labeled_total, rel=1e-5)
 
 
 def test_prototype_voxels_are_drawn_per_class(semi_dataset, monkeypatch):
