@@ -311,8 +311,8 @@ class nnUNetTrainerDualCCE_noPrototype(nnUNetTrainerDualCCE):
     prototype_weight = 0.0
 
 
-# control of the real-data check (issue #22): the labeled terms only (sup, sup_peer, sup_cross_reliable); the
-# unsupervised terms are still computed and logged but weighted 0, so what remains of a gain is not the unlabeled data's
+# control of the real-data check (issue #22): only the `supervised_terms` train; the unsupervised ones are still
+# computed and logged but weighted 0, so what remains of a gain is not the unlabeled data's
 class nnUNetTrainerDualCCE_unsupWeight0(nnUNetTrainerDualCCE):
     unsup_weight = 0.0
 

@@ -106,7 +106,8 @@ def test_the_supervised_only_control_keeps_the_labeled_terms_and_weights_the_uns
     trainer = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE_unsupWeight0))
     _disagreeing_step(trainer)  # the biases, so that every term is non-zero
     out = trainer.train_step(next(trainer.dataloader_train))
-    unsupervised = ("entropy_filtered", "kl_weighted", "output_cosine", "prototype")
+    unsupervised = set(trainer.loss_terms) - set(trainer.supervised_terms)
+    assert unsupervised == {"entropy_filtered", "kl_weighted", "output_cosine", "prototype"}
     assert all(float(out[f"weighted_{t}"]) == 0 for t in unsupervised)
     assert float(out["loss_kl_weighted"]) > 0 and float(out["loss_output_cosine"]) > 0  # computed, logged raw
     assert float(out["weighted_sup_cross_reliable"]) == pytest.approx(
