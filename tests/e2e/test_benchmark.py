@@ -57,6 +57,10 @@ def test_quality_tiny(tmp_path, monkeypatch, capsys):
     # finished runs are skipped on a second call
     main(["quality", "--tiny", "-o", str(tmp_path), "-tr", "nnUNetTrainerMeanTeacher"])
     assert capsys.readouterr().out.count("scored earlier") == 3
+    # a cell run one trainer at a time: a later command's tables keep the earlier command's runs
+    main(["quality", "--tiny", "-o", str(tmp_path), "-tr", "nnUNetTrainer"])
+    assert "| 2 | nnUNetTrainerMeanTeacher |" in (tmp_path / "results.md").read_text()
+    assert len(_rows(tmp_path / "results.csv")) == 3 * 4
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import csv
 import pytest
 
 from nnunet_semi.cli import benchmark_entry as main
-from nnunet_semi.tools.benchmark.quality import METRICS, write_results
+from nnunet_semi.tools.benchmark.quality import METRICS, earlier_runs, write_results
 
 
 def _rows(trainer, dice, commit, epochs=15, repeat=0, dataset="Dataset101_LA", ramp="600",
@@ -115,3 +115,30 @@ def test_results_header_names_every_commit_and_the_date_range_of_its_runs(tmp_pa
     write_results(stock, str(tmp_path / "one"))  # one run: its commit and date, no range
     header = (tmp_path / "one" / "results.md").read_text().splitlines()[2]
     assert "; commit aaaa, nnU-Net 2.8.1," in header and header.count("UTC") == 1
+
+
+def test_quality_keeps_earlier_comparable_runs_and_names_the_others(tmp_path):
+    folder = tmp_path / "cell"
+    _write_run(folder, "nnUNetTrainer__bench_4lab_15x100", "nnUNetTrainer", [0.80, 0.82], "aaaa")
+    _write_run(folder, "nnUNetTrainerCPS__bench_4lab_15x100", "nnUNetTrainerCPS", [0.83, 0.84], "aaaa")
+    _write_run(folder, "nnUNetTrainerSGRS__bench_4lab_15x100_ramp1500", "nnUNetTrainerSGRS", [0.7, 0.7], "aaaa",
+               ramp="1500")
+    _write_run(folder, "nnUNetTrainerCPS__bench_4lab_30x100", "nnUNetTrainerCPS", [0.9, 0.9], "aaaa", epochs=30)
+    _write_run(folder, "nnUNetTrainer__bench_4lab_15x100_r1", "nnUNetTrainer", [0.81, 0.83], "aaaa", repeat=1,
+               ramp="")  # stock has no ramp: kept whatever its column says
+    pair = [{"trainer": "nnUNetTrainerCPS", "case": "LA_064", "scored_model": "teacher", "dice": "0.8"}]
+    with open(folder / "runs" / "nnUNetTrainerCPS__bench_4lab_15x100" / "ema_pair_scores.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(pair[0]))
+        writer.writeheader()
+        writer.writerows(pair)
+    (folder / "runs" / "nnUNetTrainerMeanTeacher__bench_4lab_15x100").mkdir()  # unfinished: no scores.csv
+    this_command = _rows("nnUNetTrainerMeanTeacher", [0.81, 0.81], "bbbb")
+    rows, pairs, left_out = earlier_runs(str(folder), {"nnUNetTrainer__bench_4lab_15x100"}, this_command[0], "600")
+    assert {(r["trainer"], r["repeat"]) for r in rows} == {("nnUNetTrainerCPS", "0"), ("nnUNetTrainer", "1")}
+    assert len(rows) == 4 and [p["scored_model"] for p in pairs] == ["teacher"]
+    assert sorted(left_out) == ["nnUNetTrainerCPS__bench_4lab_30x100", "nnUNetTrainerSGRS__bench_4lab_15x100_ramp1500"]
+    # the same folder seen from a command with a 1500-iteration ramp: the other way round for the methods
+    rows, _, left_out = earlier_runs(str(folder), set(), this_command[0] | {"rampup_iterations": "1500"}, "1500")
+    assert {r["trainer"] for r in rows} == {"nnUNetTrainer", "nnUNetTrainerSGRS"}
+    assert "nnUNetTrainerCPS__bench_4lab_15x100" in left_out
+    assert earlier_runs(str(tmp_path / "empty"), set(), this_command[0], "600") == ([], [], [])

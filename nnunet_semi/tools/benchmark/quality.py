@@ -36,6 +36,10 @@ from nnunet_semi.trainer.plotting import isolated_style
 
 METRICS = ("dice", "jaccard", "hd95_mm", "asd_mm", "hd95_vox", "asd_vox")
 SELFTRAIN = "selftrain"  # offline self-training in the trainer list: stock teacher, pseudo labels, stock student
+# what must agree for two runs' numbers to be compared at all
+PROTOCOL = ("dataset", "fold", "evaluated_on", "num_val")
+# what makes two runs of the same trainer different experiments, never averaged together
+SCHEDULE = ("plans", "configuration", "epochs", "iterations_per_epoch")
 
 
 def require_medpy() -> None:
@@ -296,6 +300,36 @@ def _as_written(rows: list[dict]) -> list[dict]:
     return [{k: "" if v is None else str(v) for k, v in r.items()} for r in rows]
 
 
+def earlier_runs(out_dir: str, own_runs: set[str], like: dict, ramp: str) -> tuple[list[dict], list[dict], list[str]]:
+    """The scored runs in ``out_dir/runs`` that this command did not plan (``own_runs``: run names), so that its
+    tables keep the rows of earlier commands, e.g. of a cell run one trainer at a time.
+
+    Only runs comparable with ``like`` (a row of this command) are merged: the same split protocol (``PROTOCOL``)
+    and schedule (``SCHEDULE``), and for the semi-supervised trainers the command's unsupervised ramp ``ramp`` (the
+    ``rampup_iterations`` column: "" for each method's own). Returns their rows, their teacher/student rows
+    (``ema_pair_scores.csv``) and the names of the runs left out, which ``nnUNetv2_semi_benchmark report`` merges
+    with their schedule or ramp shown."""
+    rows, pairs, left_out = [], [], []
+    runs_dir = join(out_dir, "runs")
+    for run in sorted(os.listdir(runs_dir)) if isdir(runs_dir) else []:
+        scores_file = join(runs_dir, run, "scores.csv")
+        if run in own_runs or not isfile(scores_file):
+            continue
+        run_rows = _read_csv(scores_file)
+        if not run_rows:
+            continue
+        first = run_rows[0]
+        has_ramp = first["trainer"] not in (BASELINE_TRAINER, SELFTRAIN)
+        if any(str(first.get(k, "")) != str(like.get(k, "")) for k in PROTOCOL + SCHEDULE) or \
+                (has_ramp and str(first.get("rampup_iterations", "")) != ramp):
+            left_out.append(run)
+            continue
+        rows += run_rows
+        pairs_file = join(runs_dir, run, "ema_pair_scores.csv")
+        pairs += _read_csv(pairs_file) if isfile(pairs_file) else []
+    return rows, pairs, left_out
+
+
 def _copy_logs(output_folder: str, destination: str) -> None:
     """The run's training logs, progress plots and debug.json (small)."""
     for name in sorted(os.listdir(output_folder)):
@@ -355,7 +389,8 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                           stop_training_at: float | None = None, stop_at: float | None = None,
                           on_results_written=None, selftrain_rounds: int = 1, verbose: bool = False,
                           stop_on_failure: bool = False, progress_stream=None) -> list[dict]:
-    """Train, predict and score; writes ``results.csv``, ``results.md`` and ``results.png`` into ``out_dir``.
+    """Train, predict and score; writes ``results.csv``, ``results.md`` and ``results.png`` into ``out_dir``, with
+    the runs of earlier commands into ``out_dir`` that share this one's split, schedule and ramp (``earlier_runs``).
 
     Args:
         dataset_name_or_id: a planned and preprocessed dataset (its ``imagesUnlabeled``, if any, preprocessed too).
@@ -453,6 +488,20 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
         return None if verbose else join(out_dir, "logs", f"{run_name}.txt")
 
     rows, member_rows, failures = [], [], []
+    # runs of earlier commands into the same folder stay in its tables; this command's own are recomputed
+    own_runs = {key for key in index if isinstance(key, str)}
+    if SELFTRAIN in trainers:
+        own_runs |= {_selftrain_run_name(schedule[3], selftrain_rounds) for runs in planned.values()
+                     for name, repeat, schedule in runs if name == BASELINE_TRAINER and repeat == 0}
+    left_out: list[str] = []  # earlier runs not comparable with this command's: named once at the end
+
+    def write_tables() -> None:
+        earlier, earlier_pairs, skipped = earlier_runs(
+            out_dir, own_runs, rows[0], "" if rampup_iterations is None else str(rampup_iterations))
+        left_out[:] = skipped
+        write_results(rows + earlier, out_dir, member_rows + earlier_pairs)
+        if on_results_written is not None:
+            on_results_written()
 
     def failed(run_name: str, error: Exception) -> None:
         import traceback
@@ -533,9 +582,7 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
             except Exception as error:  # the others go on (--stop_on_failure: not)
                 failed(trainer_cls.__name__, error)
                 continue
-            write_results(rows, out_dir, member_rows)  # after every run: a stopped command keeps its tables
-            if on_results_written is not None:
-                on_results_written()
+            write_tables()  # after every run: a stopped command keeps its tables
         if SELFTRAIN in trainers and count != "all":
             teacher_schedule = next(schedule for name, repeat, schedule in runs
                                     if name == BASELINE_TRAINER and repeat == 0)
@@ -553,13 +600,13 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                 selftrain_rows = []
             if selftrain_rows:
                 rows += selftrain_rows
-                write_results(rows, out_dir, member_rows)
-                if on_results_written is not None:
-                    on_results_written()
+                write_tables()
     if rows:
-        write_results(rows, out_dir, member_rows)
-        if on_results_written is not None:
-            on_results_written()
+        write_tables()
+        if left_out:
+            print(f"results.md leaves out {len(left_out)} earlier run(s) of another split, schedule or ramp in "
+                  f"{join(out_dir, 'runs')} ({', '.join(left_out)}); nnUNetv2_semi_benchmark report {out_dir} -o "
+                  f"<folder> tabulates every run, each schedule and ramp apart.")
     else:
         print("no run finished: nothing to tabulate")
     if failures:

@@ -10,6 +10,8 @@ from os.path import basename, dirname, isdir, isfile, join
 from nnunet_semi.errors import SemiInputError
 from nnunet_semi.tools.benchmark.common import BASELINE_TRAINER
 from nnunet_semi.tools.benchmark.quality import (
+    PROTOCOL,
+    SCHEDULE,
     _read_csv,
     _repeat,
     _write_csv,
@@ -19,11 +21,6 @@ from nnunet_semi.tools.benchmark.quality import (
     plot_results,
     summarize,
 )
-
-# what must agree for two folders' numbers to be compared at all
-PROTOCOL = ("dataset", "fold", "evaluated_on", "num_val")
-# what makes two runs of the same trainer different experiments, never averaged together
-SCHEDULE = ("plans", "configuration", "epochs", "iterations_per_epoch")
 
 
 def _runs_of(folder: str) -> list[dict]:
