@@ -292,8 +292,10 @@ def benchmark_entry(argv=None) -> None:
     quality.add_argument("--rampup_iterations", type=int, default=None,
                          help=f"one unsupervised ramp length in iterations for every method; default: each "
                               f"method's own; --coarse: {COARSE_RAMPUP_FRACTION:.0%}% of the run")
-    quality.add_argument("--score_ema_pair", action="store_true",
-                         help="also score the student and the teacher of every trainer with an EMA teacher")
+    quality.add_argument("--score_members", "--score_ema_pair", dest="score_members", action="store_true",
+                         help="also score every model a run holds, whichever is deployed: the student and the EMA "
+                              "teacher, or a dual network's two networks and their ensemble (--score_ema_pair: the "
+                              "older name)")
     quality.add_argument("--predict_test", action="store_true",
                          help="also predict imagesTs (no labels needed) and pack it per run (--coarse: on when "
                               "imagesTs exists)")
@@ -442,7 +444,7 @@ def _quality_command(args, dataset, plans: str, trainers: list[str], tiny_raw: s
         run_quality_benchmark(dataset, counts, trainers, epochs, iterations, args.o, configuration, args.f, plans,
                               test_labels, args.order, args.seed, num_val=num_val, repeats=args.repeats,
                               rampup_iterations=rampup, predict_test=predict_test, checkpoint_every=checkpoint_every,
-                              extra_columns=extra, score_ema_pair=args.score_ema_pair,
+                              extra_columns=extra, score_members=args.score_members,
                               run_suffix="" if args.rampup_iterations is None else f"_ramp{args.rampup_iterations}",
                               jobs=args.jobs, selftrain_rounds=args.selftrain_rounds, verbose=args.verbose,
                               stop_on_failure=args.stop_on_failure)

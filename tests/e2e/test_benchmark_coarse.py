@@ -147,7 +147,7 @@ def test_coarse_quality_end_to_end(planned_dataset, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_ema_pair_scores_student_and_teacher(semi_dataset, monkeypatch):
-    """--score_ema_pair scores both members of a mean-teacher checkpoint: the deployed one from the run's own
+    """--score_members scores both members of a mean-teacher checkpoint: the deployed one from the run's own
     predictions (not predicted twice), the other predicted with its weights; both members' rows are written and
     tabulated."""
     from nnunet_semi.tools.benchmark.quality import ema_pair_weights, run_quality_benchmark
@@ -155,7 +155,7 @@ def test_ema_pair_scores_student_and_teacher(semi_dataset, monkeypatch):
     monkeypatch.setenv("nnUNet_n_proc_DA", "1")
     out = semi_dataset.results / "bench"
     rows = run_quality_benchmark(DATASET_ID, ["2"], ["nnUNetTrainerMeanTeacher"], 2, 3, str(out),
-                                 score_ema_pair=True)
+                                 score_members=True)
     pair = _rows(out / "ema_pair.csv")
     assert {r["scored_model"] for r in pair} == {"student", "teacher"} and len(pair) == 2 * len(
         [r for r in rows if r["trainer"] == "nnUNetTrainerMeanTeacher"])
@@ -172,6 +172,31 @@ def test_ema_pair_scores_student_and_teacher(semi_dataset, monkeypatch):
     assert set(weights) == {"student", "teacher"}
     assert any(not (weights["student"][k] == weights["teacher"][k]).all() for k in weights["student"])
     assert "Teacher against student of the same run" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_score_members_scores_each_network_of_a_dual_run(semi_dataset, monkeypatch):
+    """--score_members on DualCCE: network 1, the peer and their ensemble predicted through the run's deployable
+    model and scored; the deployed one is the run's own predictions; a table against the deployed model."""
+    from nnunet_semi.tools.benchmark.quality import run_quality_benchmark
+
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
+    out = semi_dataset.results / "bench_dual"
+    rows = run_quality_benchmark(DATASET_ID, ["2"], ["nnUNetTrainerDualCCE"], 2, 3, str(out), score_members=True)
+    members = _rows(out / "dual_members.csv")
+    dual = [r for r in rows if r["trainer"] == "nnUNetTrainerDualCCE"]
+    assert {r["scored_model"] for r in members} == {"student", "peer", "ensemble"}
+    assert len(members) == 3 * len(dual) and not (out / "ema_pair.csv").exists()
+    deployed = dual[0]["deployed"]
+    assert {r["case"]: r["dice"] for r in members if r["scored_model"] == deployed} == \
+        {r["case"]: r["dice"] for r in dual}
+    predicted = {p.name for p in (out / "predictions").iterdir()}
+    for model in {"student", "peer", "ensemble"} - {deployed}:  # predicted with that model alone, every case
+        assert f"nnUNetTrainerDualCCE__bench_2lab_2x3__{model}" in predicted
+        assert len(list((out / "predictions" / f"nnUNetTrainerDualCCE__bench_2lab_2x3__{model}").glob("*.nii.gz"))) \
+            == len(dual)
+    assert (out / "runs" / "nnUNetTrainerDualCCE__bench_2lab_2x3" / "member_scores.csv").is_file()
+    assert "Each network of a dual-network run against the model it deploys" in (out / "results.md").read_text()
 
 
 @pytest.mark.slow

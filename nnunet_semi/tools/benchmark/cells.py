@@ -183,7 +183,7 @@ def run_cell(name: str, out_dir: str, deadline_s: float | None = None, data: str
         run_quality_benchmark(dataset, [cell.num_labeled], list(cell.trainers), cell.epochs, cell.iterations,
                               results, configuration, cell.fold, plans, test_labels, num_val=cell.num_val,
                               repeats=cell.repeats, rampup_iterations=rampup, predict_test=test_labels is None,
-                              checkpoint_every=checkpoint_every, extra_columns=extra, score_ema_pair=True,
+                              checkpoint_every=checkpoint_every, extra_columns=extra, score_members=True,
                               jobs=cell.jobs, stop_training_at=None if stop_at is None else stop_at - cell.reserve_s,
                               stop_at=stop_at, on_results_written=publish)
     publish()

@@ -40,6 +40,8 @@ SELFTRAIN = "selftrain"  # offline self-training in the trainer list: stock teac
 PROTOCOL = ("dataset", "fold", "evaluated_on", "num_val")
 # what makes two runs of the same trainer different experiments, never averaged together
 SCHEDULE = ("plans", "configuration", "epochs", "iterations_per_epoch")
+# in runs/<run>/: the scores of every model the run holds (--score_members), EMA pairs' and dual networks'
+EMA_PAIR_SCORES, DUAL_MEMBER_SCORES = "ema_pair_scores.csv", "member_scores.csv"
 
 
 def require_medpy() -> None:
@@ -259,6 +261,32 @@ def ema_pair_weights(output_folder: str) -> dict[str, dict]:
     return {deployed: checkpoint["network_weights"], other: weights} if weights else {}
 
 
+def dual_member_weights(output_folder: str, ensemble_at_inference: bool) -> dict[str, dict]:
+    """The networks of a dual-network checkpoint (a ``peer`` beside ``self.network``), each as weights that make the
+    run's deployable model predict with it alone: ``{"student": ..., "peer": ...}`` (network 1 and network 2), and
+    ``"ensemble"`` where the trainer deploys a ``DualNetworkEnsemble`` at inference (``ensemble_at_inference``: its
+    ``deployed_member`` buffer selects the member). Empty for other trainers."""
+    from nnunet_semi.components.ensemble import DEPLOYED_MEMBERS, is_ensemble_state, member_state
+
+    checkpoint = torch.load(join(output_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False,
+                            mmap=True)
+    state = checkpoint.get("semi_state")
+    peer = {k[len("peer."):]: v for k, v in (state or {}).get("auxiliary", {}).items() if k.startswith("peer.")}
+    if not peer:
+        return {}
+    weights = checkpoint["network_weights"]
+    first, second = (member_state(weights, "first"), member_state(weights, "second")) if is_ensemble_state(weights) \
+        else (weights, peer)
+    if not ensemble_at_inference:
+        return {"student": first, "peer": second}
+
+    def deploying(member: str) -> dict:
+        return {**{f"first.{k}": v for k, v in first.items()}, **{f"second.{k}": v for k, v in second.items()},
+                "deployed_member": torch.tensor(DEPLOYED_MEMBERS.index(member))}
+
+    return {"student": deploying("first"), "peer": deploying("second"), "ensemble": deploying("ensemble")}
+
+
 def _score_run(cases: dict, prediction_folder: str, dataset_json: dict, labels: list[int], common: dict) -> list[dict]:
     """Rows of per-case, per-class metrics; images read with the dataset's own nnU-Net reader (e.g. NibabelIO where
     SimpleITK is missing), whose spacing follows its array axes."""
@@ -306,9 +334,9 @@ def earlier_runs(out_dir: str, own_runs: set[str], like: dict, ramp: str) -> tup
 
     Only runs comparable with ``like`` (a row of this command) are merged: the same split protocol (``PROTOCOL``)
     and schedule (``SCHEDULE``), and for the semi-supervised trainers the command's unsupervised ramp ``ramp`` (the
-    ``rampup_iterations`` column: "" for each method's own). Returns their rows, their teacher/student rows
-    (``ema_pair_scores.csv``) and the names of the runs left out, which ``nnUNetv2_semi_benchmark report`` merges
-    with their schedule or ramp shown."""
+    ``rampup_iterations`` column: "" for each method's own). Returns their rows, their ``_score_members`` rows and
+    the names of the runs left out, which ``nnUNetv2_semi_benchmark report`` merges with their schedule or ramp
+    shown."""
     rows, pairs, left_out = [], [], []
     runs_dir = join(out_dir, "runs")
     for run in sorted(os.listdir(runs_dir)) if isdir(runs_dir) else []:
@@ -325,9 +353,14 @@ def earlier_runs(out_dir: str, own_runs: set[str], like: dict, ramp: str) -> tup
             left_out.append(run)
             continue
         rows += run_rows
-        pairs_file = join(runs_dir, run, "ema_pair_scores.csv")
-        pairs += _read_csv(pairs_file) if isfile(pairs_file) else []
+        pairs += read_member_scores(join(runs_dir, run))
     return rows, pairs, left_out
+
+
+def read_member_scores(run_dir: str) -> list[dict]:
+    """The ``_score_members`` rows a finished run left in ``run_dir`` (none if it was not scored so)."""
+    return [row for name in (EMA_PAIR_SCORES, DUAL_MEMBER_SCORES) if isfile(join(run_dir, name))
+            for row in _read_csv(join(run_dir, name))]
 
 
 def _copy_logs(output_folder: str, destination: str) -> None:
@@ -385,7 +418,7 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                           device: torch.device | None = None, num_val: int | None = None, repeats: int = 1,
                           rampup_iterations: int | None = None, predict_test: bool = False,
                           checkpoint_every: int | None = None, extra_columns: dict | None = None,
-                          score_ema_pair: bool = False, run_suffix: str = "", jobs: int = 1,
+                          score_members: bool = False, run_suffix: str = "", jobs: int = 1,
                           stop_training_at: float | None = None, stop_at: float | None = None,
                           on_results_written=None, selftrain_rounds: int = 1, verbose: bool = False,
                           stop_on_failure: bool = False, progress_stream=None) -> list[dict]:
@@ -409,8 +442,9 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
         predict_test: also predict ``imagesTs`` without labels and pack it as ``runs/<run>/test_predictions.tar.gz``.
         checkpoint_every: epochs between ``checkpoint_latest.pth`` writes (None: nnU-Net's).
         extra_columns: constant columns added to every row (e.g. the coarse mode's spacing).
-        score_ema_pair: also score the student and the teacher of every trainer with an EMA teacher, whichever is
-            deployed (``ema_pair.csv`` and a table in ``results.md``).
+        score_members: also score every model a run's checkpoint holds, whichever is deployed: the student and the
+            EMA teacher (``ema_pair.csv`` and a table in ``results.md``), or a dual network's two networks and their
+            ensemble (``dual_members.csv`` and a table) (``_score_members``).
         run_suffix: appended to the run names of the semi-supervised trainers (e.g. ``_ramp1500`` for a non-default
             ramp); stock nnU-Net has no ramp, so its runs keep their names and are shared.
         jobs: runs of one labeled count trained side by side as separate processes on the same device, the
@@ -551,9 +585,9 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                 progress.skip(index[trainer_cls.__name__])
                 run_rows = _read_csv(scores_file)
                 rows += run_rows
-                if score_ema_pair:
-                    member_rows += _score_ema_pair(trainer_cls, run_rows[0], run_dir, cases, out_dir, plans,
-                                                   configuration, dataset_json, labels, device)
+                if score_members:
+                    member_rows += _score_members(trainer_cls, run_rows[0], run_dir, cases, out_dir, plans,
+                                                  configuration, dataset_json, labels, device)
                 continue
             if stop_at is not None and time.time() >= stop_at:
                 print(f"deadline: {trainer_cls.__name__} finished training but is not predicted or scored; run "
@@ -576,9 +610,9 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                                                 labels, out_dir, raw, predict_test, common, progress,
                                                 index[trainer_cls.__name__])
                     rows += run_rows
-                    if score_ema_pair:
-                        member_rows += _score_ema_pair(trainer_cls, run_rows[0], run_dir, cases, out_dir, plans,
-                                                       configuration, dataset_json, labels, device)
+                    if score_members:
+                        member_rows += _score_members(trainer_cls, run_rows[0], run_dir, cases, out_dir, plans,
+                                                      configuration, dataset_json, labels, device)
             except Exception as error:  # the others go on (--stop_on_failure: not)
                 failed(trainer_cls.__name__, error)
                 continue
@@ -747,17 +781,22 @@ def _self_training_run(dataset_name: str, count: str, teacher_schedule: tuple, r
     return run_rows
 
 
-def _score_ema_pair(trainer_cls: type, run_row: dict, run_dir: str, cases: dict, out_dir: str, plans: dict,
-                    configuration: str, dataset_json: dict, labels: list[int], device: torch.device) -> list[dict]:
-    """Student and teacher of one run, each scored on the held-out cases (``runs/<run>/ema_pair_scores.csv``, rows
-    with ``scored_model``); from the file when it exists, else from the run's checkpoint if it is still there."""
-    scores_file = join(run_dir, "ema_pair_scores.csv")
-    if isfile(scores_file):
-        return _read_csv(scores_file)
+def _score_members(trainer_cls: type, run_row: dict, run_dir: str, cases: dict, out_dir: str, plans: dict,
+                   configuration: str, dataset_json: dict, labels: list[int], device: torch.device) -> list[dict]:
+    """Every model one run's checkpoint holds, each scored on the held-out cases (rows with ``scored_model``): the
+    student and the EMA teacher (``runs/<run>/ema_pair_scores.csv``), or a dual network's two networks and, where
+    it deploys one, their ensemble (``member_scores.csv``). From the file when it exists, else from the run's
+    checkpoint if it is still there; the deployed model's predictions are the run's own, not predicted twice."""
+    scored = read_member_scores(run_dir)
+    if scored:
+        return scored
     output_folder = _fold_folder(trainer_cls, plans, configuration, int(run_row["fold"]))
     if not isfile(join(output_folder, "checkpoint_final.pth")):
         return []
-    pair = ema_pair_weights(output_folder)
+    pair, scores_file = ema_pair_weights(output_folder), join(run_dir, EMA_PAIR_SCORES)
+    if not pair:
+        pair = dual_member_weights(output_folder, hasattr(trainer_cls, "build_deployable_model"))
+        scores_file = join(run_dir, DUAL_MEMBER_SCORES)
     rows = []
     deployed_predictions = join(out_dir, "predictions", trainer_cls.__name__)
     for member, weights in pair.items():
@@ -790,9 +829,10 @@ def _where_and_when(rows: list[dict]) -> str:
     return ", ".join(parts)
 
 
-def write_results(rows: list[dict], out_dir: str, ema_pair_rows: list[dict] | None = None) -> None:
-    """results.csv (every row), results.md (mean ± std, gain and paired statistics against the baseline, and the
-    teacher against the student where ``ema_pair_rows`` are given: ema_pair.csv) and results.png."""
+def write_results(rows: list[dict], out_dir: str, member_rows: list[dict] | None = None) -> None:
+    """results.csv (every row), results.md (mean ± std, gain and paired statistics against the baseline, and where
+    ``member_rows`` are given (``_score_members``) the teacher against the student, ema_pair.csv, and each network of
+    a dual-network run against what it deploys, dual_members.csv) and results.png."""
     if not rows:
         raise SemiInputError("no results to write: no trainer produced predictions.")
     _write_csv(rows, join(out_dir, "results.csv"))
@@ -815,12 +855,60 @@ def write_results(rows: list[dict], out_dir: str, ema_pair_rows: list[dict] | No
                      f"{'' if gain is None else f'{gain:+.2f}'} | {' | '.join(cells[1:])} | "
                      f"{'' if seconds is None else f'{seconds / 60:.1f}'} |")
     lines += ["", *paired_table(rows)]
-    if ema_pair_rows:
-        _write_csv(ema_pair_rows, join(out_dir, "ema_pair.csv"))
-        lines += ["", *ema_pair_table(ema_pair_rows)]
+    ema_pairs, dual_members = split_member_rows(member_rows or [])
+    if ema_pairs:
+        _write_csv(ema_pairs, join(out_dir, "ema_pair.csv"))
+    if dual_members:
+        _write_csv(dual_members, join(out_dir, "dual_members.csv"))
+    lines += member_tables(member_rows or [])
     with open(join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot_results(first_runs(rows), summary, join(out_dir, "results.png"))
+
+
+def split_member_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """``_score_members`` rows split into EMA pairs' (a ``teacher`` scored) and dual networks' (a ``peer``), run by
+    run."""
+    runs = {}
+    for r in rows:
+        runs.setdefault((r["num_labeled"], r["trainer"], r.get("repeat", "")), []).append(r)
+    ema, dual = [], []
+    for run in runs.values():
+        (ema if any(r["scored_model"] == "teacher" for r in run) else dual).extend(run)
+    return ema, dual
+
+
+def member_tables(rows: list[dict]) -> list[str]:
+    """Markdown lines (each table after a blank line) for ``_score_members`` rows: ``ema_pair_table`` and
+    ``dual_member_table``, each where it has runs."""
+    ema, dual = split_member_rows(rows)
+    return ([""] + ema_pair_table(ema) if ema else []) + ([""] + dual_member_table(dual) if dual else [])
+
+
+def dual_member_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: each model of a dual-network run (network 1 ``student``, network 2 ``peer``, their
+    ``ensemble``) against the model the run deploys, case by case."""
+    lines = ["Each network of a dual-network run against the model it deploys (Dice %, paired on the same cases; "
+             "positive: the network is better; network 1 is what `nnUNetv2_semi_export` writes for vanilla nnU-Net "
+             "unless the peer is deployed).", "",
+             "| labeled | trainer | deployed | deployed Dice % | scored | its Dice % | mean Δ | median Δ | wins | "
+             "losses | 95 % CI of mean Δ | Wilcoxon p |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for count, trainer in dict.fromkeys((r["num_labeled"], r["trainer"]) for r in rows):
+        run = [r for r in rows if r["num_labeled"] == count and r["trainer"] == trainer]
+        deployed = run[0]["deployed"]
+        member = {m: _dice_by_case([r for r in run if r["scored_model"] == m])
+                  for m in dict.fromkeys(r["scored_model"] for r in run)}
+        if deployed not in member:
+            continue
+        for name, dice in member.items():
+            if name == deployed:
+                continue
+            c = paired_comparison(dice, member[deployed])
+            lines.append(f"| {count} | {trainer} | {deployed} | {np.mean(list(member[deployed].values())):.2f} | "
+                         f"{name} | {np.mean(list(dice.values())):.2f} | {c['mean']:+.2f} | {c['median']:+.2f} | "
+                         f"{c['wins']} | {c['losses']} | [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | "
+                         f"{c['p_wilcoxon']:.3f} |")
+    return lines
 
 
 def ema_pair_table(rows: list[dict]) -> list[str]:

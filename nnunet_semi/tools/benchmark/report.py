@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
-from os.path import basename, dirname, isdir, isfile, join
+from os.path import basename, dirname, isdir, join
 
 from nnunet_semi.errors import SemiInputError
 from nnunet_semi.tools.benchmark.common import BASELINE_TRAINER
@@ -15,10 +15,11 @@ from nnunet_semi.tools.benchmark.quality import (
     _read_csv,
     _repeat,
     _write_csv,
-    ema_pair_table,
     first_runs,
+    member_tables,
     paired_table,
     plot_results,
+    read_member_scores,
     summarize,
 )
 
@@ -31,9 +32,8 @@ def _runs_of(folder: str) -> list[dict]:
         rows = _read_csv(scores)
         if not rows:
             continue
-        pairs_file = join(dirname(scores), "ema_pair_scores.csv")
         runs.append({"folder": folder, "run": basename(dirname(scores)), "rows": rows,
-                     "pairs": _read_csv(pairs_file) if isfile(pairs_file) else []})
+                     "pairs": read_member_scores(dirname(scores))})
     return runs
 
 
@@ -102,8 +102,7 @@ def merge_results(folders: list[str], out_dir: str) -> list[dict]:
                      f"{'' if gain is None else f'{gain:+.2f}'} | {' | '.join(cells[1:])} | "
                      f"{'' if seconds is None else f'{seconds / 60:.1f}'} |")
     lines += ["", *paired_table(rows)]
-    if pairs:
-        lines += ["", *ema_pair_table(pairs)]
+    lines += member_tables(pairs)
     lines += ["", "Provenance of every run.", "",
               "| labeled · schedule | trainer | repeat | commit | device | date | seed | ramp | run | folder |",
               "|---|---|---|---|---|---|---|---|---|---|"]
