@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import tarfile
 
 import numpy as np
@@ -137,8 +138,6 @@ def test_coarse_quality_end_to_end(planned_dataset, monkeypatch, capsys):
         assert sorted(tar.getnames()) == ["test_000.nii.gz", "test_001.nii.gz"]
 
     # finished runs come from their scores, even without the trained models
-    import shutil
-
     shutil.rmtree(planned_dataset.results / "Dataset990_SemiSynthetic")
     main(argv)
     assert capsys.readouterr().out.count("scored earlier") == 3
@@ -195,8 +194,14 @@ def test_score_members_scores_each_network_of_a_dual_run(semi_dataset, monkeypat
         assert f"nnUNetTrainerDualCCE__bench_2lab_2x3__{model}" in predicted
         assert len(list((out / "predictions" / f"nnUNetTrainerDualCCE__bench_2lab_2x3__{model}").glob("*.nii.gz"))) \
             == len(dual)
-    assert (out / "runs" / "nnUNetTrainerDualCCE__bench_2lab_2x3" / "member_scores.csv").is_file()
+    member_scores = out / "runs" / "nnUNetTrainerDualCCE__bench_2lab_2x3" / "member_scores.csv"
+    assert member_scores.is_file()
     assert "Each network of a dual-network run against the model it deploys" in (out / "results.md").read_text()
+    # a run scored before --score_members existed: the same command scores its members from the checkpoint
+    member_scores.unlink()
+    shutil.rmtree(out / "predictions" / "nnUNetTrainerDualCCE__bench_2lab_2x3__peer")
+    run_quality_benchmark(DATASET_ID, ["2"], ["nnUNetTrainerDualCCE"], 2, 3, str(out), score_members=True)
+    assert _rows(member_scores) == [r for r in members if r["trainer"] == "nnUNetTrainerDualCCE"]
 
 
 @pytest.mark.slow

@@ -585,9 +585,10 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                 progress.skip(index[trainer_cls.__name__])
                 run_rows = _read_csv(scores_file)
                 rows += run_rows
-                if score_members:
-                    member_rows += _score_members(trainer_cls, run_rows[0], run_dir, cases, out_dir, plans,
-                                                  configuration, dataset_json, labels, device)
+                if score_members:  # its predictions' output into the run's log, like the run's own
+                    with captured_output(run_log(trainer_cls.__name__)):
+                        member_rows += _score_members(trainer_cls, run_rows[0], run_dir, cases, out_dir, plans,
+                                                      configuration, dataset_json, labels, device)
                 continue
             if stop_at is not None and time.time() >= stop_at:
                 print(f"deadline: {trainer_cls.__name__} finished training but is not predicted or scored; run "
