@@ -10,13 +10,14 @@ papers' convention). Finished runs are skipped and interrupted ones resume from 
 from __future__ import annotations
 
 import csv
+import glob
 import math
 import os
 import shutil
 import sys
 import tarfile
 import time
-from os.path import isdir, isfile, join
+from os.path import basename, dirname, isdir, isfile, join
 
 import numpy as np
 import torch
@@ -230,27 +231,30 @@ def _predict(trainer_cls: type, output_folder: str, plans: dict, configuration: 
                                      num_processes_preprocessing=1, num_processes_segmentation_export=1)
 
 
+def final_checkpoint(output_folder: str) -> dict:
+    """The run's ``checkpoint_final.pth``, memory-mapped: reading its logs or state touches no tensor data."""
+    return torch.load(join(output_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False, mmap=True)
+
+
 def _deployed_model(output_folder: str) -> str:
     """What ``checkpoint_final.pth`` deploys: the semi-supervised trainers' choice, or ``network`` (stock)."""
-    checkpoint = torch.load(join(output_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False,
-                            mmap=True)
+    checkpoint = final_checkpoint(output_folder)
     return checkpoint.get("semi_state", {}).get("deployed_weights", "network")
 
 
 def training_seconds(output_folder: str) -> float:
     """Seconds the run spent in its epochs (nnU-Net's logged epoch start and end times; a resumed run's epochs
     counted once each), from ``checkpoint_final.pth``."""
-    logged = torch.load(join(output_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False,
-                        mmap=True)["logging"]
+    logged = final_checkpoint(output_folder)["logging"]
     return float(sum(end - start for start, end in zip(logged["epoch_start_timestamps"],
                                                         logged["epoch_end_timestamps"])))
 
 
-def ema_pair_weights(output_folder: str) -> dict[str, dict]:
+def ema_pair_weights(output_folder: str, checkpoint: dict | None = None) -> dict[str, dict]:
     """Student and teacher weights of a checkpoint whose trainer keeps an EMA teacher beside the student
-    (``{"student": ..., "teacher": ...}``, one of them the deployed ``network_weights``); empty for other trainers."""
-    checkpoint = torch.load(join(output_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False,
-                            mmap=True)
+    (``{"student": ..., "teacher": ...}``, one of them the deployed ``network_weights``); empty for other trainers.
+    ``checkpoint``: that checkpoint already loaded, to read it once."""
+    checkpoint = checkpoint or final_checkpoint(output_folder)
     state = checkpoint.get("semi_state")
     if state is None or state["deployed_weights"] not in ("student", "teacher"):
         return {}
@@ -261,15 +265,16 @@ def ema_pair_weights(output_folder: str) -> dict[str, dict]:
     return {deployed: checkpoint["network_weights"], other: weights} if weights else {}
 
 
-def dual_member_weights(output_folder: str, ensemble_at_inference: bool) -> dict[str, dict]:
+def dual_member_weights(output_folder: str, ensemble_at_inference: bool, checkpoint: dict | None = None
+                        ) -> dict[str, dict]:
     """The networks of a dual-network checkpoint (a ``peer`` beside ``self.network``), each as weights that make the
     run's deployable model predict with it alone: ``{"student": ..., "peer": ...}`` (network 1 and network 2), and
     ``"ensemble"`` where the trainer deploys a ``DualNetworkEnsemble`` at inference (``ensemble_at_inference``: its
-    ``deployed_member`` buffer selects the member). Empty for other trainers."""
+    ``deployed_member`` buffer selects the member). Empty for other trainers. ``checkpoint``: as for
+    ``ema_pair_weights``."""
     from nnunet_semi.components.ensemble import DEPLOYED_MEMBERS, is_ensemble_state, member_state
 
-    checkpoint = torch.load(join(output_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False,
-                            mmap=True)
+    checkpoint = checkpoint or final_checkpoint(output_folder)
     state = checkpoint.get("semi_state")
     peer = {k[len("peer."):]: v for k, v in (state or {}).get("auxiliary", {}).items() if k.startswith("peer.")}
     if not peer:
@@ -328,6 +333,18 @@ def _as_written(rows: list[dict]) -> list[dict]:
     return [{k: "" if v is None else str(v) for k, v in r.items()} for r in rows]
 
 
+def scored_runs(out_dir: str) -> list[dict]:
+    """The finished runs of a quality result folder, by run name: ``{"run", "rows", "pairs"}`` with the rows of
+    ``runs/<run>/scores.csv`` and its ``_score_members`` rows; runs without scores (unfinished) are left out."""
+    runs = []
+    for scores_file in sorted(glob.glob(join(out_dir, "runs", "*", "scores.csv"))):
+        rows = _read_csv(scores_file)
+        if rows:
+            runs.append({"run": basename(dirname(scores_file)), "rows": rows,
+                         "pairs": read_member_scores(dirname(scores_file))})
+    return runs
+
+
 def earlier_runs(out_dir: str, own_runs: set[str], like: dict, ramp: str) -> tuple[list[dict], list[dict], list[str]]:
     """The scored runs in ``out_dir/runs`` that this command did not plan (``own_runs``: run names), so that its
     tables keep the rows of earlier commands, e.g. of a cell run one trainer at a time.
@@ -338,22 +355,17 @@ def earlier_runs(out_dir: str, own_runs: set[str], like: dict, ramp: str) -> tup
     the names of the runs left out, which ``nnUNetv2_semi_benchmark report`` merges with their schedule or ramp
     shown."""
     rows, pairs, left_out = [], [], []
-    runs_dir = join(out_dir, "runs")
-    for run in sorted(os.listdir(runs_dir)) if isdir(runs_dir) else []:
-        scores_file = join(runs_dir, run, "scores.csv")
-        if run in own_runs or not isfile(scores_file):
+    for run in scored_runs(out_dir):
+        if run["run"] in own_runs:
             continue
-        run_rows = _read_csv(scores_file)
-        if not run_rows:
-            continue
-        first = run_rows[0]
+        first = run["rows"][0]
         has_ramp = first["trainer"] not in (BASELINE_TRAINER, SELFTRAIN)
         if any(str(first.get(k, "")) != str(like.get(k, "")) for k in PROTOCOL + SCHEDULE) or \
                 (has_ramp and str(first.get("rampup_iterations", "")) != ramp):
-            left_out.append(run)
+            left_out.append(run["run"])
             continue
-        rows += run_rows
-        pairs += read_member_scores(join(runs_dir, run))
+        rows += run["rows"]
+        pairs += run["pairs"]
     return rows, pairs, left_out
 
 
@@ -375,8 +387,7 @@ def _keep_run_record(output_folder: str, run_dir: str) -> None:
     per-epoch value nnU-Net's logger kept (losses, pseudo Dice, learning rate, the semi-supervised terms and
     statistics), one row per epoch, from the final checkpoint."""
     _copy_logs(output_folder, run_dir)
-    logged = torch.load(join(output_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False,
-                        mmap=True)["logging"]
+    logged = final_checkpoint(output_folder)["logging"]
     scalars = {k: v for k, v in logged.items() if v and all(np.isscalar(x) for x in v)}
     epochs = min(len(v) for v in scalars.values())
     _write_csv([{"epoch": e} | {k: float(v[e]) for k, v in scalars.items()} for e in range(epochs)],
@@ -794,9 +805,10 @@ def _score_members(trainer_cls: type, run_row: dict, run_dir: str, cases: dict, 
     output_folder = _fold_folder(trainer_cls, plans, configuration, int(run_row["fold"]))
     if not isfile(join(output_folder, "checkpoint_final.pth")):
         return []
-    pair, scores_file = ema_pair_weights(output_folder), join(run_dir, EMA_PAIR_SCORES)
+    checkpoint = final_checkpoint(output_folder)
+    pair, scores_file = ema_pair_weights(output_folder, checkpoint), join(run_dir, EMA_PAIR_SCORES)
     if not pair:
-        pair = dual_member_weights(output_folder, hasattr(trainer_cls, "build_deployable_model"))
+        pair = dual_member_weights(output_folder, hasattr(trainer_cls, "build_deployable_model"), checkpoint)
         scores_file = join(run_dir, DUAL_MEMBER_SCORES)
     rows = []
     deployed_predictions = join(out_dir, "predictions", trainer_cls.__name__)

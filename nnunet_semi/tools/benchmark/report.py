@@ -3,9 +3,8 @@ one table and one plot, schedules kept apart, every run with its provenance, and
 
 from __future__ import annotations
 
-import glob
 import os
-from os.path import basename, dirname, isdir, join
+from os.path import isdir, join
 
 from nnunet_semi.errors import SemiInputError
 from nnunet_semi.tools.benchmark.common import BASELINE_TRAINER
@@ -19,7 +18,7 @@ from nnunet_semi.tools.benchmark.quality import (
     member_tables,
     paired_table,
     plot_results,
-    read_member_scores,
+    scored_runs,
     summarize,
 )
 
@@ -27,14 +26,7 @@ from nnunet_semi.tools.benchmark.quality import (
 def _runs_of(folder: str) -> list[dict]:
     if not isdir(join(folder, "runs")):
         raise SemiInputError(f"{folder} has no runs/ folder: give result folders of nnUNetv2_semi_benchmark quality.")
-    runs = []
-    for scores in sorted(glob.glob(join(folder, "runs", "*", "scores.csv"))):
-        rows = _read_csv(scores)
-        if not rows:
-            continue
-        runs.append({"folder": folder, "run": basename(dirname(scores)), "rows": rows,
-                     "pairs": read_member_scores(dirname(scores))})
-    return runs
+    return [run | {"folder": folder} for run in scored_runs(folder)]
 
 
 def merge_results(folders: list[str], out_dir: str) -> list[dict]:
