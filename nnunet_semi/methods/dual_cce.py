@@ -4,6 +4,7 @@ paper intends: every unsupervised term carries gradient (the released code train
 from __future__ import annotations
 
 import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
 from nnunet_semi.components.ensemble import DualNetworkEnsemble, is_ensemble_state, member_state
@@ -315,6 +316,19 @@ class nnUNetTrainerDualCCE_noPrototype(nnUNetTrainerDualCCE):
 # computed and logged but weighted 0, so what remains of a gain is not the unlabeled data's
 class nnUNetTrainerDualCCE_unsupWeight0(nnUNetTrainerDualCCE):
     unsup_weight = 0.0
+
+
+class nnUNetTrainer_DualCCEPeer(nnUNetTrainer):
+    """Stock nnU-Net on the labeled cases alone, training DualCCE's network 2 (the plans U-Net's residual-encoder
+    sibling) as ``self.network``: the labeled-only baseline for a dual network whose peer or ensemble is deployed,
+    since a stronger architecture alone may explain part of its gain over stock's plain U-Net. Predicts with
+    ``nnUNetv2_predict`` like any stock trainer."""
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        return build_network(nnUNetTrainerDualCCE.peer_architecture(configuration_manager), num_input_channels,
+                             num_output_channels, enable_deep_supervision)
 
 
 class nnUNetTrainerDualCCE_deployBestValidated(nnUNetTrainerDualCCE):

@@ -23,6 +23,7 @@ from nnunet_semi.methods import (
     nnUNetTrainerDualCCE_releaseCCEScale,
     nnUNetTrainerDualCCE_samePair,
     nnUNetTrainerDualCCE_unsupWeight0,
+    nnUNetTrainer_DualCCEPeer,
 )
 from nnunet_semi.tools.export import export_vanilla
 
@@ -281,3 +282,30 @@ def test_export_refuses_folds_whose_better_networks_differ_unless_one_is_chosen(
     export_vanilla(str(model), str(tmp_path / "exported"), single_network="peer")
     provenance = json.loads((tmp_path / "exported" / "semi_export.json").read_text())
     assert {r["exported_network"] for r in provenance.values()} == {"peer"}
+
+
+def test_the_labeled_only_peer_control_is_stock_nnunet_training_dualcces_network_2(semi_dataset, tmp_path):
+    dual = make_trainer(semi_dataset, tiny_schedule(nnUNetTrainerDualCCE))
+    control = make_trainer(semi_dataset, nnUNetTrainer_DualCCEPeer)
+    split = json.loads((semi_dataset.preprocessed_dataset / "splits_final.json").read_text())[0]
+    assert sorted(control.dataloader_train.data_loader._data.identifiers) == sorted(split["train"])  # labeled only
+    assert split["unlabeled"] and not hasattr(control, "dataloader_unlabeled")
+    network = control.network
+    assert type(network).__name__ == "ResidualEncoderUNet"
+    assert {k: v.shape for k, v in network.state_dict().items()} == \
+        {k: v.shape for k, v in dual.auxiliary["peer"].state_dict().items()}
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    loss = control.train_step(next(control.dataloader_train))["loss"]
+    assert np.isfinite(loss) and any(not torch.equal(before[k], v) for k, v in network.state_dict().items())
+
+    # what nnUNetv2_predict does: the class's builder, then the checkpoint's weights
+    control.save_checkpoint(str(tmp_path / "checkpoint_final.pth"))
+    checkpoint = torch.load(tmp_path / "checkpoint_final.pth", weights_only=False)
+    assert checkpoint["trainer_name"] == "nnUNetTrainer_DualCCEPeer"
+    deployed = nnUNetTrainer_DualCCEPeer.build_network_architecture(
+        control.plans_manager, control.configuration_manager, 1, 2, enable_deep_supervision=False).eval()
+    deployed.load_state_dict(checkpoint["network_weights"])
+    control.set_deep_supervision_enabled(False)
+    x = torch.randn(1, 1, *control.configuration_manager.patch_size)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), network.eval()(x))
