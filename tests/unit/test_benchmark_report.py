@@ -56,7 +56,11 @@ def test_report_merges_folders_keeps_schedules_and_commits_apart_and_lists_missi
     assert "| 4 · 15x100 | nnUNetTrainer (repeat 1) | 4 |" in md  # stock's spread
     # the 30-epoch stock run is a schedule of its own: not averaged in, and its missing cells are listed
     assert "| 4 · 30x100 | nnUNetTrainer | network | 83.00 ± 2.24 |" in md
-    assert "Cells still missing: `nnUNetTrainerMeanTeacher` at 4 · 30x100." in md
+    missing = next(line for line in md.splitlines() if line.startswith("Cells still missing: "))
+    assert "`nnUNetTrainerMeanTeacher` at 4 · 30x100" in missing
+    assert "`nnUNetTrainerMeanTeacher` at 4 · 15x100" not in missing and "`nnUNetTrainer` at" not in missing
+    # methods registered but never run are named too, at every count and schedule seen
+    assert "`nnUNetTrainerSGRS` at 4 · 15x100" in missing and "`nnUNetTrainerDualCCE` at 4 · 30x100" in missing
     assert "single run (no spread measured) at: 4 · 30x100" in md
     assert "| aaaa | cpu (2 cores) |" in md and (tmp_path / "merged" / "results.png").stat().st_size > 0
     with open(tmp_path / "merged" / "results.csv") as f:

@@ -7,7 +7,7 @@ import os
 from os.path import isdir, join
 
 from nnunet_semi.errors import SemiInputError
-from nnunet_semi.tools.benchmark.common import BASELINE_TRAINER
+from nnunet_semi.tools.benchmark.common import BASELINE_TRAINER, semi_trainers
 from nnunet_semi.tools.benchmark.quality import (
     PROTOCOL,
     SCHEDULE,
@@ -116,10 +116,11 @@ def _schedule(row: dict) -> tuple:
 
 
 def _missing_cells(rows: list[dict]) -> list[str]:
-    """Markdown lines: the (labeled · schedule, trainer) cells without a run, over every count and trainer seen,
-    and the counts where stock has no second run (its spread unmeasured)."""
+    """Markdown lines: the (labeled · schedule, trainer) cells without a run, over every count seen and every
+    trainer seen or registered (stock and each method, so a method never run is named too), and the counts where
+    stock has no second run (its spread unmeasured)."""
     counts = list(dict.fromkeys(r["num_labeled"] for r in rows))
-    trainers = list(dict.fromkeys(r["trainer"].split(" @")[0] for r in rows))
+    trainers = list(dict.fromkeys([BASELINE_TRAINER, *semi_trainers(), *(r["trainer"].split(" @")[0] for r in rows)]))
     present = {(r["num_labeled"], r["trainer"].split(" @")[0]) for r in rows}
     missing = [f"`{trainer}` at {count}" for count in counts for trainer in trainers
                if (count, trainer) not in present and not count.startswith("all")]
