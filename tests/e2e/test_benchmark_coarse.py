@@ -203,6 +203,18 @@ def test_score_members_scores_each_network_of_a_dual_run(semi_dataset, monkeypat
     run_quality_benchmark(DATASET_ID, ["2"], ["nnUNetTrainerDualCCE"], 2, 3, str(out), score_members=True)
     assert _rows(member_scores) == [r for r in members if r["trainer"] == "nnUNetTrainerDualCCE"]
 
+    # the peer's labeled-only baseline: a stock trainer, paired against stock like a method, no members to score
+    rows = run_quality_benchmark(DATASET_ID, ["2"], ["nnUNetTrainer_DualCCEPeer"], 2, 3, str(out),
+                                 score_members=True)
+    control = [r for r in rows if r["trainer"] == "nnUNetTrainer_DualCCEPeer"]
+    assert control and {r["deployed"] for r in control} == {"network"}
+    assert not any(p.name.startswith("nnUNetTrainer_DualCCEPeer") for p in (out / "predictions").iterdir()
+                   if p.name != "nnUNetTrainer_DualCCEPeer__bench_2lab_2x3")
+    assert not (out / "runs" / "nnUNetTrainer_DualCCEPeer__bench_2lab_2x3" / "member_scores.csv").exists()
+    md = (out / "results.md").read_text()
+    assert "| 2 | nnUNetTrainer_DualCCEPeer | network |" in md and "| 2 | nnUNetTrainer_DualCCEPeer | 2 |" in md
+    assert "| 2 | nnUNetTrainerDualCCE |" in md  # the earlier command's run is kept in the tables
+
 
 @pytest.mark.slow
 def test_progress_lines_per_epoch_logs_per_run_and_a_failed_run_reported_while_the_others_go_on(semi_dataset):
