@@ -77,6 +77,7 @@ class CommandProgress:
         self.done = [0] * len(runs)  # epochs done per run
         self.finished = [False] * len(runs)
         self.timed: dict[int, list[float]] = {}  # epoch seconds measured in this command, per run
+        self.prediction_seconds, self.predicted_cases = 0.0, 0  # measured in this command, every run together
         self._lock = threading.Lock()
         self._bars = {}
 
@@ -132,6 +133,23 @@ class CommandProgress:
                 bar.set_postfix_str(line.split(" | ", 2)[2], refresh=True)
             else:
                 print(line, file=self.stream, flush=True)
+
+    @contextlib.contextmanager
+    def predicting(self, index: int, cases: int, what: str):
+        """A line before run ``index`` predicts ``cases`` images (``what``: e.g. "held-out cases"), with the time
+        it should take from the seconds per case measured so far in this command; prediction (test-time mirroring
+        on CPU above all) can take minutes that no epoch line covers."""
+        label = self.runs[index][0]
+        estimate = ""
+        if self.predicted_cases:
+            per_case = self.prediction_seconds / self.predicted_cases
+            estimate = f", about {format_duration(per_case * cases)} ({per_case:.0f} s per case so far)"
+        self.message(f"run {index + 1}/{len(self.runs)} {label} | predicting {cases} {what}{estimate}")
+        started = time.time()
+        yield
+        with self._lock:
+            self.prediction_seconds += time.time() - started
+            self.predicted_cases += cases
 
     @contextlib.contextmanager
     def watch(self, index: int, output_folder: str, poll_seconds: float = 1.0):

@@ -47,6 +47,25 @@ def test_time_left_comes_from_the_epochs_measured_in_this_command(tmp_path):
     assert format_duration(3725) == "1h02m"
 
 
+def test_prediction_is_announced_with_the_time_it_took_per_case_so_far(monkeypatch):
+    import nnunet_semi.tools.progress as progress_module
+
+    clock = iter([100.0, 160.0, 500.0, 530.0])  # the first run's 4 cases take 60 s
+    monkeypatch.setattr(progress_module.time, "time", lambda: next(clock))
+    stream = io.StringIO()
+    progress = CommandProgress([("nnUNetTrainer, 4 labeled", 4), ("nnUNetTrainerSGRS, 4 labeled", 2)], stream,
+                               live=False)
+    with progress.predicting(0, 4, "held-out cases"):
+        pass
+    with progress.predicting(1, 10, "test images"):
+        pass
+    lines = stream.getvalue().splitlines()
+    assert lines == ["run 1/2 nnUNetTrainer, 4 labeled | predicting 4 held-out cases",
+                     "run 2/2 nnUNetTrainerSGRS, 4 labeled | predicting 10 test images, about 2m30s (15 s per case "
+                     "so far)"]
+    assert (progress.prediction_seconds, progress.predicted_cases) == (90.0, 14)
+
+
 def test_the_live_form_is_a_tqdm_bar_per_run(tmp_path):
     stream = io.StringIO()
     progress = CommandProgress([("nnUNetTrainer, 2 labeled", 4)], stream, live=True)

@@ -9,7 +9,9 @@ papers' convention). Finished runs are skipped and interrupted ones resume from 
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import glob
 import math
 import os
@@ -206,9 +208,11 @@ def _train_worker(name: str, schedule: tuple, plans: dict, configuration: str, f
 
 
 def _predict(trainer_cls: type, output_folder: str, plans: dict, configuration: str, dataset_json: dict,
-             cases: dict, prediction_folder: str, device: torch.device, weights: dict | None = None) -> None:
+             cases: dict, prediction_folder: str, device: torch.device, weights: dict | None = None,
+             announce=None) -> None:
     """Predict ``cases`` (id -> (image files, ...)) into ``prediction_folder`` with nnU-Net's predictor, from the
-    checkpoint's ``network_weights`` or from ``weights``; cases predicted earlier are kept."""
+    checkpoint's ``network_weights`` or from ``weights``; cases predicted earlier are kept. ``announce``: called
+    with the number of cases left to predict, a context manager around their prediction (the progress line)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -227,8 +231,9 @@ def _predict(trainer_cls: type, output_folder: str, plans: dict, configuration: 
     os.makedirs(prediction_folder, exist_ok=True)
     todo = [c for c in cases if not isfile(join(prediction_folder, c + dataset_json["file_ending"]))]
     if todo:
-        predictor.predict_from_files([cases[c][0] for c in todo], [join(prediction_folder, c) for c in todo],
-                                     num_processes_preprocessing=1, num_processes_segmentation_export=1)
+        with announce(len(todo)) if announce is not None else contextlib.nullcontext():
+            predictor.predict_from_files([cases[c][0] for c in todo], [join(prediction_folder, c) for c in todo],
+                                         num_processes_preprocessing=1, num_processes_segmentation_export=1)
 
 
 def final_checkpoint(output_folder: str) -> dict:
@@ -405,16 +410,24 @@ def _keep_unfinished_record(trainer_cls: type, plans: dict, configuration: str, 
     print(f"{trainer_cls.__name__}: unfinished; its logs so far are in {record}")
 
 
+def _announcer(progress: CommandProgress | None, position: int | None, what: str):
+    """``_predict``'s ``announce`` for run ``position`` of ``progress`` (None: nothing announced)."""
+    return None if progress is None else functools.partial(progress.predicting, position, what=what)
+
+
 def _pack_test_predictions(trainer_cls: type, output_folder: str, plans: dict, configuration: str,
-                           dataset_json: dict, raw: str, work_dir: str, archive: str, device: torch.device) -> None:
-    """Predict every ``imagesTs`` case (no labels needed) and pack the segmentations into ``archive`` (.tar.gz)."""
+                           dataset_json: dict, raw: str, work_dir: str, archive: str, device: torch.device,
+                           progress: CommandProgress | None = None, position: int | None = None) -> None:
+    """Predict every ``imagesTs`` case (no labels needed) and pack the segmentations into ``archive`` (.tar.gz);
+    the prediction announced on ``progress`` as run ``position``'s."""
     ending, channels = dataset_json["file_ending"], len(dataset_json["channel_names"])
     folder = join(raw, "imagesTs")
     if not isdir(folder):
         raise SemiInputError(f"--predict_test: {folder} does not exist; drop the option or add the test images.")
     ids = sorted({f[:-len(ending) - 5] for f in os.listdir(folder) if f.endswith(ending)})
     cases = {c: ([join(folder, f"{c}_{k:04d}{ending}") for k in range(channels)], None) for c in ids}
-    _predict(trainer_cls, output_folder, plans, configuration, dataset_json, cases, work_dir, device)
+    _predict(trainer_cls, output_folder, plans, configuration, dataset_json, cases, work_dir, device,
+             announce=_announcer(progress, position, "test images"))
     tmp = f"{archive}.tmp{os.getpid()}"
     with tarfile.open(tmp, "w:gz") as tar:
         for c in ids:
@@ -599,7 +612,8 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                 if score_members:  # its predictions' output into the run's log, like the run's own
                     with captured_output(run_log(trainer_cls.__name__)):
                         member_rows += _score_members(trainer_cls, run_rows[0], run_dir, cases, out_dir, plans,
-                                                      configuration, dataset_json, labels, device)
+                                                      configuration, dataset_json, labels, device, progress,
+                                                      index[trainer_cls.__name__])
                 continue
             if stop_at is not None and time.time() >= stop_at:
                 print(f"deadline: {trainer_cls.__name__} finished training but is not predicted or scored; run "
@@ -624,7 +638,8 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                     rows += run_rows
                     if score_members:
                         member_rows += _score_members(trainer_cls, run_rows[0], run_dir, cases, out_dir, plans,
-                                                      configuration, dataset_json, labels, device)
+                                                      configuration, dataset_json, labels, device, progress,
+                                                      index[trainer_cls.__name__])
             except Exception as error:  # the others go on (--stop_on_failure: not)
                 failed(trainer_cls.__name__, error)
                 continue
@@ -668,7 +683,8 @@ def _train_and_score(trainer_cls: type, plans: dict, configuration: str, fold: i
     output_folder = _watched_train(trainer_cls, plans, configuration, fold, dataset_json, device, progress, position)
     run_dir = join(out_dir, "runs", trainer_cls.__name__)
     predictions = join(out_dir, "predictions", trainer_cls.__name__)
-    _predict(trainer_cls, output_folder, plans, configuration, dataset_json, cases, predictions, device)
+    _predict(trainer_cls, output_folder, plans, configuration, dataset_json, cases, predictions, device,
+             announce=_announcer(progress, position, "held-out cases"))
     common = common | {"deployed": _deployed_model(output_folder),
                        "train_seconds": round(training_seconds(output_folder), 1)}
     run_rows = _as_written(_score_run(cases, predictions, dataset_json, labels, common))
@@ -677,7 +693,7 @@ def _train_and_score(trainer_cls: type, plans: dict, configuration: str, fold: i
     if predict_test:
         _pack_test_predictions(trainer_cls, output_folder, plans, configuration, dataset_json, raw,
                                join(out_dir, "test_predictions", trainer_cls.__name__),
-                               join(run_dir, "test_predictions.tar.gz"), device)
+                               join(run_dir, "test_predictions.tar.gz"), device, progress, position)
     _write_csv(run_rows, join(run_dir, "scores.csv"))
     return run_rows
 
@@ -779,7 +795,7 @@ def _self_training_run(dataset_name: str, count: str, teacher_schedule: tuple, r
             model_folder, model_folds, model_cls = os.path.dirname(student_folder), (0,), student_cls
         predictions = join(out_dir, "predictions", run_name)
         _predict(student_cls, student_folder, student_plans, configuration, student_json, cases, predictions,
-                 device)
+                 device, announce=_announcer(progress, index[(SELFTRAIN, count, rounds)], "held-out cases"))
         common = {"trainer": SELFTRAIN, "num_labeled": count, "repeat": 0, "deployed": f"student of round {rounds}",
                   "dataset": dataset_name, "configuration": configuration, "plans": plans_identifier, "fold": fold,
                   "epochs": epochs, "iterations_per_epoch": iterations, "seed": seed, "selftrain_rounds": rounds,
@@ -788,13 +804,15 @@ def _self_training_run(dataset_name: str, count: str, teacher_schedule: tuple, r
         _keep_run_record(student_folder, run_dir)
         if predict_test:
             _pack_test_predictions(student_cls, student_folder, student_plans, configuration, student_json, raw,
-                                   join(out_dir, "test_predictions", run_name), archive, device)
+                                   join(out_dir, "test_predictions", run_name), archive, device, progress,
+                                   index[(SELFTRAIN, count, rounds)])
         _write_csv(run_rows, scores_file)  # last: its presence means the run is complete
     return run_rows
 
 
 def _score_members(trainer_cls: type, run_row: dict, run_dir: str, cases: dict, out_dir: str, plans: dict,
-                   configuration: str, dataset_json: dict, labels: list[int], device: torch.device) -> list[dict]:
+                   configuration: str, dataset_json: dict, labels: list[int], device: torch.device,
+                   progress: CommandProgress | None = None, position: int | None = None) -> list[dict]:
     """Every model one run's checkpoint holds, each scored on the held-out cases (rows with ``scored_model``): the
     student and the EMA teacher (``runs/<run>/ema_pair_scores.csv``), or a dual network's two networks and, where
     it deploys one, their ensemble (``member_scores.csv``). From the file when it exists, else from the run's
@@ -819,7 +837,7 @@ def _score_members(trainer_cls: type, run_row: dict, run_dir: str, cases: dict, 
             predictions = deployed_predictions  # the run's own predictions are this member's: not predicted twice
         else:
             _predict(trainer_cls, output_folder, plans, configuration, dataset_json, cases, predictions, device,
-                     weights)
+                     weights, announce=_announcer(progress, position, f"held-out cases with the run's {member}"))
         common = {k: v for k, v in run_row.items() if k not in ("case", "class", *METRICS)} | {"scored_model": member}
         rows += _as_written(_score_run(cases, predictions, dataset_json, labels, common))
     if rows:
