@@ -219,7 +219,7 @@ def _predict(trainer_cls: type, output_folder: str, plans: dict, configuration: 
 
     plans_manager = PlansManager(plans)
     cm = plans_manager.get_configuration(configuration)
-    checkpoint = torch.load(join(output_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    checkpoint = final_checkpoint(output_folder)  # memory-mapped: a member given as weights reads none
     network = trainer_cls.build_network_architecture(
         plans_manager, cm, determine_num_input_channels(plans_manager, cm, dataset_json),
         plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)

@@ -11,7 +11,6 @@ from nnunet_semi.tools.benchmark.common import BASELINE_TRAINER, semi_trainers
 from nnunet_semi.tools.benchmark.quality import (
     PROTOCOL,
     SCHEDULE,
-    _read_csv,
     _repeat,
     _write_csv,
     first_runs,
