@@ -88,7 +88,8 @@ def plain_unet_architecture(dim: int = 3) -> dict:
 
     conv = "torch.nn.modules.conv.Conv3d" if dim == 3 else "torch.nn.modules.conv.Conv2d"
     norm = f"torch.nn.modules.instancenorm.InstanceNorm{dim}d"
-    return {"network_class_name": PLAIN_CONV_UNET, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    return {"network_class_name": PLAIN_CONV_UNET,
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
             "arch_kwargs": {"n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": conv,
                             "kernel_sizes": [[3] * dim] * 3, "strides": [[1] * dim, [2] * dim, [2] * dim],
                             "n_conv_per_stage": [2, 2, 2], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,

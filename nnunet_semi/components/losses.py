@@ -16,7 +16,8 @@ def probability_mse(student_probs: torch.Tensor, teacher_probs: torch.Tensor) ->
         Scalar mean over every element; 0 when both are equal.
     """
     if student_probs.shape != teacher_probs.shape:
-        raise ValueError(f"shape mismatch: student {tuple(student_probs.shape)} vs teacher {tuple(teacher_probs.shape)}")
+        raise ValueError(f"shape mismatch: student {tuple(student_probs.shape)} "
+                         f"vs teacher {tuple(teacher_probs.shape)}")
     return torch.mean((student_probs - teacher_probs.detach()) ** 2)
 
 

@@ -97,7 +97,8 @@ class NeuralProcessHead(nn.Module):
         self.project = nn.Sequential(nn.Linear(feature_dim, latent_dim), nn.LayerNorm(latent_dim), nn.ReLU(),
                                      nn.Linear(latent_dim, latent_dim))
         self.latent = nn.Sequential(nn.Linear(latent_dim, latent_dim), nn.ReLU(), nn.Linear(latent_dim, 2 * latent_dim))
-        self.decoder = nn.Sequential(nn.Linear(3 * latent_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, num_classes))
+        self.decoder = nn.Sequential(nn.Linear(3 * latent_dim, hidden_dim), nn.ReLU(),
+                                     nn.Linear(hidden_dim, num_classes))
 
     def summarize(self, projected: torch.Tensor, context_centers: torch.Tensor, context_available: torch.Tensor,
                   target_centers: torch.Tensor, target_available: torch.Tensor) -> NeuralProcessSummary:

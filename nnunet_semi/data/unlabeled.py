@@ -1,4 +1,5 @@
-"""Unlabeled images: find them in ``nnUNet_raw/DatasetXXX/imagesUnlabeled`` and preprocess them with the dataset's plans.
+"""Unlabeled images: find them in ``nnUNet_raw/DatasetXXX/imagesUnlabeled`` and preprocess them with the dataset's
+plans.
 
 Layout (mirrors ``imagesTr``, no labels, ``dataset.json`` unchanged)::
 
@@ -310,7 +311,8 @@ def preprocess_unlabeled(dataset_name_or_id: int | str, configurations: list[str
         identity_file = join(out, _IDENTITY_FILE)
         stale = isdir(out) and (not isfile(identity_file) or load_json(identity_file) != identity)
         if stale:
-            print(f"{configuration}: the plans changed since {out} was written; preprocessing all unlabeled cases again.")
+            print(f"{configuration}: the plans changed since {out} was written; "
+                  "preprocessing all unlabeled cases again.")
         todo = sorted(c for c in cases if stale or not _case_is_complete(out, c))
         print(f"{configuration}: {len(cases)} unlabeled case(s), {len(cases) - len(todo)} already preprocessed, "
               f"{len(todo)} to do -> {out}")

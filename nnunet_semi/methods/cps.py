@@ -58,7 +58,8 @@ class nnUNetTrainerCPS(SemiSupervisedTrainerBase):
         logits = [full_resolution(o)[first:] for o in outputs]
         probs = [self.probabilities(x).detach() for x in logits]
         regions = self.label_manager.has_regions
-        cross = hard_pseudo_label_loss(logits[0], probs[1], regions) + hard_pseudo_label_loss(logits[1], probs[0], regions)
+        cross = (hard_pseudo_label_loss(logits[0], probs[1], regions)
+                 + hard_pseudo_label_loss(logits[1], probs[0], regions))
         unlabeled_start = num_labeled - first
         self.log_confidence_and_agreement(probs[0][unlabeled_start:], probs[1][unlabeled_start:], "network_agreement")
         return {"sup": self.supervised_loss(take_samples(outputs[0], num_labeled), labeled["target"]),

@@ -3,7 +3,8 @@
 ``build``: on a machine with a package index and the project installed, download (binary) or build (source-only)
 a wheel of every distribution the project needs, at the versions installed here, except those a torch machine
 already has (``scripts/torch_machine_packages.txt``), SimpleITK (50 MB; nnU-Net reads images with nibabel
-instead, see ``install``) and imagecodecs (26 MB, never imported by nnU-Net). Binary wheels are fetched for each ``--python`` version, pure-Python ones once.
+instead, see ``install``) and imagecodecs (26 MB, never imported by nnU-Net). Binary wheels are fetched for each
+``--python`` version, pure-Python ones once.
 
 ``install`` (on the offline machine, before the project can be imported): install from the folder every wheel whose
 distribution is missing here (a preinstalled package is never shadowed: torch's numpy stays), put an empty

@@ -112,7 +112,8 @@ class SemiSupervisedTrainerBase(UnlabeledData, EpochLogs, ValidationAndDeploymen
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        for attribute, override in (("num_epochs", self.epochs), ("num_iterations_per_epoch", self.iterations_per_epoch),
+        for attribute, override in (("num_epochs", self.epochs),
+                                    ("num_iterations_per_epoch", self.iterations_per_epoch),
                                     ("num_val_iterations_per_epoch", self.val_iterations_per_epoch)):
             if override is not None:
                 setattr(self, attribute, override)

@@ -319,7 +319,8 @@ def test_cascade_is_refused(semi_dataset):
 
 
 def test_teacher_is_deployed_when_it_validates_better_and_the_student_is_kept(semi_dataset):
-    trainer = _make_trainer(semi_dataset, type("BestValidated", (_TinyMeanTeacher,), {"deployed_model": "best_validated"}))
+    best_validated = type("BestValidated", (_TinyMeanTeacher,), {"deployed_model": "best_validated"})
+    trainer = _make_trainer(semi_dataset, best_validated)
     trainer.train_step(next(trainer.dataloader_train))
     trainer.train_step(next(trainer.dataloader_train))
     student = {k: v.clone() for k, v in trainer.network.state_dict().items()}

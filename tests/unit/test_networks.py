@@ -41,7 +41,8 @@ def test_dual_network_ensemble_deploys_either_network_or_the_softmax_average(dim
 
         # what nnUNetv2_predict does: build a fresh wrapper, load network_weights
         fresh = DualNetworkEnsemble(build_network(plain_unet_architecture(dim), 1, 3, False),
-                                    build_network(residual_encoder_sibling(plain_unet_architecture(dim)), 1, 3, False)).eval()
+                                    build_network(residual_encoder_sibling(plain_unet_architecture(dim)), 1, 3,
+                                                  False)).eval()
         fresh.load_state_dict(DualNetworkEnsemble(first, second, "second").state_dict())
         assert fresh.deployed == "second"
         torch.testing.assert_close(fresh(x), second(x))

@@ -872,9 +872,9 @@ def write_results(rows: list[dict], out_dir: str, member_rows: list[dict] | None
     lines = [f"# Quality: {info['dataset']}, {info['configuration']}, fold {info['fold']}, evaluated on "
              f"{info['evaluated_on']}", "",
              f"Schedule {info['epochs']} epochs x {info['iterations_per_epoch']} iterations for every trainer; "
-             f"{_where_and_when(rows)}. Mean ± std over cases (and foreground classes); distances are NaN-excluded means "
-             f"(a distance is undefined when a mask is empty). Gain: Dice points over nnUNetTrainer with the same "
-             f"labeled cases. Training min: the run's epochs (selftrain: its teacher and every student), as "
+             f"{_where_and_when(rows)}. Mean ± std over cases (and foreground classes); distances are NaN-excluded "
+             f"means (a distance is undefined when a mask is empty). Gain: Dice points over nnUNetTrainer with the "
+             f"same labeled cases. Training min: the run's epochs (selftrain: its teacher and every student), as "
              f"measured on this device (side by side with --jobs: while sharing it).", "",
              "| labeled | trainer | deployed | Dice % | gain | Jaccard % | 95HD mm | ASD mm | 95HD vox | ASD vox | "
              "training min |",
