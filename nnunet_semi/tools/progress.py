@@ -207,7 +207,10 @@ def console_stream():
 @contextlib.contextmanager
 def captured_output(log_file: str | None):
     """File descriptors 1 and 2 (this process's prints and those of the processes it starts) appended to
-    ``log_file`` while the block runs; None: unchanged (``--verbose``)."""
+    ``log_file`` while the block runs; None: unchanged (``--verbose``).
+
+    ``sys.stdout``/``sys.stderr`` are pointed at the log too: where they are not the descriptors (pytest's capture,
+    a notebook), Python's own prints would otherwise bypass the redirection."""
     if log_file is None:
         yield
         return
@@ -215,11 +218,12 @@ def captured_output(log_file: str | None):
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(log_file, "a") as log:
+    with open(log_file, "a", buffering=1, encoding="utf-8", errors="replace") as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:
-            yield
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                yield
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

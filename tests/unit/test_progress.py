@@ -75,6 +75,18 @@ def test_the_live_form_is_a_tqdm_bar_per_run(tmp_path):
     assert "run 1/1 nnUNetTrainer, 2 labeled" in stream.getvalue() and "\r" in stream.getvalue()
 
 
+def test_captured_output_takes_python_prints_where_stdout_is_not_the_descriptor(tmp_path, capsys):
+    """Under pytest (or in a notebook) sys.stdout is an object of its own; the prints must still reach the log."""
+    log = tmp_path / "run.txt"
+    with captured_output(str(log)):
+        print("from python")
+        print("a warning", file=sys.stderr)
+    print("after")
+    captured = capsys.readouterr()
+    assert log.read_text() == "from python\na warning\n"
+    assert captured.out == "after\n" and captured.err == ""
+
+
 def test_captured_output_takes_this_process_and_its_children(tmp_path):
     """In a fresh interpreter, whose stdout is a real descriptor (pytest replaces this one's)."""
     log = tmp_path / "logs" / "run.txt"
