@@ -207,8 +207,7 @@ def write_speed_results(rows: list[dict], out_dir: str) -> None:
              f"Median over {info['steps']} steps after {info.get('warmup', 3)} warm-up steps, each trainer in its own "
              f"process, one after the other in one run; ratios to nnUNetTrainer measured in the same run. Peak "
              f"memory: {memory} while training. Commit {info['commit']}, nnU-Net {info['nnunetv2']}, "
-             f"torch {info['torch']}, device {info['device']}, "
-             f"{info['date']}.", "",
+             f"torch {info['torch']}, device {info['device']}, {info['date']}.", "",
              "| trainer | s/step with loading | ratio | s/step without loading | ratio | peak MB | ratio |",
              "|---|---|---|---|---|---|---|"]
     def cell(value: float, digits: int) -> str:
