@@ -299,6 +299,12 @@ def benchmark_entry(argv=None) -> None:
     quality.add_argument("--predict_test", action="store_true",
                          help="also predict imagesTs (no labels needed) and pack it per run (--coarse: on when "
                               "imagesTs exists)")
+    quality.add_argument("--warm_start", action="store_true",
+                         help="warm-start mode: stock nnU-Net trains on the labeled cases, then every trainer and "
+                              "the control nnUNetTrainer_warmStart (stock continued, loaded the same way, --repeats "
+                              "seeds) continue from its checkpoint for the same schedule; gains are over the control")
+    quality.add_argument("--method_repeats", type=int, default=1,
+                         help="seeds of every trainer other than the baseline (default 1): their own spread")
     quality.add_argument("--coarse", action="store_true",
                          help="plan a copy of the dataset at a coarse spacing (median case in one patch of at most "
                               "--coarse_voxels voxels) with a 16-128-feature U-Net, and train on it")
@@ -348,9 +354,10 @@ def benchmark_entry(argv=None) -> None:
         return
     trainers = args.tr or semi_trainers()
     dataset, plans = args.d, args.p
-    if args.command == "quality" and (args.jobs < 1 or args.repeats < 1):  # before anything is written
-        raise SemiInputError(f"--jobs {args.jobs}: give at least 1 (1 trains one run after the other)."
-                             if args.jobs < 1 else f"--repeats {args.repeats}: give at least 1.")
+    if args.command == "quality" and (args.jobs < 1 or args.repeats < 1 or args.method_repeats < 1):
+        raise SemiInputError(f"--jobs {args.jobs}: give at least 1 (1 trains one run after the other)."  # before
+                             if args.jobs < 1 else f"--repeats {args.repeats} --method_repeats "  # anything is written
+                             f"{args.method_repeats}: give at least 1 each.")
     if args.command == "quality" and args.selftrain_rounds < 1:
         raise SemiInputError(f"--selftrain_rounds {args.selftrain_rounds}: give at least 1.")
     if args.command == "speed" and "selftrain" in trainers:
@@ -447,7 +454,8 @@ def _quality_command(args, dataset, plans: str, trainers: list[str], tiny_raw: s
                               extra_columns=extra, score_members=args.score_members,
                               run_suffix="" if args.rampup_iterations is None else f"_ramp{args.rampup_iterations}",
                               jobs=args.jobs, selftrain_rounds=args.selftrain_rounds, verbose=args.verbose,
-                              stop_on_failure=args.stop_on_failure)
+                              stop_on_failure=args.stop_on_failure, warm_start=args.warm_start,
+                              method_repeats=args.method_repeats)
     except SemiRunsFailed:
         if os.path.isfile(join(args.o, "results.md")):  # the tables of the runs that finished, then the failures
             print(open(join(args.o, "results.md")).read())

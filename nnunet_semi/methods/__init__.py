@@ -3,7 +3,8 @@ its loss terms, plus its variants (one-line subclasses named nnU-Net style).
 
 Every ``nnUNetTrainer*`` class defined in these modules is exported here, so a new variant needs no list entry;
 ``trainers/`` re-exports them for nnU-Net's ``nnUNet_extTrainer`` lookup. A new method adds its module to
-``_METHOD_MODULES``. Their order is the benchmark's default trainer order.
+``_METHOD_MODULES``. Their order is the benchmark's default trainer order. ``nnUNetTrainer_warmStart`` (stock
+nnU-Net warm-started like the methods, their control) is exported beside them.
 """
 
 from nnunet_semi.methods import cifp, cps, dual_cce, mean_teacher, np_calibration, sgrs
@@ -17,3 +18,7 @@ for _module in _METHOD_MODULES:
             globals()[_name] = _value
             __all__.append(_name)
 del _module, _name, _value
+
+from nnunet_semi.trainer.warm_start import nnUNetTrainer_warmStart  # noqa: E402
+
+__all__.append("nnUNetTrainer_warmStart")

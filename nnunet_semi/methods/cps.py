@@ -3,13 +3,17 @@ initialised, each trained on the other's hard pseudo labels."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunet_semi.components.losses import hard_pseudo_label_loss
+from nnunet_semi.errors import SemiInputError
 from nnunet_semi.trainer.base import SemiSupervisedTrainerBase
 from nnunet_semi.trainer.outputs import full_resolution, take_samples
+from nnunet_semi.trainer.warm_start import PEER_WEIGHTS_VARIABLE, load_whole
 
 
 class nnUNetTrainerCPS(SemiSupervisedTrainerBase):
@@ -19,6 +23,11 @@ class nnUNetTrainerCPS(SemiSupervisedTrainerBase):
     supervised loss with deep supervision. The cross term is the CE of each network's full-resolution output
     against the other's argmax (``cps_on_labeled``: on labeled samples too, as in the paper). One optimizer with a
     parameter group per network, so nnU-Net's poly learning rate and GradScaler drive both.
+
+    Warm start (``-pretrained_weights``): network 1 loads the checkpoint; the peer loads its own labeled-only
+    checkpoint (``peer_warm_start_checkpoint`` or ``$nnUNet_semi_peer_weights``: a stock run of another seed),
+    else it starts from its own random initialisation, as from scratch. Never the student's checkpoint: two
+    identical networks on the same batch would stay identical and teach each other nothing.
     """
 
     teacher_momentum = None
@@ -29,6 +38,7 @@ class nnUNetTrainerCPS(SemiSupervisedTrainerBase):
     loss_terms = ("sup", "sup_peer", "cross_pseudo")
     supervised_terms = ("sup", "sup_peer")
     statistics = ("confident_fraction", "network_agreement")
+    peer_labeled_only_trainer = "nnUNetTrainer"  # the peer warm-starts from stock nnU-Net of another seed
 
     def build_auxiliary_modules(self) -> nn.ModuleDict:
         modules = super().build_auxiliary_modules()
@@ -40,6 +50,21 @@ class nnUNetTrainerCPS(SemiSupervisedTrainerBase):
         return self.build_network_architecture(
             self.plans_manager, self.configuration_manager, self.num_input_channels,
             self.label_manager.num_segmentation_heads, self.enable_deep_supervision)
+
+    def load_warm_start_auxiliary(self, checkpoint_file: str) -> None:
+        super().load_warm_start_auxiliary(checkpoint_file)
+        peer_checkpoint = self.peer_checkpoint()
+        if peer_checkpoint is None:
+            self.print_to_log_file(f"Warm start: the peer network starts from its own random initialisation (give "
+                                   f"it a labeled-only checkpoint of its own with {PEER_WEIGHTS_VARIABLE}).")
+            return
+        if os.path.abspath(peer_checkpoint) == os.path.abspath(checkpoint_file):
+            raise SemiInputError(f"{PEER_WEIGHTS_VARIABLE} {peer_checkpoint} is the student's -pretrained_weights: "
+                                 f"the two networks would stay identical; give the peer a checkpoint of its own "
+                                 f"(another seed).")
+        load_whole(self.auxiliary["peer"], peer_checkpoint, self.dataset_json,
+                   f"the peer network of {type(self).__name__}", what=PEER_WEIGHTS_VARIABLE)
+        self.print_to_log_file(f"Warm start: every layer of {peer_checkpoint} loaded into the peer network.")
 
     def initialize(self):
         super().initialize()

@@ -76,10 +76,14 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
     last ``deploy_selection_epochs`` epochs (ties: ensemble, then peer). ``build_network_architecture`` (what
     ``nnUNetv2_predict`` calls) returns a ``DualNetworkEnsemble`` whose ``deployed_member`` buffer says which of the
     three predicts; during training ``self.network`` is the plain plans network.
+
+    Warm start: as CPS's; the peer's own labeled-only checkpoint is a ``nnUNetTrainer_DualCCEPeer`` run (stock
+    nnU-Net training the peer's architecture).
     """
 
     build_network_architecture = _MemberInTrainingEnsembleAtInference()
     network_pair: tuple[str, str] = ("plans", "residual_encoder")
+    peer_labeled_only_trainer = "nnUNetTrainer_DualCCEPeer"  # stock nnU-Net training the peer's architecture
     deployed_model = "ensemble"
     peer_blocks_per_stage: tuple[int, ...] | None = RESENC_BLOCKS_PER_STAGE
     unsup_weight = 1.0
@@ -302,6 +306,7 @@ class nnUNetTrainerDualCCE_releaseCCEScale(nnUNetTrainerDualCCE):
 
 class nnUNetTrainerDualCCE_samePair(nnUNetTrainerDualCCE):
     network_pair = ("plans", "plans")
+    peer_labeled_only_trainer = "nnUNetTrainer"
 
 
 class nnUNetTrainerDualCCE_oneWayKL(nnUNetTrainerDualCCE):

@@ -16,6 +16,7 @@ import csv
 import os
 import re
 import shutil
+import sys
 from os.path import isdir, isfile, join
 
 import numpy as np
@@ -293,8 +294,10 @@ def _train_command(dataset: int | str, configuration: str, fold: int, trainer: s
         return None
     resume = any(isfile(join(output_folder, n)) for n in ("checkpoint_latest.pth", "checkpoint_best.pth"))
     start = ["--c"] if resume else [] if pretrained_weights is None else ["-pretrained_weights", pretrained_weights]
-    return ["nnUNetv2_train", str(dataset), configuration, str(fold), "-tr", trainer, "-p", plans,
-            "-device", device] + start
+    # a warm start loads every layer, output layers included (warm_train: nnUNetv2_train so, for any trainer)
+    command = ["nnUNetv2_train"] if pretrained_weights is None else \
+        [sys.executable, "-m", "nnunet_semi.tools.warm_train"]
+    return command + [str(dataset), configuration, str(fold), "-tr", trainer, "-p", plans, "-device", device] + start
 
 
 def prepare_student_dataset(source_name: str, dataset_id: int, plans: str, configuration: str,

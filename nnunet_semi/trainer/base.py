@@ -7,7 +7,8 @@ Its parts, each an nnUNetTrainer subclass that overrides nnU-Net's hooks through
 - ``unlabeled_data.UnlabeledData``: the unlabeled cases and the loader of their two views;
 - ``epoch_logs.EpochLogs``: per-step statistics, per-epoch logs, ``progress_semi.png``;
 - ``deployment.ValidationAndDeployment``: the models validated beside the student, the deployed one;
-- ``checkpoint_state.CheckpointState``: ``semi_state`` in nnU-Net's checkpoints, robust resume.
+- ``checkpoint_state.CheckpointState``: ``semi_state`` in nnU-Net's checkpoints, robust resume;
+- ``warm_start.WarmStart``: ``-pretrained_weights`` loaded whole, output layers included (a warm start).
 
 A method subclasses the base, declares its terms and statistics, and implements ``compute_losses`` (README "Adding
 a method" is the contract).
@@ -22,7 +23,6 @@ import numpy as np
 import torch
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
-from torch._dynamo import OptimizedModule
 
 from nnunet_semi.components.ema import ema_momentum, ema_update, make_teacher
 from nnunet_semi.components.schedules import sigmoid_rampup
@@ -33,6 +33,7 @@ from nnunet_semi.trainer.deployment import BEST_VALIDATED, ValidationAndDeployme
 from nnunet_semi.trainer.epoch_logs import EpochLogs
 from nnunet_semi.trainer.outputs import full_resolution, take_samples
 from nnunet_semi.trainer.unlabeled_data import UnlabeledData
+from nnunet_semi.trainer.warm_start import WarmStart, unwrapped
 
 # one random stream per device type, derived from the run's seed
 _STREAM_OFFSETS = {"cpu": 0, "cuda": 1, "mps": 2}
@@ -42,7 +43,7 @@ __all__ = ["BEST_VALIDATED", "SEMI_STATE_KEY", "SemiSupervisedTrainerBase", "ave
            "full_resolution", "take_samples"]
 
 
-class SemiSupervisedTrainerBase(UnlabeledData, EpochLogs, ValidationAndDeployment, CheckpointState):
+class SemiSupervisedTrainerBase(UnlabeledData, EpochLogs, ValidationAndDeployment, CheckpointState, WarmStart):
     """Shared base of all nnunet-semi trainers. Subclasses implement ``compute_losses``.
 
     Class attributes (the hyperparameters; a variant is a subclass that overrides some):
@@ -152,8 +153,7 @@ class SemiSupervisedTrainerBase(UnlabeledData, EpochLogs, ValidationAndDeploymen
 
     def unwrapped_network(self) -> nn.Module:
         """``self.network`` without DDP and torch.compile wrappers."""
-        module = self.network.module if self.is_ddp else self.network
-        return module._orig_mod if isinstance(module, OptimizedModule) else module
+        return unwrapped(self.network)
 
     def build_auxiliary_modules(self) -> nn.ModuleDict:
         """Modules beside ``self.network`` (never inside it), saved in ``semi_state``. Default: the EMA teacher, if
@@ -360,7 +360,7 @@ class SemiSupervisedTrainerBase(UnlabeledData, EpochLogs, ValidationAndDeploymen
     def on_train_start(self):
         super().on_train_start()
         if self.teacher is not None and not self._teacher_restored:
-            # created after pretrained weights were loaded into the student (nnUNetv2_train -pretrained_weights)
+            # a copy of the student as it starts: random, or warm-started (-pretrained_weights, loaded by then)
             self.teacher.load_state_dict(self.unwrapped_network().state_dict())
 
     def on_train_epoch_start(self):

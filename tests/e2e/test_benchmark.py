@@ -169,3 +169,45 @@ def test_quality_without_medpy_stops_before_anything(tmp_path, monkeypatch):
     with pytest.raises(SemiInputError, match=r"nnunet-semi\[benchmark\]"):
         run_quality_benchmark("Dataset999_Nothing", ["2"], [], 1, 1, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_quality_warm_start_pairs_every_trainer_against_the_control_continued_the_same_way(tmp_path, monkeypatch):
+    """--warm_start: stock trains from scratch (its second seed too: CPS's peer starts from it), then the control
+    (--repeats seeds), CPS (--method_repeats seeds) and self-training's student continue from stock's checkpoint;
+    gains are over the control, and the seed table gives every side's spread and a verdict."""
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
+    monkeypatch.setenv("nnUNet_def_n_proc", "1")
+    main(["quality", "--tiny", "-o", str(tmp_path), "-tr", "nnUNetTrainerCPS", "selftrain", "--warm_start",
+          "--repeats", "2", "--method_repeats", "2"])
+    rows = _rows(tmp_path / "results.csv")
+    start, peer = "nnUNetTrainer__bench_2lab_2x4", "nnUNetTrainer__bench_2lab_2x4_r1"
+    runs = {(r["trainer"], r["repeat"], r["num_labeled"], r["warm_start_from"], r["peer_warm_start_from"])
+            for r in rows}
+    assert runs == {("nnUNetTrainer", "0", "2", "", ""), ("nnUNetTrainer", "1", "2", "", ""),
+                    ("nnUNetTrainer_warmStart", "0", "2", start, ""), ("nnUNetTrainer_warmStart", "1", "2", start, ""),
+                    ("nnUNetTrainerCPS", "0", "2", start, peer), ("nnUNetTrainerCPS", "1", "2", start, peer),
+                    ("selftrain", "0", "2", start, ""),
+                    ("nnUNetTrainer", "0", "all", "", ""), ("nnUNetTrainer", "1", "all", "", "")}
+    assert {r["seed"] for r in rows if r["trainer"] == "nnUNetTrainerCPS"} == {"12345", "12346"}
+    # every warm run loaded the start whole, CPS's peer its own checkpoint
+    logs = tmp_path / "logs"
+    checkpoint = f"{start}__nnUNetDemoPlans__3d_fullres/fold_0/checkpoint_final.pth"
+    for run in ("nnUNetTrainer_warmStart__bench_2lab_2x4_warm_r1", "nnUNetTrainerCPS__bench_2lab_2x4_warm",
+                "selftrain__bench_2lab_2x4_warm_1round"):
+        assert f"{checkpoint} loaded into the network, output layers included" in (logs / f"{run}.txt").read_text()
+    assert f"{peer}__nnUNetDemoPlans__3d_fullres/fold_0/checkpoint_final.pth loaded into the peer network" in \
+        (logs / "nnUNetTrainerCPS__bench_2lab_2x4_warm_r1.txt").read_text()
+    md = (tmp_path / "results.md").read_text()
+    control = _mean_dice(rows, "nnUNetTrainer_warmStart", "0")
+    cps = _mean_dice(rows, "nnUNetTrainerCPS", "0")
+    assert f"| 2 · warm | nnUNetTrainerCPS | student | {cps:.2f} ± " in md  # gain over the control, not over stock
+    assert f"| {cps - control:+.2f} |" in md.split("| 2 · warm | nnUNetTrainerCPS | student |")[1].split("\n")[0]
+    seed_line = next(line for line in md.splitlines() if line.startswith("| 2 · warm | nnUNetTrainerCPS | 2 |"))
+    assert seed_line.endswith(("| beats |", "| loses |", "| within the spread |"))
+    assert "| 2 · warm | selftrain | 1 |" in md and md.count("single seed |") == 1
+
+
+def _mean_dice(rows, trainer, repeat):
+    return 100 * np.mean([float(r["dice"]) for r in rows if r["trainer"] == trainer and r["repeat"] == repeat
+                          and r["warm_start_from"]])

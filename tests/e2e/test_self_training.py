@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -167,15 +168,16 @@ def test_selftrain_runs_the_recipe_with_nnunets_commands_and_resumes_at_every_st
     rounds = ["Dataset995_Self_round1", "Dataset996_Self_round2"]
     tiny, finetuned = "nnUNetTrainerTiny__nnUNetPlans__3d_fullres", "nnUNetTrainerTinyFinetune__nnUNetPlans__3d_fullres"
     student_checkpoint = semi_dataset.results / rounds[0] / tiny / "fold_0" / "checkpoint_final.pth"
+    warm_train = f"{sys.executable} -m nnunet_semi.tools.warm_train"  # nnUNetv2_train loading every layer
     steps = [f"$ nnUNetv2_train {DATASET_NAME} 3d_fullres 0 -tr nnUNetTrainerTiny",
              "$ nnUNetv2_extract_fingerprint -d 995",
              f"$ nnUNetv2_move_plans_between_datasets -s {DATASET_NAME} -t 995",
              "$ nnUNetv2_preprocess -d 995", "$ nnUNetv2_train 995 3d_fullres 0 -tr nnUNetTrainerTiny",
-             f"$ nnUNetv2_train 995 3d_fullres 1 -tr nnUNetTrainerTinyFinetune -p nnUNetPlans -device cpu "
+             f"$ {warm_train} 995 3d_fullres 1 -tr nnUNetTrainerTinyFinetune -p nnUNetPlans -device cpu "
              f"-pretrained_weights {student_checkpoint}",
              "$ nnUNetv2_extract_fingerprint -d 996", "$ nnUNetv2_preprocess -d 996",
              "$ nnUNetv2_train 996 3d_fullres 0 -tr nnUNetTrainerTiny",
-             "$ nnUNetv2_train 996 3d_fullres 1 -tr nnUNetTrainerTinyFinetune"]
+             f"$ {warm_train} 996 3d_fullres 1 -tr nnUNetTrainerTinyFinetune"]
     printed = _commands(first)
     assert len(printed) == len(steps) + 1  # and round 2's plans move
     for step in steps:  # every step's command printed, in the recipe's order
@@ -184,7 +186,8 @@ def test_selftrain_runs_the_recipe_with_nnunets_commands_and_resumes_at_every_st
     assert positions == sorted(positions)
     log = (semi_dataset.results / DATASET_NAME / "selftrain_Self.log").read_text()
     assert "$ nnUNetv2_preprocess -d 996" in log
-    assert log.count("Loading pretrained weights") >= 2  # nnU-Net: each fine-tuning began from its student
+    # each fine-tuning began from its student, output layers included (nnU-Net's own loading skips them)
+    assert log.count("Warm start: every layer of") == 2 and "Loading pretrained weights" not in log
     # the students have the teacher's plans (architecture and normalization) and trained on their split
     teacher_plans = json.loads((semi_dataset.preprocessed_dataset / "nnUNetPlans.json").read_text())
     for derived in rounds:
@@ -222,7 +225,7 @@ def test_selftrain_runs_the_recipe_with_nnunets_commands_and_resumes_at_every_st
     assert f"round 2: pseudo labels of {semi_dataset.results / rounds[0] / finetuned}" in again.stdout
     assert [c.split()[1:3] for c in _commands(again)] == [
         ["nnUNetv2_extract_fingerprint", "-d"], ["nnUNetv2_move_plans_between_datasets", "-s"],
-        ["nnUNetv2_preprocess", "-d"], ["nnUNetv2_train", "996"], ["nnUNetv2_train", "996"]]
+        ["nnUNetv2_preprocess", "-d"], ["nnUNetv2_train", "996"], ["-m", "nnunet_semi.tools.warm_train"]]
     verify_dataset_integrity(str(semi_dataset.raw / rounds[1]), num_processes=1)
     assert not (semi_dataset.raw / f".{rounds[1]}.incomplete").exists()
 

@@ -358,37 +358,6 @@ def test_a_nan_validation_score_never_wins():
     assert trainer.choose_deployed_weights({"student": 0.8, "teacher": 0.8}) == "teacher"  # ties: the later one
 
 
-@pytest.mark.parametrize("method", ["MeanTeacher", "CPS"])
-def test_pretrained_weights_reach_the_teacher_and_the_peer_starts_fresh(semi_dataset, method):
-    """``nnUNetv2_train ... -pretrained_weights FILE``: nnU-Net loads FILE into self.network after initialize()."""
-    from nnunetv2.run.run_training import maybe_load_checkpoint
-
-    import nnunet_semi.methods
-
-    cls = getattr(nnunet_semi.methods, f"nnUNetTrainer{method}")
-    plans = json.loads((semi_dataset.preprocessed_dataset / "nnUNetPlans.json").read_text())
-    dataset_json = json.loads((semi_dataset.preprocessed_dataset / "dataset.json").read_text())
-    fresh = {"continue_training": False}  # nnU-Net pops it from the plans it is given
-    pretrained = cls(plans | fresh, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
-    pretrained.initialize()
-    weights = {k: v + 1.0 if v.dtype.is_floating_point else v for k, v in pretrained.network.state_dict().items()}
-    torch.save({"network_weights": weights}, semi_dataset.results / "pretrained.pth")
-
-    trainer = cls(plans | fresh, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
-    maybe_load_checkpoint(trainer, False, False, str(semi_dataset.results / "pretrained.pth"))
-    trainer.on_train_start()
-    student = trainer.network.state_dict()
-    encoder = [k for k in weights if k.startswith("encoder.") and weights[k].dtype.is_floating_point]
-    assert encoder and all(torch.equal(student[k], weights[k]) for k in encoder)
-    if method == "MeanTeacher":
-        for k, v in trainer.teacher.state_dict().items():
-            torch.testing.assert_close(v, student[k])
-    else:  # CPS needs two differently initialised networks: the peer keeps its own initialisation
-        peer = trainer.auxiliary["peer"].state_dict()
-        assert not any(torch.equal(peer[k], weights[k]) for k in encoder if peer[k].numel() > 1)
-    trainer.on_train_end()
-
-
 def test_cps_trains_both_networks_with_one_optimizer(semi_dataset):
     from nnunet_semi.methods import nnUNetTrainerCPS
 

@@ -11,7 +11,7 @@ from nnunet_semi.tools.benchmark.quality import METRICS, earlier_runs, write_res
 
 
 def _rows(trainer, dice, commit, epochs=15, repeat=0, dataset="Dataset101_LA", ramp="600",
-          date="2026-12-02 00:00 UTC"):
+          date="2026-12-02 00:00 UTC", warm=""):
     rows = []
     for i, value in enumerate(dice):
         rows.append({"trainer": trainer, "num_labeled": "4", "case": f"LA_{64 + i:03d}", "class": 1,
@@ -20,7 +20,7 @@ def _rows(trainer, dice, commit, epochs=15, repeat=0, dataset="Dataset101_LA", r
                      "plans": "nnUNetPlans_coarse", "fold": 0, "num_val": 4, "epochs": epochs,
                      "iterations_per_epoch": 100, "rampup_iterations": ramp, "seed": 12345 + repeat,
                      "evaluated_on": "fold 0 val", "commit": commit, "nnunetv2": "2.8.1", "torch": "2.14.1",
-                     "device": "cpu (2 cores)", "date": date})
+                     "device": "cpu (2 cores)", "date": date} | ({"warm_start_from": warm} if warm else {}))
     return rows
 
 
@@ -210,3 +210,37 @@ def test_dual_members_are_tabulated_against_the_deployed_model(tmp_path):
         assert {r["scored_model"] for r in csv.DictReader(f)} == {"ensemble", "student", "peer"}
     with open(tmp_path / "ema_pair.csv") as f:
         assert {r["scored_model"] for r in csv.DictReader(f)} == {"student", "teacher"}
+
+
+@pytest.mark.parametrize("seeds, baseline, verdict", [
+    ([84.0, 85.0], [82.0, 83.5, 82.9], "beats"),  # every seed above every baseline seed
+    ([84.0, 83.0], [82.0, 83.5, 82.9], "within the spread"),  # one seed inside the baseline's spread
+    ([80.0, 81.0], [82.0, 83.5], "loses"),
+    ([90.0], [82.0, 83.5], "single seed"),  # no spread of its own: no claim
+    ([90.0, 91.0], [82.0], "baseline single seed"),
+])
+def test_seed_verdict_says_beats_only_where_every_seed_beats_the_baselines_spread(seeds, baseline, verdict):
+    from nnunet_semi.tools.benchmark.quality import seed_verdict
+
+    assert seed_verdict(seeds, baseline) == verdict
+
+
+def test_report_pairs_warm_runs_against_the_control_apart_from_the_runs_from_scratch(tmp_path):
+    """Warm-started runs (``warm_start_from``) form a group of their own whose baseline is the control; rows of
+    older folders without the column are runs from scratch."""
+    folder, start = tmp_path / "cell", "nnUNetTrainer__bench_4lab_15x100"
+    _write_run(folder, start, "nnUNetTrainer", [0.80, 0.82, 0.84, 0.86], "aaaa")
+    for repeat, dice in enumerate(([0.84, 0.85, 0.86, 0.87], [0.83, 0.85, 0.86, 0.86], [0.84, 0.84, 0.87, 0.87])):
+        _write_run(folder, f"nnUNetTrainer_warmStart__bench_4lab_15x100_warm_r{repeat}", "nnUNetTrainer_warmStart",
+                   dice, "bbbb", repeat=repeat, warm=start)
+    for repeat, dice in enumerate(([0.88, 0.89, 0.90, 0.91], [0.87, 0.89, 0.90, 0.90])):
+        _write_run(folder, f"nnUNetTrainerCPS__bench_4lab_15x100_warm_r{repeat}", "nnUNetTrainerCPS", dice, "bbbb",
+                   repeat=repeat, warm=start)
+    main(["report", str(folder), "-o", str(tmp_path / "merged")])
+    md = (tmp_path / "merged" / "results.md").read_text()
+    assert "| 4 · 15x100 · warm | nnUNetTrainerCPS | network | 89.50 ± 1.12 | +4.00 |" in md  # over the control
+    assert "| 4 · 15x100 · warm | nnUNetTrainer_warmStart (repeat 2) | 4 |" in md  # the control's spread
+    seeds = next(line for line in md.splitlines() if line.startswith("| 4 · 15x100 · warm | nnUNetTrainerCPS | 2 |"))
+    assert "| 89.50, 89.00 |" in seeds and seeds.endswith("| beats |")
+    missing = next(line for line in md.splitlines() if line.startswith("Cells still missing: "))
+    assert "`nnUNetTrainerSGRS` at 4 · 15x100 · warm" in missing and "`nnUNetTrainer` at" not in missing

@@ -17,6 +17,8 @@ import nnunet_semi
 from nnunet_semi.tools.progress import EpochProgressFile
 
 BASELINE_TRAINER = "nnUNetTrainer"
+# stock nnU-Net warm-started exactly as the methods are: the baseline of the warm-start mode
+CONTROL_TRAINER = "nnUNetTrainer_warmStart"
 TINY_DATASET_ID = 994
 
 
@@ -33,7 +35,7 @@ def resolve_trainer(name: str) -> type:
 
 def with_schedule(trainer_cls: type, epochs: int, iterations: int, val_iterations: int, tag: str,
                   rampup_iterations: int | None = None, seed: int | None = None,
-                  checkpoint_every: int | None = None) -> type:
+                  checkpoint_every: int | None = None, warm_start: tuple[str, str | None] | None = None) -> type:
     """A subclass of ``trainer_cls`` that trains ``epochs`` x ``iterations`` and is named ``<Trainer>__<tag>``.
 
     The name keeps the results folders of different schedules and labeled counts apart. Works for stock trainers
@@ -46,6 +48,8 @@ def with_schedule(trainer_cls: type, epochs: int, iterations: int, val_iteration
             process; nnU-Net's augmentation workers draw their own seeds).
         checkpoint_every: write ``checkpoint_latest.pth`` every this many epochs (None: nnU-Net's 50), so that a short
             run that is killed resumes near where it stopped.
+        warm_start: (checkpoint, peer checkpoint or None): the run starts from them (``WarmStart``: every layer, the
+            same loading as ``-pretrained_weights``) unless it resumes; None: from scratch.
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -63,6 +67,8 @@ def with_schedule(trainer_cls: type, epochs: int, iterations: int, val_iteration
     attributes = {"__init__": __init__, "__module__": __name__}
     if rampup_iterations is not None:
         attributes["unsup_rampup_iterations"] = rampup_iterations
+    if warm_start is not None:
+        attributes["warm_start_checkpoint"], attributes["peer_warm_start_checkpoint"] = warm_start
     # the progress display follows its epochs (progress.jsonl in the output folder)
     return type(f"{trainer_cls.__name__}__{tag}", (EpochProgressFile, trainer_cls), attributes)
 

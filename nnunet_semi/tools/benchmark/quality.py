@@ -28,6 +28,7 @@ from nnunet_semi.data.dataset_io import require_env_folder, resolve_dataset_name
 from nnunet_semi.errors import SemiInputError, SemiRunsFailed
 from nnunet_semi.tools.benchmark.common import (
     BASELINE_TRAINER,
+    CONTROL_TRAINER,
     load_plans_and_dataset_json,
     provenance,
     resolve_trainer,
@@ -364,7 +365,7 @@ def earlier_runs(out_dir: str, own_runs: set[str], like: dict, ramp: str) -> tup
         if run["run"] in own_runs:
             continue
         first = run["rows"][0]
-        has_ramp = first["trainer"] not in (BASELINE_TRAINER, SELFTRAIN)
+        has_ramp = first["trainer"] not in (BASELINE_TRAINER, CONTROL_TRAINER, SELFTRAIN)
         if any(str(first.get(k, "")) != str(like.get(k, "")) for k in PROTOCOL + SCHEDULE) or \
                 (has_ramp and str(first.get("rampup_iterations", "")) != ramp):
             left_out.append(run["run"])
@@ -445,7 +446,8 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                           score_members: bool = False, run_suffix: str = "", jobs: int = 1,
                           stop_training_at: float | None = None, stop_at: float | None = None,
                           on_results_written=None, selftrain_rounds: int = 1, verbose: bool = False,
-                          stop_on_failure: bool = False, progress_stream=None) -> list[dict]:
+                          stop_on_failure: bool = False, progress_stream=None, warm_start: bool = False,
+                          method_repeats: int = 1) -> list[dict]:
     """Train, predict and score; writes ``results.csv``, ``results.md`` and ``results.png`` into ``out_dir``, with
     the runs of earlier commands into ``out_dir`` that share this one's split, schedule and ramp (``earlier_runs``).
 
@@ -483,6 +485,15 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
             printed once) and the progress display alone here (``tools.progress``; ``progress_stream``: where).
         stop_on_failure: a failed run stops the command; else it is reported (its log's last lines and path), the
             other runs go on, and ``SemiRunsFailed`` lists the failures at the end, after the tables are written.
+        warm_start: the warm-start mode. Stock nnU-Net trains from scratch on the labeled cases (the first run, seed
+            ``seed``, is the start); every trainer then continues from its ``checkpoint_final.pth`` for the same
+            schedule (``WarmStart``: every layer loaded, as ``-pretrained_weights``), and so does the control,
+            ``nnUNetTrainer_warmStart`` (stock nnU-Net loaded the same way), ``repeats`` times: the baseline every
+            trainer is paired against. A dual-network method's peer starts from the labeled-only run its
+            ``peer_labeled_only_trainer`` names (stock nnU-Net: its second seed), trained here from scratch too.
+            Self-training's student starts from the same checkpoint. Warm runs are named ``..._warm``.
+        method_repeats: every trainer other than the baseline is trained this many times (seeds seed, seed + 1,
+            ...): its own seed spread, shown next to its gain.
     """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -499,16 +510,23 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                              f"{dataset_name_or_id} -c {configuration} (and nnUNetv2_semi_preprocess) first.")
     if test_labels is not None and not isdir(test_labels):
         raise SemiInputError(f"--test_labels {test_labels} is not a folder.")
-    if repeats < 1:
-        raise SemiInputError(f"--repeats {repeats}: give at least 1.")
+    if repeats < 1 or method_repeats < 1:
+        raise SemiInputError(f"--repeats {repeats} --method_repeats {method_repeats}: give at least 1 each.")
     if jobs < 1:
         raise SemiInputError(f"--jobs {jobs}: give at least 1 (1 trains one run after the other).")
     if num_val is not None and fold != 0:
         raise SemiInputError(f"-f {fold} with --num_val: the held-out split has one fold, 0.")
     plans, dataset_json = load_plans_and_dataset_json(preprocessed, plans_identifier)
     labels = PlansManager(plans).get_label_manager(dataset_json).foreground_labels
-    all_trainers = [BASELINE_TRAINER] + [t for t in trainers if t not in (BASELINE_TRAINER, SELFTRAIN)]
+    methods = [t for t in trainers if t not in (BASELINE_TRAINER, CONTROL_TRAINER, SELFTRAIN)]
+    all_trainers = [BASELINE_TRAINER] + methods
     classes = {t: resolve_trainer(t) for t in all_trainers}
+    # warm-start mode: the labeled-only runs the methods' peers start from (stock: its second seed)
+    peer_sources = {t: getattr(classes[t], "peer_labeled_only_trainer", None) for t in methods} if warm_start else {}
+    for source in set(peer_sources.values()) - {None}:
+        classes[source] = resolve_trainer(source)
+    if warm_start:
+        classes[CONTROL_TRAINER] = resolve_trainer(CONTROL_TRAINER)
     if selftrain_rounds < 1:
         raise SemiInputError(f"--selftrain_rounds {selftrain_rounds}: give at least 1.")
     info = provenance(device)
@@ -518,15 +536,39 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
         print(f"unsupervised ramp for every method: sigmoid over {rampup_iterations} iterations "
               f"(of {epochs * iterations})")
 
+    def schedule_of(repeat: int, tag: str, warm: tuple | None = None) -> tuple:
+        """The arguments of ``with_schedule`` after the class: one run's schedule, seed and start."""
+        return (epochs, iterations, val_iterations, tag + (f"_r{repeat}" if repeat else ""), rampup_iterations,
+                seed + repeat, checkpoint_every, warm)
+
+    def checkpoint_of(name: str, schedule: tuple) -> str:
+        return join(_fold_folder(with_schedule(classes[name], *schedule), plans, configuration, fold),
+                    "checkpoint_final.pth")
+
     def count_runs(count: str) -> list[tuple[str, int, tuple]]:
-        """(name, repeat, schedule arguments of with_schedule) of one labeled count's runs."""
-        runs = []
-        for name in all_trainers if count != "all" else [BASELINE_TRAINER]:
-            for repeat in range(repeats if name == BASELINE_TRAINER else 1):
-                ramp_suffix = run_suffix if hasattr(classes[name], "unsup_rampup_iterations") else ""  # stock: none
-                tag = f"bench_{count}lab_{epochs}x{iterations}{ramp_suffix}" + (f"_r{repeat}" if repeat else "")
-                runs.append((name, repeat, (epochs, iterations, val_iterations, tag, rampup_iterations,
-                                            seed + repeat, checkpoint_every)))
+        """(name, repeat, schedule arguments of with_schedule) of one labeled count's runs, every run after the runs
+        it starts from."""
+        base = f"bench_{count}lab_{epochs}x{iterations}"
+
+        def ramped(name: str) -> str:  # stock has no ramp: its runs keep their names and are shared
+            return run_suffix if hasattr(classes[name], "unsup_rampup_iterations") else ""
+
+        if count == "all":
+            return [(BASELINE_TRAINER, r, schedule_of(r, base)) for r in range(repeats)]
+        if not warm_start:
+            return [(name, r, schedule_of(r, base + ramped(name))) for name in all_trainers
+                    for r in range(repeats if name == BASELINE_TRAINER else method_repeats)]
+        stock_seeds = 2 if BASELINE_TRAINER in peer_sources.values() else 1
+        runs = [(BASELINE_TRAINER, r, schedule_of(r, base)) for r in range(stock_seeds)]
+        runs += [(source, 0, schedule_of(0, base))
+                 for source in dict.fromkeys(peer_sources.values()) if source not in (None, BASELINE_TRAINER)]
+        start = checkpoint_of(BASELINE_TRAINER, runs[0][2])
+        for name in [CONTROL_TRAINER] + methods:
+            source = peer_sources.get(name)
+            peer = None if source is None else checkpoint_of(
+                source, schedule_of(1 if source == BASELINE_TRAINER else 0, base))
+            runs += [(name, r, schedule_of(r, f"{base}_warm{ramped(name)}", (start, peer)))
+                     for r in range(repeats if name == CONTROL_TRAINER else method_repeats)]
         return runs
 
     planned = {count: count_runs(count) for count in num_labeled}
@@ -534,11 +576,13 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
     for count, runs in planned.items():
         for name, repeat, schedule in runs:
             index[_run_name(name, schedule, classes)] = len(entries)
-            entries.append((f"{name}{f' (repeat {repeat})' if repeat else ''}, {count} labeled", epochs))
+            warm = " warm" if schedule[-1] else ""
+            entries.append((f"{name}{f' (repeat {repeat})' if repeat else ''}, {count} labeled{warm}", epochs))
         if SELFTRAIN in trainers and count != "all":
             for r in range(1, selftrain_rounds + 1):
                 index[(SELFTRAIN, count, r)] = len(entries)
-                entries.append((f"{SELFTRAIN} round {r} student, {count} labeled", epochs))
+                entries.append((f"{SELFTRAIN} round {r} student{' (warm)' if warm_start else ''}, {count} labeled",
+                                epochs))
     progress = CommandProgress(entries, progress_stream or (sys.stdout if verbose else console_stream()),
                                live=False if verbose else None)
 
@@ -549,7 +593,7 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
     # runs of earlier commands into the same folder stay in its tables; this command's own are recomputed
     own_runs = {key for key in index if isinstance(key, str)}
     if SELFTRAIN in trainers:
-        own_runs |= {_selftrain_run_name(schedule[3], selftrain_rounds) for runs in planned.values()
+        own_runs |= {_selftrain_run_name(schedule[3], selftrain_rounds, warm_start) for runs in planned.values()
                      for name, repeat, schedule in runs if name == BASELINE_TRAINER and repeat == 0}
     left_out: list[str] = []  # earlier runs not comparable with this command's: named once at the end
 
@@ -589,12 +633,17 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
         if jobs > 1 or stop_training_at is not None:  # this count's split is on disk: train its runs first
             pending = [(name, schedule) for name, _, schedule in runs
                        if not isfile(join(out_dir, "runs", _run_name(name, schedule, classes), "scores.csv"))]
-            stopped, side_failures = _train_side_by_side(
-                pending, jobs, plans, configuration, fold, dataset_json, device, stop_training_at,
-                progress=progress, index=index, run_log=run_log)
-            for run_name, error in side_failures:
-                failed(run_name, error)
-            side_failed = {run_name for run_name, _ in side_failures}
+            # the runs others start from (warm-start mode) finish before those start
+            for phase in ([p for p in pending if p[1][-1] is None], [p for p in pending if p[1][-1] is not None]):
+                if stopped:  # the deadline came in the first phase
+                    stopped += [_run_name(name, schedule, classes) for name, schedule in phase]
+                    continue
+                stopped, side_failures = _train_side_by_side(
+                    phase, jobs, plans, configuration, fold, dataset_json, device, stop_training_at,
+                    progress=progress, index=index, run_log=run_log)
+                for run_name, error in side_failures:
+                    failed(run_name, error)
+                side_failed |= {run_name for run_name, _ in side_failures}
         for name, repeat, schedule in runs:
             trainer_cls = with_schedule(classes[name], *schedule)
             run_dir = join(out_dir, "runs", trainer_cls.__name__)
@@ -627,7 +676,7 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                       "num_val": len(cases) if test_labels is None else "", "epochs": epochs,
                       "iterations_per_epoch": iterations,
                       "rampup_iterations": "" if rampup_iterations is None else rampup_iterations,
-                      "seed": seed + repeat,
+                      "seed": seed + repeat, **_warm_start_columns(schedule[-1]),
                       "evaluated_on": "imagesTs" if test_labels else f"fold {fold} val", **(extra_columns or {}),
                       **info}
             try:
@@ -647,7 +696,7 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
         if SELFTRAIN in trainers and count != "all":
             teacher_schedule = next(schedule for name, repeat, schedule in runs
                                     if name == BASELINE_TRAINER and repeat == 0)
-            run_name = _selftrain_run_name(teacher_schedule[3], selftrain_rounds)
+            run_name = _selftrain_run_name(teacher_schedule[3], selftrain_rounds, warm_start)
             log = run_log(run_name)
             try:
                 selftrain_rows = _self_training_run(
@@ -655,7 +704,7 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                     configuration, fold, dataset_json, cases, labels, out_dir, raw, device, predict_test, stop_at,
                     {"num_val": len(cases) if test_labels is None else "", "rampup_iterations": "",
                      "evaluated_on": "imagesTs" if test_labels else f"fold {fold} val", **(extra_columns or {}),
-                     **info}, progress, index, log)
+                     **info}, progress, index, log, warm_start)
             except Exception as error:
                 failed(run_name, error)
                 selftrain_rows = []
@@ -729,15 +778,26 @@ def _derived_dataset_id(name: str) -> int:
     return free[0]
 
 
-def _selftrain_run_name(tag: str, rounds: int) -> str:
-    return f"{SELFTRAIN}__{tag}_{rounds}round{'s' if rounds > 1 else ''}"
+def _selftrain_run_name(tag: str, rounds: int, warm: bool = False) -> str:
+    return f"{SELFTRAIN}__{tag}{'_warm' if warm else ''}_{rounds}round{'s' if rounds > 1 else ''}"
+
+
+def _run_of_checkpoint(checkpoint: str | None) -> str:
+    """The run name (``<Trainer>__<tag>``) of a run's ``.../<run>__<plans>__<configuration>/fold_k/checkpoint``."""
+    return "" if checkpoint is None else basename(dirname(dirname(checkpoint))).rsplit("__", 2)[0]
+
+
+def _warm_start_columns(warm: tuple | None) -> dict:
+    """A row's start: the runs whose checkpoints it warm-started from (empty: from scratch)."""
+    start, peer = warm if warm is not None else (None, None)
+    return {"warm_start_from": _run_of_checkpoint(start), "peer_warm_start_from": _run_of_checkpoint(peer)}
 
 
 def _self_training_run(dataset_name: str, count: str, teacher_schedule: tuple, rounds: int, plans: dict,
                        plans_identifier: str, configuration: str, fold: int, dataset_json: dict, cases: dict,
                        labels: list[int], out_dir: str, raw: str, device: torch.device, predict_test: bool,
                        stop_at: float | None, columns: dict, progress: CommandProgress, index: dict,
-                       log: str | None) -> list[dict]:
+                       log: str | None, warm: bool = False) -> list[dict]:
     """``selftrain`` in the trainer list: offline self-training scored like every trainer.
 
     The teacher is this count's first stock run (trained here if its checkpoint is not on this machine). Each round
@@ -747,11 +807,12 @@ def _self_training_run(dataset_name: str, count: str, teacher_schedule: tuple, r
     seed. The last student predicts the same held-out cases; ``train_seconds`` is the teacher's plus every
     student's. Resumable at every step; the derived datasets stay in nnUNet_raw/_preprocessed/_results (named
     ``<source>_selftrain_<count>lab_<epochs>x<iterations>_round<r>``, a free id chosen). Its output goes to ``log``
-    (None: this console), its students' epochs to ``progress``."""
+    (None: this console), its students' epochs to ``progress``. ``warm``: every student is
+    ``nnUNetTrainer_warmStart`` started from the teacher's checkpoint (the warm-start mode's form)."""
     from nnunet_semi.tools.self_training import prepare_student_dataset, pseudolabel_dataset, run_logged
 
-    epochs, iterations, val_iterations, tag, _, seed, checkpoint_every = teacher_schedule
-    run_name = _selftrain_run_name(tag, rounds)
+    epochs, iterations, val_iterations, tag, _, seed, checkpoint_every, _ = teacher_schedule
+    run_name = _selftrain_run_name(tag, rounds, warm)
     run_dir = join(out_dir, "runs", run_name)
     scores_file, archive = join(run_dir, "scores.csv"), join(run_dir, "test_predictions.tar.gz")
     if isfile(scores_file) and (not predict_test or isfile(archive)):
@@ -787,8 +848,10 @@ def _self_training_run(dataset_name: str, count: str, teacher_schedule: tuple, r
                                     lambda command: run_logged(command, commands_log))
             student_plans, student_json = load_plans_and_dataset_json(
                 join(require_env_folder("nnUNet_preprocessed"), derived), plans_identifier)
-            student_cls = with_schedule(stock, epochs, iterations, val_iterations,
-                                        f"{tag}_selftrain_round{round_index}", None, seed, checkpoint_every)
+            start = (join(teacher_folder, "checkpoint_final.pth"), None) if warm else None
+            student_cls = with_schedule(resolve_trainer(CONTROL_TRAINER) if warm else stock, epochs, iterations,
+                                        val_iterations, f"{tag}_selftrain_round{round_index}{'_warm' if warm else ''}",
+                                        None, seed, checkpoint_every, start)
             student_folder = _watched_train(student_cls, student_plans, configuration, 0, student_json, device,
                                             progress, index[(SELFTRAIN, count, round_index)])
             seconds += training_seconds(student_folder)
@@ -799,6 +862,7 @@ def _self_training_run(dataset_name: str, count: str, teacher_schedule: tuple, r
         common = {"trainer": SELFTRAIN, "num_labeled": count, "repeat": 0, "deployed": f"student of round {rounds}",
                   "dataset": dataset_name, "configuration": configuration, "plans": plans_identifier, "fold": fold,
                   "epochs": epochs, "iterations_per_epoch": iterations, "seed": seed, "selftrain_rounds": rounds,
+                  **_warm_start_columns((join(teacher_folder, "checkpoint_final.pth"), None) if warm else None),
                   **columns, "train_seconds": round(seconds, 1)}
         run_rows = _as_written(_score_run(cases, predictions, dataset_json, labels, common))
         _keep_run_record(student_folder, run_dir)
@@ -867,6 +931,8 @@ def write_results(rows: list[dict], out_dir: str, member_rows: list[dict] | None
     if not rows:
         raise SemiInputError("no results to write: no trainer produced predictions.")
     _write_csv(rows, join(out_dir, "results.csv"))
+    rows = [r | {"num_labeled": table_group(r)} for r in rows]
+    member_rows = [r | {"num_labeled": table_group(r)} for r in member_rows or []]
     summary = summarize(rows)
     info = rows[0]
     lines = [f"# Quality: {info['dataset']}, {info['configuration']}, fold {info['fold']}, evaluated on "
@@ -874,8 +940,9 @@ def write_results(rows: list[dict], out_dir: str, member_rows: list[dict] | None
              f"Schedule {info['epochs']} epochs x {info['iterations_per_epoch']} iterations for every trainer; "
              f"{_where_and_when(rows)}. Mean ± std over cases (and foreground classes); distances are NaN-excluded "
              f"means (a distance is undefined when a mask is empty). Gain: Dice points over nnUNetTrainer with the "
-             f"same labeled cases. Training min: the run's epochs (selftrain: its teacher and every student), as "
-             f"measured on this device (side by side with --jobs: while sharing it).", "",
+             f"same labeled cases (`warm`: runs warm-started from its first run, gains over {CONTROL_TRAINER}, "
+             f"stock nnU-Net continued the same way). Training min: the run's epochs (selftrain: its teacher and "
+             f"every student), as measured on this device (side by side with --jobs: while sharing it).", "",
              "| labeled | trainer | deployed | Dice % | gain | Jaccard % | 95HD mm | ASD mm | 95HD vox | ASD vox | "
              "training min |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -886,12 +953,13 @@ def write_results(rows: list[dict], out_dir: str, member_rows: list[dict] | None
                      f"{'' if gain is None else f'{gain:+.2f}'} | {' | '.join(cells[1:])} | "
                      f"{'' if seconds is None else f'{seconds / 60:.1f}'} |")
     lines += ["", *paired_table(rows)]
-    ema_pairs, dual_members = split_member_rows(member_rows or [])
+    lines += seed_table(rows)
+    ema_pairs, dual_members = split_member_rows(member_rows)
     if ema_pairs:
         _write_csv(ema_pairs, join(out_dir, "ema_pair.csv"))
     if dual_members:
         _write_csv(dual_members, join(out_dir, "dual_members.csv"))
-    lines += member_tables(member_rows or [])
+    lines += member_tables(member_rows)
     with open(join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot_results(first_runs(rows), summary, join(out_dir, "results.png"))
@@ -975,37 +1043,110 @@ def _dice_by_case(rows: list[dict]) -> dict:
     return {(r["case"], r["class"]): 100 * float(r["dice"]) for r in rows}
 
 
+def table_group(row: dict, label: str | None = None) -> str:
+    """The group a row is tabulated and paired in: its labeled count (or ``label``), marked ``· warm`` for a run
+    warm-started from a checkpoint: warm runs are never averaged or paired with runs from scratch."""
+    return (label or str(row["num_labeled"])) + (" · warm" if row.get("warm_start_from") else "")
+
+
+def baseline_of(group_rows: list[dict]) -> str:
+    """The trainer a group's runs are paired against: the warm-start control where the group has it, else stock."""
+    return CONTROL_TRAINER if any(r["trainer"] == CONTROL_TRAINER for r in group_rows) else BASELINE_TRAINER
+
+
 def paired_table(rows: list[dict]) -> list[str]:
-    """Markdown lines: each trainer's per-case Dice difference to stock nnU-Net (its first run) with the same
-    labeled cases, and stock's own difference between its repeats (the run-to-run spread a gain must exceed)."""
-    lines = ["Paired against nnUNetTrainer (repeat 0) on the same cases: Dice difference in points, mean and median, "
-             "wins / losses out of N, a 95 % bootstrap interval of the mean and a two-sided Wilcoxon signed-rank p. "
-             "`nnUNetTrainer (repeat k)` rows are stock against itself: the run-to-run spread.", "",
+    """Markdown lines: each run's per-case Dice difference to the baseline's first run (stock nnU-Net, or in a warm
+    group the control) with the same labeled cases; the baseline's own repeats give the run-to-run spread."""
+    lines = ["Paired against the baseline's first run on the same cases (nnUNetTrainer, or in a `warm` group "
+             f"{CONTROL_TRAINER}): Dice difference in points, mean and median, wins / losses out of N, a 95 % "
+             "bootstrap interval of the mean and a two-sided Wilcoxon signed-rank p. `(repeat k)`: the run of seed "
+             "seed + k; the baseline's repeats are the baseline against itself, the run-to-run spread.", "",
              "| labeled | trainer | N | mean Δ | median Δ | wins | losses | 95 % CI of mean Δ | Wilcoxon p |",
              "|---|---|---|---|---|---|---|---|---|"]
     for count in dict.fromkeys(r["num_labeled"] for r in rows):
+        group = [r for r in rows if r["num_labeled"] == count]
         runs = {}
-        for r in rows:
-            if r["num_labeled"] == count:
-                runs.setdefault((r["trainer"], _repeat(r)), []).append(r)
-        if (BASELINE_TRAINER, 0) not in runs:
+        for r in group:
+            runs.setdefault((r["trainer"], _repeat(r)), []).append(r)
+        reference = baseline_of(group)
+        if (reference, 0) not in runs:
             continue
-        baseline = _dice_by_case(runs[(BASELINE_TRAINER, 0)])
+        baseline = _dice_by_case(runs[(reference, 0)])
         for (trainer, repeat), run in runs.items():
-            if (trainer, repeat) == (BASELINE_TRAINER, 0):
+            if (trainer, repeat) == (reference, 0):
                 continue
             c = paired_comparison(_dice_by_case(run), baseline)
-            label = f"{trainer} (repeat {repeat})" if trainer == BASELINE_TRAINER else trainer
+            label = f"{trainer} (repeat {repeat})" if repeat else trainer
             lines.append(f"| {count} | {label} | {c['n']} | {c['mean']:+.2f} | {c['median']:+.2f} | {c['wins']} | "
                          f"{c['losses']} | [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | {c['p_wilcoxon']:.3f} |")
     return lines
 
 
+def seed_verdict(seeds: list[float], baseline_seeds: list[float]) -> str:
+    """"beats" where every seed's mean Dice is above every baseline seed's (it beats the baseline's own spread),
+    "loses" where every one is below, "within the spread" otherwise; "single seed" / "baseline single seed" where
+    a side has one run (no spread measured: no claim)."""
+    if len(seeds) < 2:
+        return "single seed"
+    if len(baseline_seeds) < 2:
+        return "baseline single seed"
+    if min(seeds) > max(baseline_seeds):
+        return "beats"
+    if max(seeds) < min(baseline_seeds):
+        return "loses"
+    return "within the spread"
+
+
+def seed_table(rows: list[dict]) -> list[str]:
+    """Markdown lines (after a blank line): every trainer's seeds against the baseline's seeds, per group: the mean
+    Dice of each seed, the gain of the seeds' mean over the baseline seeds' mean, each side's spread (max - min of
+    the seed means), the case-paired comparison of the seed-averaged Dice, and ``seed_verdict``."""
+    lines = ["", "Seeds: each trainer's runs (seed, seed + 1, ...) against the baseline's (nnUNetTrainer, or in a "
+             f"`warm` group {CONTROL_TRAINER}). Gain: mean over the trainer's seeds minus mean over the baseline's; "
+             "spread: max - min of the seeds' mean Dice; paired: the seed-averaged Dice per case against the "
+             "baseline's. Verdict `beats` only where every seed scores above every baseline seed.", "",
+             "| labeled | trainer | seeds | Dice % per seed | gain | own spread | baseline spread | paired mean Δ, "
+             "wins/N, 95 % CI | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for count in dict.fromkeys(r["num_labeled"] for r in rows):
+        group = [r for r in rows if r["num_labeled"] == count]
+        reference = baseline_of(group)
+        per_trainer = {}
+        for r in group:
+            per_trainer.setdefault(r["trainer"], {}).setdefault(_repeat(r), []).append(r)
+        if reference not in per_trainer:
+            continue
+        baseline = per_trainer[reference]
+        baseline_means = [float(np.mean(list(_dice_by_case(run).values()))) for run in baseline.values()]
+        baseline_cases = _seed_average(baseline.values())
+        for trainer, seeds in per_trainer.items():
+            means = [float(np.mean(list(_dice_by_case(run).values()))) for run in seeds.values()]
+            spread = f"{max(means) - min(means):.2f}" if len(means) > 1 else ""
+            base_spread = f"{max(baseline_means) - min(baseline_means):.2f}" if len(baseline_means) > 1 else ""
+            if trainer == reference:
+                lines.append(f"| {count} | {trainer} (baseline) | {len(means)} | "
+                             f"{', '.join(f'{m:.2f}' for m in means)} |  | {spread} |  |  |  |")
+                continue
+            c = paired_comparison(_seed_average(seeds.values()), baseline_cases)
+            lines.append(f"| {count} | {trainer} | {len(means)} | {', '.join(f'{m:.2f}' for m in means)} | "
+                         f"{np.mean(means) - np.mean(baseline_means):+.2f} | {spread} | {base_spread} | "
+                         f"{c['mean']:+.2f}, {c['wins']}/{c['n']}, [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | "
+                         f"{seed_verdict(means, baseline_means)} |")
+    return lines
+
+
+def _seed_average(runs) -> dict:
+    """(case, class) -> Dice in %, averaged over several runs (seeds) of one trainer; the cases all share."""
+    per_run = [_dice_by_case(run) for run in runs]
+    shared = set.intersection(*(set(d) for d in per_run))
+    return {key: float(np.mean([d[key] for d in per_run])) for key in sorted(shared)}
+
+
 def summarize(rows: list[dict]) -> dict:
-    """(labeled count, trainer) -> metric -> (mean, std) with Dice and Jaccard in %, plus 'gain' in Dice points and
-    'deployed' (what the checkpoint deploys); first runs (repeat 0) only."""
+    """(labeled count, trainer) -> metric -> (mean, std) with Dice and Jaccard in %, plus 'gain' in Dice points over
+    the group's baseline (``baseline_of``) and 'deployed' (what the checkpoint deploys); first runs (repeat 0)
+    only."""
     summary = {}
-    rows = first_runs(rows)  # stock's repeats are in the paired table
+    rows = first_runs(rows)  # the repeats are in the paired and seed tables
     for key in dict.fromkeys((r["num_labeled"], r["trainer"]) for r in rows):
         selected = [r for r in rows if (r["num_labeled"], r["trainer"]) == key]
         stats = {"deployed": "/".join(sorted({str(r.get("deployed", "")) for r in selected})),
@@ -1017,9 +1158,11 @@ def summarize(rows: list[dict]) -> dict:
             values = values[np.isfinite(values)]
             stats[metric] = (float(values.mean()), float(values.std())) if len(values) else (math.nan, math.nan)
         summary[key] = stats
+    references = {count: baseline_of([r for r in rows if r["num_labeled"] == count])
+                  for count in dict.fromkeys(r["num_labeled"] for r in rows)}
     for (count, trainer), stats in summary.items():
-        baseline = summary.get((count, BASELINE_TRAINER))
-        if baseline is not None and trainer != BASELINE_TRAINER:
+        baseline = summary.get((count, references[count]))
+        if baseline is not None and trainer != references[count]:
             stats["gain"] = stats["dice"][0] - baseline["dice"][0]
     return summary
 

@@ -7,7 +7,7 @@ import os
 from os.path import isdir, join
 
 from nnunet_semi.errors import SemiInputError
-from nnunet_semi.tools.benchmark.common import BASELINE_TRAINER, semi_trainers
+from nnunet_semi.tools.benchmark.common import BASELINE_TRAINER, CONTROL_TRAINER, semi_trainers
 from nnunet_semi.tools.benchmark.quality import (
     PROTOCOL,
     SCHEDULE,
@@ -18,7 +18,9 @@ from nnunet_semi.tools.benchmark.quality import (
     paired_table,
     plot_results,
     scored_runs,
+    seed_table,
     summarize,
+    table_group,
 )
 
 
@@ -54,19 +56,20 @@ def merge_results(folders: list[str], out_dir: str) -> list[dict]:
     variants = {}  # (trainer, count, schedule) -> the (commit, ramp) pairs present
     for run in runs:
         first = run["rows"][0]
-        variants.setdefault((first["trainer"], first["num_labeled"], _schedule(first)), set()).add(_variant(first))
+        variants.setdefault((first["trainer"], table_group(first), _schedule(first)), set()).add(_variant(first))
     rows, pairs, provenance = [], [], []
     for run in runs:
         first = run["rows"][0]
-        present = variants[(first["trainer"], first["num_labeled"], _schedule(first))]
+        present = variants[(first["trainer"], table_group(first), _schedule(first))]
         suffix = ""
-        if first["trainer"] != BASELINE_TRAINER:  # stock ignores ramps, and its commits train the same
+        if first["trainer"] not in (BASELINE_TRAINER, CONTROL_TRAINER):  # stock: no ramp, commits train the same
             commit, ramp = _variant(first)
             if len({c for c, _ in present}) > 1:
                 suffix += f" @{commit}"
             if len({r for _, r in present}) > 1:
                 suffix += f" ramp {ramp or 'own'}"
-        label = {"num_labeled": f"{first['num_labeled']} · {first['epochs']}x{first['iterations_per_epoch']}",
+        label = {"num_labeled": table_group(first, f"{first['num_labeled']} · {first['epochs']}x"
+                                                   f"{first['iterations_per_epoch']}"),
                  "trainer": first["trainer"] + suffix, "source": run["folder"]}
         rows += [r | label for r in run["rows"]]
         pairs += [r | label for r in run["pairs"]]
@@ -81,8 +84,9 @@ def merge_results(folders: list[str], out_dir: str) -> list[dict]:
              f"From {', '.join(f'`{f}`' for f in folders)}. Labeled counts carry their schedule (epochs x iterations "
              f"per epoch): rows of different schedules are never averaged or paired. A trainer run at several "
              f"commits or unsupervised ramps is one row each (`@commit`, `ramp N`). Mean ± std over cases; gain: "
-             f"Dice points over {BASELINE_TRAINER} of the same labeled count and schedule; training min: the run's "
-             f"epochs (selftrain: teacher and students), blank for runs scored before it was recorded.", "",
+             f"Dice points over {BASELINE_TRAINER} of the same labeled count and schedule (`warm`: runs warm-started "
+             f"from its first run, over {CONTROL_TRAINER}, stock nnU-Net continued the same way); training min: the "
+             f"run's epochs (selftrain: teacher and students), blank for runs scored before it was recorded.", "",
              "| labeled · schedule | trainer | deployed | Dice % | gain | Jaccard % | 95HD mm | ASD mm | "
              "training min |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -93,6 +97,7 @@ def merge_results(folders: list[str], out_dir: str) -> list[dict]:
                      f"{'' if gain is None else f'{gain:+.2f}'} | {' | '.join(cells[1:])} | "
                      f"{'' if seconds is None else f'{seconds / 60:.1f}'} |")
     lines += ["", *paired_table(rows)]
+    lines += seed_table(rows)
     lines += member_tables(pairs)
     lines += ["", "Provenance of every run.", "",
               "| labeled · schedule | trainer | repeat | commit | device | date | seed | ramp | run | folder |",
@@ -119,16 +124,22 @@ def _missing_cells(rows: list[dict]) -> list[str]:
     trainer seen or registered (stock and each method, so a method never run is named too), and the counts where
     stock has no second run (its spread unmeasured)."""
     counts = list(dict.fromkeys(r["num_labeled"] for r in rows))
-    trainers = list(dict.fromkeys([BASELINE_TRAINER, *semi_trainers(), *(r["trainer"].split(" @")[0] for r in rows)]))
+    seen = [r["trainer"].split(" @")[0] for r in rows if r["trainer"].split(" @")[0] != CONTROL_TRAINER]
+
+    def baseline(count: str) -> str:  # a warm group's baseline is the control, never stock from scratch
+        return CONTROL_TRAINER if count.endswith("· warm") else BASELINE_TRAINER
+
     present = {(r["num_labeled"], r["trainer"].split(" @")[0]) for r in rows}
-    missing = [f"`{trainer}` at {count}" for count in counts for trainer in trainers
-               if (count, trainer) not in present and not count.startswith("all")]
+    missing = [f"`{trainer}` at {count}" for count in counts
+               for trainer in dict.fromkeys([baseline(count), *semi_trainers(), *seen])
+               if (count, trainer) not in present and not count.startswith("all")
+               and not (count.endswith("· warm") and trainer == BASELINE_TRAINER)]
     unrepeated = [count for count in counts
-                  if not any(r["num_labeled"] == count and r["trainer"] == BASELINE_TRAINER and _repeat(r) > 0
+                  if not any(r["num_labeled"] == count and r["trainer"] == baseline(count) and _repeat(r) > 0
                              for r in rows)]
     lines = ["Cells still missing: " + (", ".join(missing) if missing else "none") + "."]
     if unrepeated:
-        lines.append(f"Stock nnU-Net has a single run (no spread measured) at: {', '.join(unrepeated)}.")
+        lines.append(f"The baseline has a single run (no spread measured) at: {', '.join(unrepeated)}.")
     return lines
 
 
