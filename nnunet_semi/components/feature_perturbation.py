@@ -39,3 +39,38 @@ def dropout_skips(skips: Sequence[torch.Tensor], p: float, generator: torch.Gene
                   ) -> list[torch.Tensor]:
     """``channel_dropout`` on every encoder output (UniMatch's feature perturbation)."""
     return [channel_dropout(s, p, generator) for s in skips]
+
+
+class ChannelDropoutOnOutputs:
+    """``channel_dropout`` on the outputs of given submodules, only inside ``with dropout.active(generator):``: a
+    network without dropout layers (nnU-Net's U-Net, an EMA teacher in eval mode) made stochastic where a method
+    wants it, e.g. SGRS-Net's teacher, whose V-Net drops bottleneck and last decoder channels (p = 0.5).
+
+    The forward hooks stay registered and are inert outside ``with``; the module's weights and state are untouched.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], p: float):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"p must be in [0, 1), got {p}")
+        self.p, self._generator, self._active = p, None, False
+        self._handles = [m.register_forward_hook(self._drop) for m in modules]
+
+    def active(self, generator: torch.Generator | None = None) -> "ChannelDropoutOnOutputs":
+        self._generator = generator
+        return self
+
+    def __enter__(self):
+        self._active = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._active = False
+
+    def _drop(self, module, inputs, output):
+        if self._active and self.p > 0 and isinstance(output, torch.Tensor):
+            return channel_dropout(output, self.p, self._generator)
+        return None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()

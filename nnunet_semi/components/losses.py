@@ -48,19 +48,26 @@ def _as_index_labels(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 0].long()
 
 
+def _is_distribution(target: torch.Tensor, num_classes: int) -> bool:
+    """Whether ``target`` is a per-voxel class distribution (B, C, *spatial) rather than hard labels (B, 1, ...)."""
+    return target.is_floating_point() and target.ndim >= 3 and target.shape[1] == num_classes > 1
+
+
 def voxel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Per-voxel (optionally label-smoothed) cross-entropy, no reduction.
 
     Args:
         logits: (B, C, *spatial).
-        labels: hard labels (B, 1, *spatial), values in [0, C).
-        label_smoothing: epsilon; the target is (1 - eps) on the label plus eps / C on every class (PyTorch's
-            definition: for C = 2 and eps = 0.2, targets 0.9 / 0.1).
+        labels: hard labels (B, 1, *spatial), values in [0, C); or a target distribution (B, C, *spatial), float,
+            summing to 1 over C (e.g. a MixUp of two one-hot labels).
+        label_smoothing: epsilon; the target is (1 - eps) times the label (or distribution) plus eps / C on every
+            class (PyTorch's definition: for C = 2 and eps = 0.2, targets 0.9 / 0.1).
 
     Returns:
         (B, 1, *spatial) loss map, float32.
     """
-    return torch.nn.functional.cross_entropy(logits.float(), _as_index_labels(labels), reduction="none",
+    target = labels.float() if _is_distribution(labels, logits.shape[1]) else _as_index_labels(labels)
+    return torch.nn.functional.cross_entropy(logits.float(), target, reduction="none",
                                              label_smoothing=label_smoothing)[:, None]
 
 
@@ -70,7 +77,7 @@ def masked_soft_dice_loss(probs: torch.Tensor, labels: torch.Tensor, mask: torch
 
     Args:
         probs: probabilities (B, C, *spatial).
-        labels: hard labels (B, 1, *spatial).
+        labels: hard labels (B, 1, *spatial), or a target distribution (B, C, *spatial) (soft TP/FP/FN).
         mask: voxels that count, (B, 1, *spatial) bool or float.
         smooth: s; larger values soften the Dice of small regions. With s > 0 an empty mask gives 0 loss.
         include_background: keep class 0 in the mean.
@@ -79,7 +86,8 @@ def masked_soft_dice_loss(probs: torch.Tensor, labels: torch.Tensor, mask: torch
         Scalar loss in [0, 1].
     """
     num_classes = probs.shape[1]
-    onehot = torch.nn.functional.one_hot(_as_index_labels(labels), num_classes).movedim(-1, 1).float()
+    onehot = labels.float() if _is_distribution(labels, num_classes) else \
+        torch.nn.functional.one_hot(_as_index_labels(labels), num_classes).movedim(-1, 1).float()
     weight = mask.float()
     axes = tuple(range(2, probs.ndim))
     probs = probs.float()

@@ -40,6 +40,34 @@ def mixup_with_labeled_partners(unlabeled: torch.Tensor, labeled: torch.Tensor, 
     return mixed, lambdas, partners
 
 
+def mixup_targets(pseudo_labels: torch.Tensor, partner_labels: torch.Tensor, lambdas: torch.Tensor,
+                  num_classes: int, ignore_label: int | None = None) -> torch.Tensor:
+    """The target of a MixUp of an unlabeled image with a labeled partner: lambda * one-hot(pseudo label) +
+    (1 - lambda) * one-hot(partner's ground truth), per voxel (SGRS-Net's release computes it and discards it).
+
+    Args:
+        pseudo_labels: hard labels of the unlabeled images (B_u, 1, *spatial).
+        partner_labels: ground truth of each one's partner (B_u, 1, *spatial), e.g. ``labels[partners]``.
+        lambdas: (B_u,) the MixUp weights of ``mixup_with_labeled_partners``.
+        num_classes: C.
+        ignore_label: where the partner is unannotated, the target is the pseudo label alone.
+
+    Returns:
+        (B_u, C, *spatial) float32, summing to 1 over C.
+    """
+    if pseudo_labels.shape != partner_labels.shape:
+        raise ValueError(f"shape mismatch: {tuple(pseudo_labels.shape)} vs {tuple(partner_labels.shape)}")
+
+    def onehot(labels: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(labels[:, 0].long(), num_classes).movedim(-1, 1).float()
+
+    partner = partner_labels
+    if ignore_label is not None:
+        partner = torch.where(partner_labels == ignore_label, pseudo_labels.to(partner_labels.dtype), partner_labels)
+    weight = lambdas.float().view((-1,) + (1,) * (pseudo_labels.ndim - 1)).to(pseudo_labels.device)
+    return weight * onehot(pseudo_labels) + (1 - weight) * onehot(partner.to(pseudo_labels.device))
+
+
 def clipped_gaussian_noise(x: torch.Tensor, std: float = 0.1, clip: float = 0.2,
                            generator: torch.Generator | None = None) -> torch.Tensor:
     """x + clip(N(0, std^2), -clip, clip), the noise drawn where ``x`` lives (``generator`` must be on that device).

@@ -13,9 +13,10 @@ import torch
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 
 from nnunet_semi.components.ema import ema_update
+from nnunet_semi.components.feature_perturbation import ChannelDropoutOnOutputs, encoder_and_decoder
 from nnunet_semi.components.losses import masked_soft_dice_loss, voxel_cross_entropy
 from nnunet_semi.components.masks import synergy_regions
-from nnunet_semi.components.mixing import clipped_gaussian_noise, mixup_with_labeled_partners
+from nnunet_semi.components.mixing import clipped_gaussian_noise, mixup_targets, mixup_with_labeled_partners
 from nnunet_semi.methods.mean_teacher import nnUNetTrainerMeanTeacher
 from nnunet_semi.trainer.deployment import BEST_VALIDATED
 from nnunet_semi.trainer.outputs import full_resolution, take_samples
@@ -44,6 +45,14 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
             ``0.5 * (CE + Dice)`` is 0.5.
         pseudo_label_views: the student views the regional loss supervises: the plain and the mixed unlabeled
             prediction (paper), or one of them (an ablation; the partition always uses both).
+        mixed_target_includes_label: the mixed image's target is lambda * pseudo label + (1 - lambda) * the labeled
+            partner's ground truth (a distribution; the release computes it and discards it, training the mixed view
+            on the pseudo label alone).
+        teacher_dropout: channel dropout on the teacher's bottleneck and last decoder features while it labels (the
+            release's teacher is a V-Net with Dropout3d(0.5) there, run in train mode; nnU-Net's U-Net has no
+            dropout, so without it the teacher is the student's average and agrees with it on 99.5 % of voxels).
+        pseudo_label_confidence: the regional loss only where the teacher's maximum probability reaches this
+            (None: everywhere, as the paper).
     The regional loss uses the full-resolution output only (``unsup_uses_deep_supervision = False``); the supervised
     loss is nnU-Net's deep-supervised Dice + CE.
     """
@@ -63,6 +72,9 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
     student_weight_shrink: float = 0.0
     supervised_weight: float = 1.0
     pseudo_label_views: tuple[str, ...] = ("plain", "mixed")
+    mixed_target_includes_label: bool = False
+    teacher_dropout: float = 0.0
+    pseudo_label_confidence: float | None = None
     unsup_weight = 1.0
     unsup_rampup_iterations = 6000  # the release: 40 x 150 iterations, of 15 000
     deployed_model = "student"  # the release's test_3d.py loads the student
@@ -72,7 +84,7 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
     # L_pseudo = 0.5 * (mean of the Dice terms + mean of the CE terms); compute_losses returns the two means
     term_weights = {"sup": "supervised_weight", "pseudo_ce": 0.5, "pseudo_dice": 0.5}
     statistics = ("confident_fraction", "teacher_student_agreement", "agree_certain_fraction",
-                  "disagree_certain_fraction", "ambiguous_fraction")
+                  "disagree_certain_fraction", "ambiguous_fraction", "pseudo_label_kept_fraction")
 
     def build_strong_transforms(self, nnunet_photometric: ComposeTransforms) -> ComposeTransforms:
         return nnunet_photometric if self.student_uses_strong_view else ComposeTransforms([])
@@ -81,15 +93,35 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
     def unlabeled_views(self) -> tuple[str, ...]:
         return ("weak", "strong") if self.student_uses_strong_view else ("weak",)
 
+    def initialize(self):
+        super().initialize()
+        self.teacher_dropout_hooks = None
+        if self.teacher_dropout:
+            encoder, decoder = encoder_and_decoder(self.teacher)
+            self.teacher_dropout_hooks = ChannelDropoutOnOutputs([encoder.stages[-1], decoder.stages[-1]],
+                                                                 self.teacher_dropout)
+
+    def labeling_teacher_probabilities(self, data: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The teacher's probabilities for pseudo labels (with ``teacher_dropout``: channels dropped)."""
+        if self.teacher_dropout_hooks is None:
+            return self.teacher_probabilities(data)
+        with self.teacher_dropout_hooks.active(generator):
+            return self.teacher_probabilities(data)
+
     def compute_losses(self, labeled: dict, unlabeled: dict) -> dict[str, torch.Tensor]:
         x_l, x_u = labeled["data"], unlabeled["data_weak"]
         n_l, n_u = x_l.shape[0], x_u.shape[0]
         on_device, on_cpu = self.random_generator(x_u.device), self.random_generator("cpu")
         noisy_u = clipped_gaussian_noise(x_u, self.noise_std, self.noise_clip, on_device)
         noisy_l = clipped_gaussian_noise(x_l, self.noise_std, self.noise_clip, on_device)
-        teacher = self.teacher_probabilities(noisy_u)
+        teacher = self.labeling_teacher_probabilities(noisy_u, on_device)
         pseudo = teacher.argmax(1, keepdim=True)  # (B_u, 1, *spatial)
-        mixed, _, _ = mixup_with_labeled_partners(noisy_u, noisy_l, self.mixup_alpha, on_cpu)
+        mixed, lambdas, partners = mixup_with_labeled_partners(noisy_u, noisy_l, self.mixup_alpha, on_cpu)
+        targets = {"plain": pseudo, "mixed": pseudo}
+        if self.mixed_target_includes_label:
+            partner_labels = full_resolution(labeled["target"])[partners.to(x_l.device)]
+            ignore = self.label_manager.ignore_label if self.label_manager.has_ignore_label else None
+            targets["mixed"] = mixup_targets(pseudo, partner_labels, lambdas, teacher.shape[1], ignore)
 
         student_u = unlabeled["data_strong"] if self.student_uses_strong_view else x_u
         output = self.network(torch.cat([x_l, student_u, mixed]))
@@ -98,24 +130,29 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
         probs_u, probs_m = self.probabilities(logits_u), self.probabilities(logits_m)
         regions = synergy_regions(probs_u.detach(), probs_m.detach(), self.ambiguity_tau, self.ambiguity_measure,
                                   self.ambiguity_from_both_views)
-        hard_ce_region = regions.agree_certain | regions.agree_ambiguous if self.ce_on_ambiguous_agree \
-            else regions.agree_certain
+        kept = torch.ones_like(regions.agree_certain) if self.pseudo_label_confidence is None else \
+            teacher.amax(1, keepdim=True) >= self.pseudo_label_confidence
+        agree_certain, disagree_certain = regions.agree_certain & kept, regions.disagree_certain & kept
+        hard_ce_region = agree_certain | (regions.agree_ambiguous & kept) if self.ce_on_ambiguous_agree \
+            else agree_certain
 
         ce, dice = 0.0, 0.0
         views = {"plain": (logits_u, probs_u), "mixed": (logits_m, probs_m)}
-        for view_logits, view_probs in (views[v] for v in self.pseudo_label_views):
+        for view in self.pseudo_label_views:
+            (view_logits, view_probs), target = views[view], targets[view]
             # mean over all voxels, as the paper: masked-out voxels count as zeros (per-sample masks)
-            ce = ce + (voxel_cross_entropy(view_logits, pseudo) * hard_ce_region
-                       + voxel_cross_entropy(view_logits, pseudo, self.disagree_label_smoothing)
-                       * regions.disagree_certain).mean()
-            dice = dice + masked_soft_dice_loss(view_probs, pseudo, regions.agree_certain, self.agree_dice_smooth) \
-                + masked_soft_dice_loss(view_probs, pseudo, regions.disagree_certain, self.disagree_dice_smooth)
+            ce = ce + (voxel_cross_entropy(view_logits, target) * hard_ce_region
+                       + voxel_cross_entropy(view_logits, target, self.disagree_label_smoothing)
+                       * disagree_certain).mean()
+            dice = dice + masked_soft_dice_loss(view_probs, target, agree_certain, self.agree_dice_smooth) \
+                + masked_soft_dice_loss(view_probs, target, disagree_certain, self.disagree_dice_smooth)
 
         self.log_confidence_and_agreement(teacher, probs_u.detach(), "teacher_student_agreement")
         for name, mask in (("agree_certain_fraction", regions.agree_certain),
                            ("disagree_certain_fraction", regions.disagree_certain),
                            ("ambiguous_fraction", regions.ambiguous)):
             self.log_step_statistic(name, mask.float().mean())
+        self.log_step_statistic("pseudo_label_kept_fraction", kept.float().mean())
         n_views = len(self.pseudo_label_views)  # one CE and two Dice terms per view
         return {"sup": self.supervised_loss(take_samples(output, n_l), labeled["target"]),
                 "pseudo_ce": ce / n_views, "pseudo_dice": dice / (2 * n_views)}
@@ -174,6 +211,19 @@ class nnUNetTrainerSGRS_unsupWeight0p1(nnUNetTrainerSGRS):
 
 class nnUNetTrainerSGRS_plainViewLossOnly(nnUNetTrainerSGRS):
     pseudo_label_views = ("plain",)
+
+
+# the changes of issue #37 item 4, each keeping the mechanism (teacher labels, MixUp with a labeled partner, regions)
+class nnUNetTrainerSGRS_mixedTargetWithLabel(nnUNetTrainerSGRS):
+    mixed_target_includes_label = True
+
+
+class nnUNetTrainerSGRS_teacherDropout(nnUNetTrainerSGRS):
+    teacher_dropout = 0.5  # the release's Dropout3d(0.5)
+
+
+class nnUNetTrainerSGRS_confidentPseudoLabels(nnUNetTrainerSGRS):
+    pseudo_label_confidence = 0.95
 
 
 class nnUNetTrainerSGRS_deployBestValidated(nnUNetTrainerSGRS):

@@ -93,3 +93,64 @@ def test_regional_loss_supervises_the_declared_views_only(semi_dataset, views):
     n_l, n_u = labeled["data"].shape[0], unlabeled["data_weak"].shape[0]
     assert (grad[:n_l] == 0).all() and (grad[n_l:n_l + n_u] > 0).all()
     assert ((grad[n_l + n_u:] > 0).all() if "mixed" in views else (grad[n_l + n_u:] == 0).all())
+
+
+def test_mixed_target_with_label_trains_the_mixed_view_on_mixup_targets(semi_dataset, monkeypatch):
+    """``_mixedTargetWithLabel``: the mixed view's target is what ``mixup_targets`` makes of the pseudo label and the
+    partner's ground truth; replaced by the pseudo label alone, the step is the paper's default one."""
+    import nnunet_semi.methods.sgrs as sgrs
+    from helpers import random_streams_rewinder
+    from nnunet_semi.methods import nnUNetTrainerSGRS_mixedTargetWithLabel
+
+    trainer = make_trainer(semi_dataset, type("TinySGRSMixed", (_Tiny, nnUNetTrainerSGRS_mixedTargetWithLabel), {}))
+    labeled, unlabeled = next_batches(trainer)
+    rewind = random_streams_rewinder(trainer)
+    calls = []
+    real = sgrs.mixup_targets
+
+    def recording(pseudo, partner, lambdas, num_classes, ignore):
+        calls.append((pseudo, partner, lambdas))
+        return real(pseudo, partner, lambdas, num_classes, ignore)
+
+    monkeypatch.setattr(sgrs, "mixup_targets", recording)
+    with_label = trainer.compute_losses(labeled, unlabeled)
+    pseudo, partner, lambdas = calls[0]
+    assert partner.shape == pseudo.shape and (lambdas >= 0.5).all()
+    assert (partner != pseudo).any()  # the ground truth says something the pseudo label does not
+    rewind()
+    monkeypatch.setattr(sgrs, "mixup_targets", lambda pseudo, *args: pseudo)
+    pseudo_only = trainer.compute_losses(labeled, unlabeled)
+    rewind()
+    trainer.mixed_target_includes_label = False
+    default = trainer.compute_losses(labeled, unlabeled)
+    for term in ("pseudo_ce", "pseudo_dice"):
+        torch.testing.assert_close(pseudo_only[term], default[term])
+    assert not torch.equal(with_label["pseudo_ce"], default["pseudo_ce"])
+
+
+def test_teacher_dropout_makes_the_labeling_teacher_stochastic_and_leaves_it_otherwise_unchanged(semi_dataset):
+    from nnunet_semi.methods import nnUNetTrainerSGRS_teacherDropout
+
+    trainer = make_trainer(semi_dataset, type("TinySGRSDrop", (_Tiny, nnUNetTrainerSGRS_teacherDropout), {}))
+    x = next(trainer.dataloader_train)["data"]
+    generator = torch.Generator().manual_seed(0)
+    first, second = (trainer.labeling_teacher_probabilities(x, generator) for _ in range(2))
+    assert not torch.allclose(first, second)  # channels dropped, differently each call
+    # outside labeling (validation, deployment) the teacher is the plain EMA network
+    torch.testing.assert_close(trainer.teacher_probabilities(x), trainer.teacher_probabilities(x))
+    weights = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    trainer.train_step(next(trainer.dataloader_train))
+    assert set(trainer.teacher.state_dict()) == set(weights)  # hooks only, no new state
+
+
+@pytest.mark.parametrize("confidence, all_kept", [(None, True), (1.01, False)])
+def test_confident_pseudo_labels_drop_the_regional_loss_where_the_teacher_is_unsure(semi_dataset, confidence,
+                                                                                   all_kept):
+    trainer = make_trainer(semi_dataset, type("TinySGRSConf", (_Tiny, nnUNetTrainerSGRS),
+                                              {"pseudo_label_confidence": confidence}))
+    out = trainer.train_step(next(trainer.dataloader_train))
+    if all_kept:
+        assert out["stat_pseudo_label_kept_fraction"] == 1.0 and out["loss_pseudo_ce"] > 0
+    else:  # no probability reaches 1.01: no voxel is supervised
+        assert out["stat_pseudo_label_kept_fraction"] == 0.0
+        assert out["loss_pseudo_ce"] == 0 and out["loss_pseudo_dice"] == pytest.approx(0.0, abs=1e-6)

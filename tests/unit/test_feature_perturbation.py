@@ -32,3 +32,28 @@ def test_channel_dropout_drops_whole_channels_and_keeps_the_expectation():
     assert dropped.mean().item() == pytest.approx(1.0, abs=0.05)
     with pytest.raises(ValueError, match="p must be"):
         channel_dropout(features, 1.0)
+
+
+def test_channel_dropout_on_outputs_acts_only_inside_with_and_draws_from_the_generator():
+    from torch import nn
+
+    from nnunet_semi.components.feature_perturbation import ChannelDropoutOnOutputs
+
+    network = nn.Sequential(nn.Conv3d(1, 8, 1), nn.Identity())
+    network.eval()
+    x = torch.randn(2, 1, 4, 4, 4)
+    plain = network(x)
+    dropout = ChannelDropoutOnOutputs([network[0]], p=0.5)
+    torch.testing.assert_close(network(x), plain)  # inert outside `with`
+    with dropout.active(torch.Generator().manual_seed(1)):
+        dropped = network(x)
+    with dropout.active(torch.Generator().manual_seed(1)):
+        again = network(x)
+    torch.testing.assert_close(dropped, again)  # the generator decides
+    per_channel = dropped.flatten(2)
+    zero = (per_channel == 0).all(-1)
+    assert zero.any() and (~zero).any()  # whole channels dropped, others kept
+    torch.testing.assert_close(per_channel[~zero], 2 * plain.flatten(2)[~zero])  # rescaled by 1 / (1 - p)
+    dropout.remove()
+    with dropout.active():
+        torch.testing.assert_close(network(x), plain)

@@ -151,3 +151,22 @@ def test_cosine_consistency_is_one_minus_the_cosine_over_classes_and_trains_both
     assert a.grad.abs().sum() > 0 and c.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="shape mismatch"):
         cosine_consistency_loss(a, _probs([1.0, 0.0]))
+
+
+def test_a_one_hot_distribution_target_gives_the_hard_labels_losses_and_a_mixed_one_lies_between():
+    from nnunet_semi.components.losses import masked_soft_dice_loss, voxel_cross_entropy
+
+    logits = torch.randn(2, 3, 4, 4, 4)
+    labels = torch.randint(0, 3, (2, 1, 4, 4, 4))
+    other = (labels + 1) % 3
+    onehot = torch.nn.functional.one_hot(labels[:, 0], 3).movedim(-1, 1).float()
+    mask = torch.rand(2, 1, 4, 4, 4) > 0.3
+    for smoothing in (0.0, 0.2):
+        torch.testing.assert_close(voxel_cross_entropy(logits, onehot, smoothing),
+                                   voxel_cross_entropy(logits, labels, smoothing))
+    probs = logits.softmax(1)
+    torch.testing.assert_close(masked_soft_dice_loss(probs, onehot, mask), masked_soft_dice_loss(probs, labels, mask))
+    # CE is linear in the target: a 0.7 / 0.3 mixture of two labels is the same mixture of their losses
+    mixed = 0.7 * onehot + 0.3 * torch.nn.functional.one_hot(other[:, 0], 3).movedim(-1, 1).float()
+    torch.testing.assert_close(voxel_cross_entropy(logits, mixed),
+                               0.7 * voxel_cross_entropy(logits, labels) + 0.3 * voxel_cross_entropy(logits, other))

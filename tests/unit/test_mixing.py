@@ -64,3 +64,26 @@ def test_cutmix_boxes_and_pasting_from_partners():
     assert (mixed[0][box[0]] == 1).all() and (mixed[0][~box[0]] == 0).all()
     with pytest.raises(ValueError, match="probability must be in"):
         cutmix_boxes(2, (8, 8), probability=1.5)
+
+
+@pytest.mark.parametrize("spatial", [(3, 3), (2, 3, 3)])
+def test_mixup_targets_weigh_pseudo_label_and_partner_truth_by_lambda(spatial):
+    from nnunet_semi.components.mixing import mixup_targets
+
+    pseudo = torch.randint(0, 3, (2, 1, *spatial))
+    partner = torch.randint(0, 3, (2, 1, *spatial))
+    partner[0].view(-1)[0] = 9  # unannotated (ignore label 9): the pseudo label alone
+    target = mixup_targets(pseudo, partner, torch.tensor([0.7, 1.0]), 3, ignore_label=9)
+    assert target.shape == (2, 3, *spatial)
+    torch.testing.assert_close(target.sum(1), torch.ones(2, *spatial))
+    p, q, t = pseudo[0, 0].flatten(), partner[0, 0].flatten(), target[0].flatten(1)
+    for v in range(p.numel()):
+        expected = torch.zeros(3)
+        if q[v] == 9:
+            expected[p[v]] = 1.0
+        else:
+            expected[p[v]] += 0.7
+            expected[q[v]] += 0.3
+        torch.testing.assert_close(t[:, v], expected)
+    # lambda 1: the pseudo label alone
+    torch.testing.assert_close(target[1], torch.nn.functional.one_hot(pseudo[1, 0], 3).movedim(-1, 0).float())
