@@ -80,18 +80,30 @@ def device_description(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores)"
 
 
-def provenance(device: torch.device) -> dict:
-    """Commit, versions, device and time of a benchmark run. The commit is git's, else ``$NNUNET_SEMI_COMMIT``
-    (a checkout copied without its .git, e.g. to an offline GPU machine), else "unknown"."""
-    import os
-    from importlib.metadata import version
+def code_commit() -> str:
+    """The commit of the code that runs: git's short hash, ``<sha>-dirty`` when the package's tracked files
+    (``nnunet_semi/``, ``trainers/``, ``pyproject.toml``) differ from it; else ``$NNUNET_SEMI_COMMIT`` (a checkout
+    copied without its .git, e.g. to an offline GPU machine), else "unknown". Result folders inside the checkout do
+    not count: the code is what a row's numbers depend on."""
+    root = dirname(dirname(nnunet_semi.__file__))
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=dirname(dirname(nnunet_semi.__file__)),
-                                capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD").stdout.strip()
+        if commit and git("diff", "--quiet", "HEAD", "--", "nnunet_semi", "trainers", "pyproject.toml").returncode:
+            commit += "-dirty"
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    commit = commit or os.environ.get("NNUNET_SEMI_COMMIT") or "unknown"
+    return commit or os.environ.get("NNUNET_SEMI_COMMIT") or "unknown"
+
+
+def provenance(device: torch.device) -> dict:
+    """Commit (``code_commit``), versions, device and time of a benchmark run."""
+    from importlib.metadata import version
+
+    commit = code_commit()
     return {"commit": commit, "nnunet_semi": nnunet_semi.__version__, "nnunetv2": version("nnunetv2"),
             "torch": torch.__version__, "device": device_description(device),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
