@@ -263,7 +263,7 @@ def benchmark_entry(argv=None) -> None:
         p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
         p.add_argument("-o", required=True, help="output folder")
         p.add_argument("--tiny", action="store_true", help="generated tiny dataset and network: minutes on 2 CPU cores")
-    quality.add_argument("--num_labeled", nargs="+", default=["8"], help="labeled counts, and 'all'")
+    quality.add_argument("--num_labeled", nargs="+", default=["8"], help="labeled counts (positive integers), and 'all'")
     for p in (quality, speed):
         p.add_argument("-v", "--verbose", action="store_true",
                        help="stream nnU-Net's output of every run here (default: a log file per run in -o/logs, its "
@@ -354,6 +354,7 @@ def benchmark_entry(argv=None) -> None:
         return
     trainers = args.tr or semi_trainers()
     dataset, plans = args.d, args.p
+    _check_benchmark_input(args, trainers)  # all of it, before anything is generated, planned or written
     if args.command == "quality" and (args.jobs < 1 or args.repeats < 1 or args.method_repeats < 1):
         raise SemiInputError(f"--jobs {args.jobs}: give at least 1 (1 trains one run after the other)."  # before
                              if args.jobs < 1 else f"--repeats {args.repeats} --method_repeats "  # anything is written
@@ -390,6 +391,37 @@ def benchmark_entry(argv=None) -> None:
                             compute_only=args.compute_only, verbose=args.verbose,
                             stop_on_failure=args.stop_on_failure)
         print(open(join(args.o, "speed.md")).read())
+
+
+def _check_benchmark_input(args, trainers: list[str]) -> None:
+    """Every option of quality and speed that can be checked without the data: trainers resolved, counts, fold,
+    label folder, the optional dependency. Raises ``SemiInputError`` (one line) before anything is written."""
+    from nnunet_semi.tools.benchmark.common import resolve_trainer
+
+    for name in trainers:
+        if name != "selftrain":  # offline self-training is stock trainings, refused by speed below
+            resolve_trainer(name)
+    if args.command != "quality":
+        return
+    from nnunet_semi.tools.benchmark.quality import require_medpy
+
+    require_medpy()
+    for count in args.num_labeled:
+        if count != "all" and not (count.isdigit() and int(count) > 0):
+            raise SemiInputError(f"--num_labeled {count}: neither a positive number of labeled cases nor 'all'.")
+    args.num_labeled = [c if c == "all" else str(int(c)) for c in args.num_labeled]
+    if args.f < 0:
+        raise SemiInputError(f"-f {args.f}: give a fold index (0, 1, ...).")
+    if args.num_val and args.f != 0:
+        raise SemiInputError(f"-f {args.f} with --num_val: the held-out split has one fold, 0.")
+    if args.test_labels is not None and not os.path.isdir(args.test_labels):
+        raise SemiInputError(f"--test_labels {args.test_labels} is not a folder.")
+    for option in ("epochs", "iterations"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            raise SemiInputError(f"--{option} {getattr(args, option)}: give at least 1.")
+    if args.warm_start and "all" in args.num_labeled and len(args.num_labeled) == 1:
+        raise SemiInputError("--warm_start with --num_labeled all only: a warm start continues a labeled subset's "
+                             "stock run; give a labeled count.")
 
 
 def _planning_output(args):

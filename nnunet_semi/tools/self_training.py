@@ -286,6 +286,24 @@ def run_logged(command: list[str], log_file: str) -> None:
                              f"same command again to resume from this step.")
 
 
+def _check_nnunet_finds(trainer: str, option: str) -> None:
+    """``nnUNetv2_train -tr trainer`` would find the class (nnU-Net's lookup, ``nnUNet_extTrainer`` included), else
+    a one-line ``SemiInputError`` before anything runs."""
+    import contextlib
+    import io
+
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            found = recursive_find_trainer_class_by_name(trainer)
+    except RuntimeError:
+        found = None
+    if found is None:
+        raise SemiInputError(f"{option} {trainer}: nnUNetv2_train finds no such trainer (a plugin trainer needs "
+                             f'export nnUNet_extTrainer="$(nnUNetv2_semi_trainer_dir)").')
+
+
 def _train_command(dataset: int | str, configuration: str, fold: int, trainer: str, plans: str, device: str,
                    output_folder: str, pretrained_weights: str | None = None) -> list[str] | None:
     """nnUNetv2_train for a run, ``--c`` when a checkpoint is there to resume (nnU-Net refuses ``--c`` with
@@ -357,6 +375,9 @@ def self_train(source: int | str, teacher: str, first_id: int, name: str, *, rou
     source_name = resolve_dataset_name(source)
     results = require_env_folder("nnUNet_results")
     raw_root = require_env_folder("nnUNet_raw")
+    for option, trainer in (("-tr", teacher), ("--student", student), ("--finetune", finetune)):
+        if trainer is not None:
+            _check_nnunet_finds(trainer, option)
     log_file = join(results, source_name, f"selftrain_{name}.log")
     os.makedirs(join(results, source_name), exist_ok=True)
 

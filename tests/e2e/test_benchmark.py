@@ -211,3 +211,36 @@ def test_quality_warm_start_pairs_every_trainer_against_the_control_continued_th
 def _mean_dice(rows, trainer, repeat):
     return 100 * np.mean([float(r["dice"]) for r in rows if r["trainer"] == trainer and r["repeat"] == repeat
                           and r["warm_start_from"]])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quality", "-tr", "nnUNetTrainerNoSuch"], "-tr nnUNetTrainerNoSuch: no such trainer"),
+    (["speed", "-tr", "nnUNetTrainerNoSuch"], "-tr nnUNetTrainerNoSuch: no such trainer"),
+    (["quality", "--num_labeled", "abc"], "--num_labeled abc: neither a positive number of labeled cases nor 'all'"),
+    (["quality", "--num_labeled", "4", "0"], "--num_labeled 0: neither a positive number"),
+    (["quality", "-f", "-1"], "-f -1: give a fold index"),
+    (["quality", "-f", "1", "--num_val", "4"], "-f 1 with --num_val: the held-out split has one fold, 0"),
+    (["quality", "--test_labels", "/nonexistent/labelsTs"], "--test_labels /nonexistent/labelsTs is not a folder"),
+    (["quality", "--epochs", "0"], "--epochs 0: give at least 1"),
+    (["quality", "--method_repeats", "0"], "--method_repeats 0: give at least 1 each"),
+])
+def test_benchmark_input_is_checked_before_anything_is_written(tmp_path, capsys, argv, message):
+    """With --tiny, an unchecked option would first generate, plan and preprocess a dataset into -o."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv[:1] + ["--tiny", "-o", str(tmp_path / "out")] + argv[1:])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and error == [f"nnUNetv2_semi_benchmark: error: {error[0].split(': ', 2)[2]}"]
+    assert message in error[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_benchmark_without_medpy_is_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "medpy" else
+                        real_find_spec(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quality", "--tiny", "-o", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "pip install 'nnunet-semi[benchmark]'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -282,3 +282,21 @@ def test_the_benchmark_scores_selftrain_like_a_trainer_and_counts_all_its_traini
     assert (students[1] / "fold_0" / "checkpoint_final.pth").is_file()
     assert sorted(p.name for p in semi_dataset.raw.iterdir() if "_selftrain_" in p.name) == derived
     assert len(again) == len(rows)
+
+
+@pytest.mark.parametrize("option", ["-tr", "--student", "--finetune"])
+def test_selftrain_refuses_a_trainer_nnunet_cannot_find_before_writing_anything(semi_dataset, capsys, option,
+                                                                                monkeypatch):
+    from nnunet_semi.cli import selftrain_entry
+
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    trainers = {"-tr": "nnUNetTrainer", "--student": "nnUNetTrainer", "--finetune": "nnUNetTrainer_50epochs"}
+    trainers[option] = "nnUNetTrainerMeanTeacher"  # a plugin trainer, but nnUNet_extTrainer is not set
+    before = sorted(p.name for p in semi_dataset.results.iterdir())
+    with pytest.raises(SystemExit) as info:
+        selftrain_entry(["-d", str(DATASET_ID), *[a for o, t in trainers.items() for a in (o, t)], "-o_id", "995",
+                         "-o_name", "Self", "-device", "cpu"])
+    error = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and error.startswith(f"nnUNetv2_semi_selftrain: error: {option} "
+                                                     f"nnUNetTrainerMeanTeacher: nnUNetv2_train finds no such trainer")
+    assert sorted(p.name for p in semi_dataset.results.iterdir()) == before

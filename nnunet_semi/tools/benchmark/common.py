@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 import nnunet_semi
+from nnunet_semi.errors import SemiInputError
 from nnunet_semi.tools.progress import EpochProgressFile
 
 BASELINE_TRAINER = "nnUNetTrainer"
@@ -23,14 +24,26 @@ TINY_DATASET_ID = 994
 
 
 def resolve_trainer(name: str) -> type:
-    """A trainer class by name: nnU-Net's own, then the plugin's (no nnUNet_extTrainer needed here)."""
+    """A trainer class by name: the plugin's, then nnU-Net's own (and ``nnUNet_extTrainer``'s); an unknown name is a
+    one-line ``SemiInputError``."""
+    import contextlib
+    import io
+
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     import nnunet_semi.methods
 
     if hasattr(nnunet_semi.methods, name):
         return getattr(nnunet_semi.methods, name)
-    return recursive_find_trainer_class_by_name(name)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints every folder it searches
+            found = recursive_find_trainer_class_by_name(name)
+    except RuntimeError:
+        found = None
+    if found is None:
+        raise SemiInputError(f"-tr {name}: no such trainer (neither the plugin's, e.g. {', '.join(semi_trainers())}, "
+                             f"nor nnU-Net's, nor one in nnUNet_extTrainer).")
+    return found
 
 
 def with_schedule(trainer_cls: type, epochs: int, iterations: int, val_iterations: int, tag: str,
