@@ -156,12 +156,13 @@ def pseudolabel_dataset(source: int | str, trainer: str, configuration: str, new
                         case_threshold: float = 0.0, mask_uncertain: bool = True, copy_images: bool = False,
                         checkpoint: str = "checkpoint_final.pth", device: str = "cpu", use_mirroring: bool = True,
                         num_processes: int = 1, model_folder: str | None = None,
-                        trainer_class: type | None = None) -> dict:
+                        trainer_class: type | None = None, splits_file: str | None = None) -> dict:
     """Write ``Dataset<new_id>_<new_name>`` in nnUNet_raw: the source's fold ``fold`` with its unlabeled cases
     pseudo-labeled by the trained model ``trainer__plans__configuration`` of the source dataset (its ``folds``, all
     by default), or by the model in ``model_folder`` (a student trained on an earlier derived dataset).
     ``trainer_class`` builds the network where nnU-Net cannot find the checkpoint's trainer by name (the
-    benchmark's scheduled classes).
+    benchmark's scheduled classes). ``splits_file``: the split whose fold ``fold`` is read (default the source's
+    ``splits_final.json``; the benchmark passes its own copy).
 
     Returns:
         ``{"dataset": folder, "kept": [...], "left_out": [...], "table": csv path}``.
@@ -184,7 +185,7 @@ def pseudolabel_dataset(source: int | str, trainer: str, configuration: str, new
     model_folder = model_folder or join(require_env_folder("nnUNet_results"), name,
                                         f"{trainer}__{plans}__{configuration}")
     use_folds = _model_folds(model_folder, folds, checkpoint)
-    splits_file = join(require_env_folder("nnUNet_preprocessed"), name, "splits_final.json")
+    splits_file = splits_file or join(require_env_folder("nnUNet_preprocessed"), name, "splits_final.json")
     if not isfile(splits_file):
         raise SemiInputError(f"{splits_file} does not exist: the fold's labeled, validation and unlabeled cases come "
                              f"from it (nnUNetv2_semi_split writes one).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -148,9 +149,11 @@ def test_tiny_cell_trains_scores_and_packs_everything_into_the_output_folder(tmp
     assert "nnUNetTrainerMeanTeacher" in (out / "results.md").read_text()
     with tarfile.open(archive) as tar:
         names = tar.getnames()
-    for run in ("nnUNetTrainer__bench_2lab_1x4", "nnUNetTrainerMeanTeacher__bench_2lab_1x4"):
+    data = next(m.group(1) for n in names  # the hash of the runs' data identity in their names
+                if (m := re.fullmatch(r"runs/nnUNetTrainer__bench_2lab_1x4_([0-9a-f]{6})/scores.csv", n)))
+    for run in (f"nnUNetTrainer__bench_2lab_1x4_{data}", f"nnUNetTrainerMeanTeacher__bench_2lab_1x4_{data}"):
         assert f"runs/{run}/scores.csv" in names and f"runs/{run}/curves.csv" in names
-    assert "runs/nnUNetTrainerMeanTeacher__bench_2lab_1x4/ema_pair_scores.csv" in names
+    assert f"runs/nnUNetTrainerMeanTeacher__bench_2lab_1x4_{data}/ema_pair_scores.csv" in names
     assert "cell.json" in names and not any(n.startswith("predictions") for n in names)
 
 
@@ -185,8 +188,8 @@ def test_cell_deadline_stops_training_cleanly_and_returns_the_logs_so_far(tmp_pa
     with tarfile.open(out / "tiny-long.tar.gz") as tar:
         names = tar.getnames()
     for run in ("nnUNetTrainer__bench_2lab_10000x4", "nnUNetTrainerMeanTeacher__bench_2lab_10000x4"):
-        assert any(n.startswith(f"unfinished/{run}/training_log") for n in names), names
-        assert f"runs/{run}/scores.csv" not in names
+        assert any(re.match(rf"unfinished/{run}_[0-9a-f]{{6}}/training_log", n) for n in names), names
+        assert not any(n.startswith(f"runs/{run}_") and n.endswith("scores.csv") for n in names)
     time.sleep(1)
     assert _processes_with_env(str(cell_work)) == []  # the runs' processes and their loaders are gone
     results = cell_work / "tiny_dataset" / "nnUNet_results"

@@ -35,6 +35,13 @@ from nnunet_semi.tools.benchmark.common import (
     with_schedule,
 )
 from nnunet_semi.tools.benchmark.statistics import paired_comparison
+from nnunet_semi.tools.benchmark.workspace import (
+    check_identity,
+    data_identity,
+    files_digest,
+    link_preprocessed_copy,
+    short_hash,
+)
 from nnunet_semi.tools.progress import CommandProgress, captured_output, console_stream, log_tail
 from nnunet_semi.trainer.plotting import isolated_style
 
@@ -118,7 +125,8 @@ def _train(trainer_cls: type, plans: dict, configuration: str, fold: int, datase
 def _train_side_by_side(runs: list[tuple[str, tuple]], jobs: int, plans: dict, configuration: str, fold: int,
                         dataset_json: dict, device: torch.device, stop_at: float | None = None,
                         progress: CommandProgress | None = None, index: dict | None = None,
-                        run_log=lambda run_name: None) -> tuple[list[str], list[tuple[str, Exception]]]:
+                        run_log=lambda run_name: None, environment: dict | None = None
+                        ) -> tuple[list[str], list[tuple[str, Exception]]]:
     """Train ``runs`` ((trainer name, ``with_schedule`` arguments)) in up to ``jobs`` worker processes at once.
 
     Each worker leads a process group of its own (its data-loading workers inside), so that a run stopped at
@@ -158,7 +166,8 @@ def _train_side_by_side(runs: list[tuple[str, tuple]], jobs: int, plans: dict, c
                     watches[process.name] = contextlib.ExitStack()
                     watches[process.name].enter_context(progress.watch(
                         index[run_name], _fold_folder(trainer_cls, plans, configuration, fold)))
-                process.start()
+                with _environment(environment or {}):  # spawn copies it: nnU-Net reads its paths at import
+                    process.start()
                 active[process.sentinel] = process
             timeout = None if stop_at is None else max(0.0, stop_at - time.time())
             for sentinel in wait(list(active), timeout):
@@ -183,6 +192,21 @@ def _train_side_by_side(runs: list[tuple[str, tuple]], jobs: int, plans: dict, c
     return [], failed
 
 
+@contextlib.contextmanager
+def _environment(variables: dict):
+    """``os.environ`` with ``variables`` set, restored afterwards."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _run_name(name: str, schedule: tuple, classes: dict | None = None) -> str:
     return with_schedule(classes[name] if classes else resolve_trainer(name), *schedule).__name__
 
@@ -203,9 +227,16 @@ def _train_worker(name: str, schedule: tuple, plans: dict, configuration: str, f
     os.setpgrp()  # its own process group: a deadline kills the run with its data-loading workers
     os.environ["nnUNet_n_proc_DA"] = str(data_loaders)
     torch.set_num_threads(threads)
+    import traceback
+
     trainer_cls = with_schedule(resolve_trainer(name), *schedule)
     with captured_output(log_file):
-        return _train(trainer_cls, plans, configuration, fold, dataset_json, torch.device(device))
+        try:
+            return _train(trainer_cls, plans, configuration, fold, dataset_json, torch.device(device))
+        except BaseException:
+            traceback.print_exc()  # into the run's log, which the failure report quotes
+            sys.stderr.flush()
+            raise
 
 
 def _predict(trainer_cls: type, output_folder: str, plans: dict, configuration: str, dataset_json: dict,
@@ -532,6 +563,27 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
     info = provenance(device)
     val_iterations = val_iterations if val_iterations is not None else max(1, iterations // 5)
     os.makedirs(join(out_dir, "runs"), exist_ok=True)
+    # the benchmark's own copy of the preprocessed folder: its trainings read the split from there, the dataset's
+    # splits_final.json is never written (workspace.py)
+    workspace_root = join(out_dir, "nnunet_preprocessed")
+    workspace = link_preprocessed_copy(preprocessed, workspace_root)
+    count_splits = {}
+    for count in num_labeled:
+        if count == "all":  # the full split: stock nnU-Net on every label, the upper bound
+            full = full_splits(preprocessed, raw)
+            count_splits[count] = holdout_split(full, num_val) if num_val is not None else full  # same held-out
+        else:
+            count_splits[count] = make_labeled_split(dataset_name, int(count), order, seed, num_val=num_val,
+                                                     write_to=workspace)
+        if fold >= len(count_splits[count]):
+            raise SemiInputError(f"-f {fold}: the split of {count} labeled has folds 0 to "
+                                 f"{len(count_splits[count]) - 1}.")
+    test_digest = files_digest(test_labels, dataset_json["file_ending"])
+    data_identities = {count: data_identity(splits[fold], order, seed, num_val, test_digest)
+                       for count, splits in count_splits.items()}
+    # in every row: what of the data identity a table needs (the split's hash stands for its cases)
+    data_columns = {count: {"order": order, "split": short_hash(identity["split"]), "test_labels": test_digest}
+                    for count, identity in data_identities.items()}
     if rampup_iterations is not None:
         print(f"unsupervised ramp for every method: sigmoid over {rampup_iterations} iterations "
               f"(of {epochs * iterations})")
@@ -547,29 +599,39 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
 
     def count_runs(count: str) -> list[tuple[str, int, tuple]]:
         """(name, repeat, schedule arguments of with_schedule) of one labeled count's runs, every run after the runs
-        it starts from."""
-        base = f"bench_{count}lab_{epochs}x{iterations}"
+        it starts from. Names: ``bench_<N>lab_<E>x<I>[_ramp<R>][_warm]_<hash of the data identity>[_r<k>]``."""
+        data = short_hash(data_identities[count])
+
+        def tag(extra: str = "") -> str:
+            return f"bench_{count}lab_{epochs}x{iterations}{extra}_{data}"
 
         def ramped(name: str) -> str:  # stock has no ramp: its runs keep their names and are shared
             return run_suffix if hasattr(classes[name], "unsup_rampup_iterations") else ""
 
         if count == "all":
-            return [(BASELINE_TRAINER, r, schedule_of(r, base)) for r in range(repeats)]
+            return [(BASELINE_TRAINER, r, schedule_of(r, tag())) for r in range(repeats)]
         if not warm_start:
-            return [(name, r, schedule_of(r, base + ramped(name))) for name in all_trainers
+            return [(name, r, schedule_of(r, tag(ramped(name)))) for name in all_trainers
                     for r in range(repeats if name == BASELINE_TRAINER else method_repeats)]
         stock_seeds = 2 if BASELINE_TRAINER in peer_sources.values() else 1
-        runs = [(BASELINE_TRAINER, r, schedule_of(r, base)) for r in range(stock_seeds)]
-        runs += [(source, 0, schedule_of(0, base))
+        runs = [(BASELINE_TRAINER, r, schedule_of(r, tag())) for r in range(stock_seeds)]
+        runs += [(source, 0, schedule_of(0, tag()))
                  for source in dict.fromkeys(peer_sources.values()) if source not in (None, BASELINE_TRAINER)]
         start = checkpoint_of(BASELINE_TRAINER, runs[0][2])
         for name in [CONTROL_TRAINER] + methods:
             source = peer_sources.get(name)
             peer = None if source is None else checkpoint_of(
-                source, schedule_of(1 if source == BASELINE_TRAINER else 0, base))
-            runs += [(name, r, schedule_of(r, f"{base}_warm{ramped(name)}", (start, peer)))
+                source, schedule_of(1 if source == BASELINE_TRAINER else 0, tag()))
+            runs += [(name, r, schedule_of(r, tag(f"{ramped(name)}_warm"), (start, peer)))
                      for r in range(repeats if name == CONTROL_TRAINER else method_repeats)]
         return runs
+
+    def identity_of(name: str, count: str, schedule: tuple) -> dict:
+        """Everything a run's numbers depend on besides the code (``workspace``): recorded and checked."""
+        return {"dataset": dataset_name, "plans": plans_identifier, "configuration": configuration, "fold": fold,
+                "trainer": name, "num_labeled": count, **data_identities[count], "epochs": epochs,
+                "iterations_per_epoch": iterations, "val_iterations_per_epoch": val_iterations,
+                "rampup_iterations": rampup_iterations, "run_seed": schedule[5], **_warm_start_columns(schedule[-1])}
 
     planned = {count: count_runs(count) for count in num_labeled}
     entries, index = [], {}  # the progress display's runs; run name -> its position there
@@ -589,6 +651,14 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
     def run_log(run_name: str) -> str | None:
         return None if verbose else join(out_dir, "logs", f"{run_name}.txt")
 
+    for count, runs in planned.items():  # a folder of another identity is refused before anything trains
+        for name, _, schedule in runs:
+            run_dir, identity = join(out_dir, "runs", _run_name(name, schedule, classes)), identity_of(name, count,
+                                                                                                     schedule)
+            results_dir = os.path.dirname(checkpoint_of(name, schedule))
+            for folder, what in ((run_dir, "the run folder"), (results_dir, "the nnUNet_results folder")):
+                if isdir(folder):
+                    check_identity(folder, identity, what)
     rows, member_rows, failures = [], [], []
     # runs of earlier commands into the same folder stay in its tables; this command's own are recomputed
     own_runs = {key for key in index if isinstance(key, str)}
@@ -620,30 +690,29 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
             raise SemiRunsFailed(failures) from error
 
     for count, runs in planned.items():
-        if count == "all":  # the full split: stock nnU-Net on every label, the upper bound
-            full = full_splits(preprocessed, raw)
-            if num_val is not None:  # the same held-out cases as the labeled subsets
-                full = holdout_split(full, num_val)
-            save_json_atomic(full, join(preprocessed, SPLITS_FILE))
-            split = full[fold]
-        else:
-            split = make_labeled_split(dataset_name, int(count), order, seed, num_val=num_val)[fold]
+        save_json_atomic(count_splits[count], join(workspace, SPLITS_FILE))  # the benchmark's copy, not the dataset's
+        split = count_splits[count][fold]
         cases = _held_out_cases(raw, dataset_json, split, test_labels)
         stopped, side_failed = [], set()
-        if jobs > 1 or stop_training_at is not None:  # this count's split is on disk: train its runs first
-            pending = [(name, schedule) for name, _, schedule in runs
-                       if not isfile(join(out_dir, "runs", _run_name(name, schedule, classes), "scores.csv"))]
-            # the runs others start from (warm-start mode) finish before those start
-            for phase in ([p for p in pending if p[1][-1] is None], [p for p in pending if p[1][-1] is not None]):
-                if stopped:  # the deadline came in the first phase
-                    stopped += [_run_name(name, schedule, classes) for name, schedule in phase]
-                    continue
-                stopped, side_failures = _train_side_by_side(
-                    phase, jobs, plans, configuration, fold, dataset_json, device, stop_training_at,
-                    progress=progress, index=index, run_log=run_log)
-                for run_name, error in side_failures:
-                    failed(run_name, error)
-                side_failed |= {run_name for run_name, _ in side_failures}
+        # every training in a worker process, which reads the benchmark's split (workspace.py); finished ones skipped
+        pending = [(name, schedule) for name, _, schedule in runs
+                   if not isfile(join(out_dir, "runs", _run_name(name, schedule, classes), "scores.csv"))
+                   and not isfile(checkpoint_of(name, schedule))]
+        for name, schedule in pending:  # recorded where the run trains
+            check_identity(os.path.dirname(checkpoint_of(name, schedule)), identity_of(name, count, schedule),
+                           "the nnUNet_results folder")
+        # the runs others start from (warm-start mode) finish before those start
+        for phase in ([p for p in pending if p[1][-1] is None], [p for p in pending if p[1][-1] is not None]):
+            if stopped:  # the deadline came in the first phase
+                stopped += [_run_name(name, schedule, classes) for name, schedule in phase]
+                continue
+            stopped, side_failures = _train_side_by_side(
+                phase, jobs, plans, configuration, fold, dataset_json, device, stop_training_at,
+                progress=progress, index=index, run_log=run_log,
+                environment={"nnUNet_preprocessed": workspace_root})
+            for run_name, error in side_failures:
+                failed(run_name, error)
+            side_failed |= {run_name for run_name, _ in side_failures}
         for name, repeat, schedule in runs:
             trainer_cls = with_schedule(classes[name], *schedule)
             run_dir = join(out_dir, "runs", trainer_cls.__name__)
@@ -676,7 +745,7 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                       "num_val": len(cases) if test_labels is None else "", "epochs": epochs,
                       "iterations_per_epoch": iterations,
                       "rampup_iterations": "" if rampup_iterations is None else rampup_iterations,
-                      "seed": seed + repeat, **_warm_start_columns(schedule[-1]),
+                      "seed": seed + repeat, **_warm_start_columns(schedule[-1]), **data_columns[count],
                       "evaluated_on": "imagesTs" if test_labels else f"fold {fold} val", **(extra_columns or {}),
                       **info}
             try:
@@ -685,6 +754,7 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                                                 labels, out_dir, raw, predict_test, common, progress,
                                                 index[trainer_cls.__name__])
                     rows += run_rows
+                    check_identity(run_dir, identity_of(name, count, schedule), "the run folder")  # recorded
                     if score_members:
                         member_rows += _score_members(trainer_cls, run_rows[0], run_dir, cases, out_dir, plans,
                                                       configuration, dataset_json, labels, device, progress,
@@ -703,8 +773,9 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                     dataset_name, count, teacher_schedule, selftrain_rounds, plans, plans_identifier,
                     configuration, fold, dataset_json, cases, labels, out_dir, raw, device, predict_test, stop_at,
                     {"num_val": len(cases) if test_labels is None else "", "rampup_iterations": "",
-                     "evaluated_on": "imagesTs" if test_labels else f"fold {fold} val", **(extra_columns or {}),
-                     **info}, progress, index, log, warm_start)
+                     "evaluated_on": "imagesTs" if test_labels else f"fold {fold} val", **data_columns[count],
+                     **(extra_columns or {}), **info}, progress, index, log, warm_start,
+                    splits_file=join(workspace, SPLITS_FILE))
             except Exception as error:
                 failed(run_name, error)
                 selftrain_rows = []
@@ -797,7 +868,7 @@ def _self_training_run(dataset_name: str, count: str, teacher_schedule: tuple, r
                        plans_identifier: str, configuration: str, fold: int, dataset_json: dict, cases: dict,
                        labels: list[int], out_dir: str, raw: str, device: torch.device, predict_test: bool,
                        stop_at: float | None, columns: dict, progress: CommandProgress, index: dict,
-                       log: str | None, warm: bool = False) -> list[dict]:
+                       log: str | None, warm: bool = False, splits_file: str | None = None) -> list[dict]:
     """``selftrain`` in the trainer list: offline self-training scored like every trainer.
 
     The teacher is this count's first stock run (trained here if its checkpoint is not on this machine). Each round
@@ -828,8 +899,10 @@ def _self_training_run(dataset_name: str, count: str, teacher_schedule: tuple, r
     stock = resolve_trainer(BASELINE_TRAINER)
     teacher_cls = with_schedule(stock, *teacher_schedule)
     with captured_output(log):
-        teacher_folder = _watched_train(teacher_cls, plans, configuration, fold, dataset_json, device, progress,
-                                        index[teacher_cls.__name__])
+        teacher_folder = _fold_folder(teacher_cls, plans, configuration, fold)  # trained with the count's runs
+        if not isfile(join(teacher_folder, "checkpoint_final.pth")):
+            raise RuntimeError(f"its teacher, {teacher_cls.__name__} (stock nnU-Net's first run), did not finish "
+                               f"training")
         seconds = training_seconds(teacher_folder)
         os.makedirs(run_dir, exist_ok=True)
         commands_log = join(run_dir, "selftrain_commands.log")
@@ -843,7 +916,8 @@ def _self_training_run(dataset_name: str, count: str, teacher_schedule: tuple, r
                 progress.message(f"{run_name}: round {round_index}, pseudo labels of {model_folder} -> {derived}")
                 pseudolabel_dataset(dataset_name, BASELINE_TRAINER, configuration, derived_id, name,
                                     plans=plans_identifier, fold=fold, folds=model_folds, device=device.type,
-                                    num_processes=1, model_folder=model_folder, trainer_class=model_cls)
+                                    num_processes=1, model_folder=model_folder, trainer_class=model_cls,
+                                    splits_file=splits_file)
             prepare_student_dataset(dataset_name, derived_id, plans_identifier, configuration, 1,
                                     lambda command: run_logged(command, commands_log))
             student_plans, student_json = load_plans_and_dataset_json(

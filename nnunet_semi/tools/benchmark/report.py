@@ -75,7 +75,9 @@ def merge_results(folders: list[str], out_dir: str) -> list[dict]:
         pairs += [r | label for r in run["pairs"]]
         provenance.append((label["num_labeled"], label["trainer"], _repeat(first), first.get("commit", ""),
                            first.get("device", ""), first.get("date", ""), first.get("seed", ""),
-                           first.get("rampup_iterations", ""), run["run"], run["folder"]))
+                           first.get("rampup_iterations", ""), _known(first, "order"), _known(first, "split"),
+                           first.get("warm_start_from", "") or "scratch", run["run"], run["folder"]))
+    _check_one_split_per_group(rows)
     os.makedirs(out_dir, exist_ok=True)
     _write_csv(rows, join(out_dir, "results.csv"))
     summary = summarize(rows)
@@ -100,14 +102,34 @@ def merge_results(folders: list[str], out_dir: str) -> list[dict]:
     lines += seed_table(rows)
     lines += member_tables(pairs)
     lines += ["", "Provenance of every run.", "",
-              "| labeled · schedule | trainer | repeat | commit | device | date | seed | ramp | run | folder |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| labeled · schedule | trainer | repeat | commit | device | date | seed | ramp | order | split | start | "
+              "run | folder |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {' | '.join(str(v) for v in entry)} |" for entry in sorted(provenance, key=str)]
     lines += ["", *_missing_cells(rows)]
     with open(join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot_results(first_runs(rows), summary, join(out_dir, "results.png"))
     return rows
+
+
+def _known(row: dict, key: str) -> str:
+    """A run's identity field, or "unknown" where its folder predates the field (never guessed)."""
+    return str(row.get(key) or "unknown")
+
+
+def _check_one_split_per_group(rows: list[dict]) -> None:
+    """Runs paired in one table group must share their split: a one-line error naming the two splits where the
+    known split hashes of a group differ (older runs, whose split is unknown, are not refused)."""
+    splits = {}
+    for r in rows:
+        if r.get("split"):
+            splits.setdefault(r["num_labeled"], {}).setdefault(r["split"], r["source"])
+    for group, found in splits.items():
+        if len(found) > 1:
+            raise SemiInputError(f"the runs of {group} were trained on different splits ("
+                                 + ", ".join(f"{split} in {folder}" for split, folder in found.items())
+                                 + "): they cannot be paired; report them from separate folders.")
 
 
 def _variant(row: dict) -> tuple[str, str]:
