@@ -244,3 +244,19 @@ def test_report_pairs_warm_runs_against_the_control_apart_from_the_runs_from_scr
     assert "| 89.50, 89.00 |" in seeds and seeds.endswith("| beats |")
     missing = next(line for line in md.splitlines() if line.startswith("Cells still missing: "))
     assert "`nnUNetTrainerSGRS` at 4 · 15x100 · warm" in missing and "`nnUNetTrainer` at" not in missing
+
+
+def test_multi_class_runs_are_paired_per_case_with_per_class_tables_beside(tmp_path):
+    """Two foreground classes: one paired sample per case (the mean over its classes), not per case and class, and
+    a per-class table; the seeds column marks a single run as such."""
+    rows = []
+    for trainer, dice in (("nnUNetTrainer", {1: [0.8, 0.8, 0.8], 2: [0.6, 0.6, 0.6]}),
+                          ("nnUNetTrainerCPS", {1: [0.9, 0.9, 0.9], 2: [0.6, 0.6, 0.6]})):
+        for label, values in dice.items():
+            for row in _rows(trainer, values, "aaaa"):
+                rows.append(row | {"class": label})
+    write_results(rows, str(tmp_path))
+    md = (tmp_path / "results.md").read_text()
+    assert "| 4 | nnUNetTrainerCPS | 3 | +5.00 | +5.00 | 3 | 0 |" in md  # N = 3 cases, Δ = (10 + 0) / 2
+    assert "| 4 | nnUNetTrainerCPS | 1 | 90.00 | +10.00 |" in md and "| 4 | nnUNetTrainerCPS | 2 | 60.00 | +0.00 |" in md
+    assert "| 4 | nnUNetTrainerCPS | network | 75.00 ± 15.00 | +5.00 | 1 (single seed) |" in md

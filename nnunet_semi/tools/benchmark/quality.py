@@ -1017,17 +1017,18 @@ def write_results(rows: list[dict], out_dir: str, member_rows: list[dict] | None
              f"same labeled cases (`warm`: runs warm-started from its first run, gains over {CONTROL_TRAINER}, "
              f"stock nnU-Net continued the same way). Training min: the run's epochs (selftrain: its teacher and "
              f"every student), as measured on this device (side by side with --jobs: while sharing it).", "",
-             "| labeled | trainer | deployed | Dice % | gain | Jaccard % | 95HD mm | ASD mm | 95HD vox | ASD vox | "
-             "training min |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| labeled | trainer | deployed | Dice % | gain | seeds | Jaccard % | 95HD mm | ASD mm | 95HD vox | "
+             "ASD vox | training min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (count, trainer), stats in summary.items():
         cells = [f"{stats[m][0]:.2f} ± {stats[m][1]:.2f}" for m in METRICS]
         gain, seconds = stats.get("gain"), stats["train_seconds"]
         lines.append(f"| {count} | {trainer} | {stats['deployed']} | {cells[0]} | "
-                     f"{'' if gain is None else f'{gain:+.2f}'} | {' | '.join(cells[1:])} | "
+                     f"{'' if gain is None else f'{gain:+.2f}'} | {stats['seeds']} | {' | '.join(cells[1:])} | "
                      f"{'' if seconds is None else f'{seconds / 60:.1f}'} |")
     lines += ["", *paired_table(rows)]
     lines += seed_table(rows)
+    lines += per_class_table(rows)
     ema_pairs, dual_members = split_member_rows(member_rows)
     if ema_pairs:
         _write_csv(ema_pairs, join(out_dir, "ema_pair.csv"))
@@ -1113,8 +1114,33 @@ def first_runs(rows: list[dict]) -> list[dict]:
 
 
 def _dice_by_case(rows: list[dict]) -> dict:
-    """(case, class) -> Dice in % of one run's rows."""
-    return {(r["case"], r["class"]): 100 * float(r["dice"]) for r in rows}
+    """case -> Dice in % of one run's rows, the mean over the case's foreground classes: the paired statistics take
+    one sample per case (a case's classes are not independent samples)."""
+    per_case = {}
+    for r in rows:
+        per_case.setdefault(r["case"], []).append(100 * float(r["dice"]))
+    return {case: float(np.mean(values)) for case, values in per_case.items()}
+
+
+def per_class_table(rows: list[dict]) -> list[str]:
+    """Markdown lines (after a blank line) where any group has several foreground classes: each trainer's mean Dice
+    per class (first runs) and its gain over the group's baseline in that class; nothing for one class."""
+    rows = first_runs(rows)
+    if len({r["class"] for r in rows}) < 2:
+        return []
+    lines = ["", "Per class (first runs): mean Dice % over cases, and the gain over the baseline in that class.", "",
+             "| labeled | trainer | class | Dice % | gain |", "|---|---|---|---|---|"]
+    for count in dict.fromkeys(r["num_labeled"] for r in rows):
+        group = [r for r in rows if r["num_labeled"] == count]
+        reference = baseline_of(group)
+        for trainer in dict.fromkeys(r["trainer"] for r in group):
+            for label in sorted({r["class"] for r in group}, key=str):
+                def mean(name: str) -> float:
+                    values = [100 * float(r["dice"]) for r in group if r["trainer"] == name and r["class"] == label]
+                    return float(np.mean(values)) if values else math.nan
+                gain = "" if trainer == reference else f"{mean(trainer) - mean(reference):+.2f}"
+                lines.append(f"| {count} | {trainer} | {label} | {mean(trainer):.2f} | {gain} |")
+    return lines
 
 
 def table_group(row: dict, label: str | None = None) -> str:
@@ -1219,8 +1245,8 @@ def summarize(rows: list[dict]) -> dict:
     """(labeled count, trainer) -> metric -> (mean, std) with Dice and Jaccard in %, plus 'gain' in Dice points over
     the group's baseline (``baseline_of``) and 'deployed' (what the checkpoint deploys); first runs (repeat 0)
     only."""
-    summary = {}
-    rows = first_runs(rows)  # the repeats are in the paired and seed tables
+    summary, all_rows = {}, rows
+    rows = first_runs(rows)  # the repeats are in the paired and seed tables, their count and spread here
     for key in dict.fromkeys((r["num_labeled"], r["trainer"]) for r in rows):
         selected = [r for r in rows if (r["num_labeled"], r["trainer"]) == key]
         stats = {"deployed": "/".join(sorted({str(r.get("deployed", "")) for r in selected})),
@@ -1232,6 +1258,13 @@ def summarize(rows: list[dict]) -> dict:
             values = values[np.isfinite(values)]
             stats[metric] = (float(values.mean()), float(values.std())) if len(values) else (math.nan, math.nan)
         summary[key] = stats
+    for (count, trainer), stats in summary.items():  # every seed of the trainer: how many, and their spread
+        seeds = {}
+        for r in all_rows:
+            if (r["num_labeled"], r["trainer"]) == (count, trainer):
+                seeds.setdefault(_repeat(r), []).append(100 * float(r["dice"]))
+        means = [float(np.mean(v)) for v in seeds.values()]
+        stats["seeds"] = f"{len(means)}, spread {max(means) - min(means):.2f}" if len(means) > 1 else "1 (single seed)"
     references = {count: baseline_of([r for r in rows if r["num_labeled"] == count])
                   for count in dict.fromkeys(r["num_labeled"] for r in rows)}
     for (count, trainer), stats in summary.items():

@@ -16,6 +16,7 @@ from nnunet_semi.tools.benchmark.quality import (
     first_runs,
     member_tables,
     paired_table,
+    per_class_table,
     plot_results,
     scored_runs,
     seed_table,
@@ -89,17 +90,18 @@ def merge_results(folders: list[str], out_dir: str) -> list[dict]:
              f"Dice points over {BASELINE_TRAINER} of the same labeled count and schedule (`warm`: runs warm-started "
              f"from its first run, over {CONTROL_TRAINER}, stock nnU-Net continued the same way); training min: the "
              f"run's epochs (selftrain: teacher and students), blank for runs scored before it was recorded.", "",
-             "| labeled · schedule | trainer | deployed | Dice % | gain | Jaccard % | 95HD mm | ASD mm | "
+             "| labeled · schedule | trainer | deployed | Dice % | gain | seeds | Jaccard % | 95HD mm | ASD mm | "
              "training min |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for (count, trainer), stats in summary.items():
         gain, seconds = stats.get("gain"), stats["train_seconds"]
         cells = [f"{stats[m][0]:.2f} ± {stats[m][1]:.2f}" for m in ("dice", "jaccard", "hd95_mm", "asd_mm")]
         lines.append(f"| {count} | {trainer} | {stats['deployed']} | {cells[0]} | "
-                     f"{'' if gain is None else f'{gain:+.2f}'} | {' | '.join(cells[1:])} | "
+                     f"{'' if gain is None else f'{gain:+.2f}'} | {stats['seeds']} | {' | '.join(cells[1:])} | "
                      f"{'' if seconds is None else f'{seconds / 60:.1f}'} |")
     lines += ["", *paired_table(rows)]
     lines += seed_table(rows)
+    lines += per_class_table(rows)
     lines += member_tables(pairs)
     lines += ["", "Provenance of every run.", "",
               "| labeled · schedule | trainer | repeat | commit | device | date | seed | ramp | order | split | start | "
