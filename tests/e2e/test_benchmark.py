@@ -56,10 +56,15 @@ def test_quality_tiny(tmp_path, monkeypatch, capsys):
     main(["quality", "--tiny", "-o", str(tmp_path), "-tr", "nnUNetTrainerMeanTeacher"])
     assert user_split.read_bytes() == before and raw
     assert not (user_split.parent / "splits_final.original.json").exists()
-    rows = _rows(tmp_path / "results.csv")
+    every_row = _rows(tmp_path / "results.csv")
+    rows = [r for r in every_row if r["case_set"] == "test"]  # --tiny scores imagesTs with its labels
     assert {(r["trainer"], r["num_labeled"]) for r in rows} == {
         ("nnUNetTrainer", "2"), ("nnUNetTrainerMeanTeacher", "2"), ("nnUNetTrainer", "all")}
     assert len(rows) == 3 * 4  # 4 test cases x 1 foreground class
+    # the fold's validation cases are scored too, apart, as development cases
+    development = [r for r in every_row if r["case_set"] == "development"]
+    assert development and not {r["case"] for r in development} & {r["case"] for r in rows}
+    assert {r["trainer"] for r in development} == {"nnUNetTrainer", "nnUNetTrainerMeanTeacher"}
     for column in ("dice", "jaccard", "hd95_mm", "asd_mm", "hd95_vox", "asd_vox", "commit", "device", "seed",
                    "epochs", "iterations_per_epoch", "case", "class"):
         assert column in rows[0]
@@ -75,6 +80,9 @@ def test_quality_tiny(tmp_path, monkeypatch, capsys):
     assert identity["split"]["train"] == ["case_000", "case_001"] and identity["seed"] == 12345
     md = (tmp_path / "results.md").read_text()
     assert "| 2 | nnUNetTrainerMeanTeacher |" in md and "| all | nnUNetTrainer |" in md
+    headline, development_section = md.split("## Development cases")
+    assert "**Test cases** (4: test_000 … test_003" in headline and "| 2 | nnUNetTrainerMeanTeacher |" in \
+        development_section
     assert (tmp_path / "results.png").stat().st_size > 0
     # finished runs are skipped on a second call
     main(["quality", "--tiny", "-o", str(tmp_path), "-tr", "nnUNetTrainerMeanTeacher"])
@@ -82,7 +90,7 @@ def test_quality_tiny(tmp_path, monkeypatch, capsys):
     # a cell run one trainer at a time: a later command's tables keep the earlier command's runs
     main(["quality", "--tiny", "-o", str(tmp_path), "-tr", "nnUNetTrainer"])
     assert "| 2 | nnUNetTrainerMeanTeacher |" in (tmp_path / "results.md").read_text()
-    assert len(_rows(tmp_path / "results.csv")) == 3 * 4
+    assert len(_rows(tmp_path / "results.csv")) == len(every_row)
     # a folder whose recorded identity differs is refused, never reused
     identity["epochs"] = 7
     (mean_teacher_run / "semi_benchmark_identity.json").write_text(json.dumps(identity))
@@ -280,7 +288,7 @@ def test_quality_warm_start_pairs_every_trainer_against_the_control_continued_th
 
 def _mean_dice(rows, trainer, repeat):
     return 100 * np.mean([float(r["dice"]) for r in rows if r["trainer"] == trainer and r["repeat"] == repeat
-                          and r["warm_start_from"]])
+                          and r["warm_start_from"] and r["case_set"] == "test"])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tarfile
+import textwrap
 import time
 from os.path import basename, dirname, isdir, isfile, join
 
@@ -693,6 +694,8 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
         save_json_atomic(count_splits[count], join(workspace, SPLITS_FILE))  # the benchmark's copy, not the dataset's
         split = count_splits[count][fold]
         cases = _held_out_cases(raw, dataset_json, split, test_labels)
+        # with test labels, the fold's validation cases are scored too, apart: the development cases
+        development = _held_out_cases(raw, dataset_json, split, None) if test_labels else None
         stopped, side_failed = [], set()
         # every training in a worker process, which reads the benchmark's split (workspace.py); finished ones skipped
         pending = [(name, schedule) for name, _, schedule in runs
@@ -746,14 +749,16 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                       "iterations_per_epoch": iterations,
                       "rampup_iterations": "" if rampup_iterations is None else rampup_iterations,
                       "seed": seed + repeat, **_warm_start_columns(schedule[-1]), **data_columns[count],
+                      "case_set": "test" if test_labels else "development",
                       "evaluated_on": "imagesTs" if test_labels else f"fold {fold} val", **(extra_columns or {}),
                       **info}
             try:
                 with captured_output(log):
                     run_rows = _train_and_score(trainer_cls, plans, configuration, fold, dataset_json, device, cases,
                                                 labels, out_dir, raw, predict_test, common, progress,
-                                                index[trainer_cls.__name__])
+                                                index[trainer_cls.__name__], development)
                     rows += run_rows
+                    run_rows = [r for r in run_rows if r["case_set"] == common["case_set"]]  # members: headline
                     check_identity(run_dir, identity_of(name, count, schedule), "the run folder")  # recorded
                     if score_members:
                         member_rows += _score_members(trainer_cls, run_rows[0], run_dir, cases, out_dir, plans,
@@ -774,8 +779,9 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                     configuration, fold, dataset_json, cases, labels, out_dir, raw, device, predict_test, stop_at,
                     {"num_val": len(cases) if test_labels is None else "", "rampup_iterations": "",
                      "evaluated_on": "imagesTs" if test_labels else f"fold {fold} val", **data_columns[count],
-                     **(extra_columns or {}), **info}, progress, index, log, warm_start,
-                    splits_file=join(workspace, SPLITS_FILE))
+                     "case_set": "test" if test_labels else "development", **(extra_columns or {}), **info},
+                    progress, index, log, warm_start, splits_file=join(workspace, SPLITS_FILE),
+                    development_cases=development)
             except Exception as error:
                 failed(run_name, error)
                 selftrain_rows = []
@@ -797,17 +803,25 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
 
 def _train_and_score(trainer_cls: type, plans: dict, configuration: str, fold: int, dataset_json: dict,
                      device: torch.device, cases: dict, labels: list[int], out_dir: str, raw: str,
-                     predict_test: bool, common: dict, progress: CommandProgress, position: int) -> list[dict]:
-    """Train one run (followed on the progress display), predict and score its held-out cases, keep its record;
-    ``scores.csv`` is written last, so that its presence means the run is complete."""
+                     predict_test: bool, common: dict, progress: CommandProgress, position: int,
+                     development_cases: dict | None = None) -> list[dict]:
+    """Train one run (followed on the progress display), predict and score its held-out cases (and, where test
+    cases are scored, the ``development_cases`` apart, ``case_set`` "development"), keep its record; ``scores.csv``
+    is written last, so that its presence means the run is complete."""
     output_folder = _watched_train(trainer_cls, plans, configuration, fold, dataset_json, device, progress, position)
     run_dir = join(out_dir, "runs", trainer_cls.__name__)
     predictions = join(out_dir, "predictions", trainer_cls.__name__)
     _predict(trainer_cls, output_folder, plans, configuration, dataset_json, cases, predictions, device,
-             announce=_announcer(progress, position, "held-out cases"))
+             announce=_announcer(progress, position, f"{common['case_set']} cases"))
     common = common | {"deployed": _deployed_model(output_folder),
                        "train_seconds": round(training_seconds(output_folder), 1)}
     run_rows = _as_written(_score_run(cases, predictions, dataset_json, labels, common))
+    if development_cases:
+        development = join(out_dir, "predictions", f"{trainer_cls.__name__}__development")
+        _predict(trainer_cls, output_folder, plans, configuration, dataset_json, development_cases, development,
+                 device, announce=_announcer(progress, position, "development cases"))
+        run_rows += _as_written(_score_run(development_cases, development, dataset_json, labels,
+                                           common | {"case_set": "development"}))
     os.makedirs(run_dir, exist_ok=True)
     _keep_run_record(output_folder, run_dir)
     if predict_test:
@@ -868,7 +882,8 @@ def _self_training_run(dataset_name: str, count: str, teacher_schedule: tuple, r
                        plans_identifier: str, configuration: str, fold: int, dataset_json: dict, cases: dict,
                        labels: list[int], out_dir: str, raw: str, device: torch.device, predict_test: bool,
                        stop_at: float | None, columns: dict, progress: CommandProgress, index: dict,
-                       log: str | None, warm: bool = False, splits_file: str | None = None) -> list[dict]:
+                       log: str | None, warm: bool = False, splits_file: str | None = None,
+                       development_cases: dict | None = None) -> list[dict]:
     """``selftrain`` in the trainer list: offline self-training scored like every trainer.
 
     The teacher is this count's first stock run (trained here if its checkpoint is not on this machine). Each round
@@ -939,6 +954,12 @@ def _self_training_run(dataset_name: str, count: str, teacher_schedule: tuple, r
                   **_warm_start_columns((join(teacher_folder, "checkpoint_final.pth"), None) if warm else None),
                   **columns, "train_seconds": round(seconds, 1)}
         run_rows = _as_written(_score_run(cases, predictions, dataset_json, labels, common))
+        if development_cases:
+            development = f"{predictions}__development"
+            _predict(student_cls, student_folder, student_plans, configuration, student_json, development_cases,
+                     development, device)
+            run_rows += _as_written(_score_run(development_cases, development, dataset_json, labels,
+                                               common | {"case_set": "development"}))
         _keep_run_record(student_folder, run_dir)
         if predict_test:
             _pack_test_predictions(student_cls, student_folder, student_plans, configuration, student_json, raw,
@@ -1007,8 +1028,8 @@ def write_results(rows: list[dict], out_dir: str, member_rows: list[dict] | None
     _write_csv(rows, join(out_dir, "results.csv"))
     rows = [r | {"num_labeled": table_group(r)} for r in rows]
     member_rows = [r | {"num_labeled": table_group(r)} for r in member_rows or []]
-    summary = summarize(rows)
-    info = rows[0]
+    headline, development = split_case_sets(rows)
+    info = headline[0]
     lines = [f"# Quality: {info['dataset']}, {info['configuration']}, fold {info['fold']}, evaluated on "
              f"{info['evaluated_on']}", "",
              f"Schedule {info['epochs']} epochs x {info['iterations_per_epoch']} iterations for every trainer; "
@@ -1017,18 +1038,10 @@ def write_results(rows: list[dict], out_dir: str, member_rows: list[dict] | None
              f"same labeled cases (`warm`: runs warm-started from its first run, gains over {CONTROL_TRAINER}, "
              f"stock nnU-Net continued the same way). Training min: the run's epochs (selftrain: its teacher and "
              f"every student), as measured on this device (side by side with --jobs: while sharing it).", "",
-             "| labeled | trainer | deployed | Dice % | gain | seeds | Jaccard % | 95HD mm | ASD mm | 95HD vox | "
-             "ASD vox | training min |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (count, trainer), stats in summary.items():
-        cells = [f"{stats[m][0]:.2f} ± {stats[m][1]:.2f}" for m in METRICS]
-        gain, seconds = stats.get("gain"), stats["train_seconds"]
-        lines.append(f"| {count} | {trainer} | {stats['deployed']} | {cells[0]} | "
-                     f"{'' if gain is None else f'{gain:+.2f}'} | {stats['seeds']} | {' | '.join(cells[1:])} | "
-                     f"{'' if seconds is None else f'{seconds / 60:.1f}'} |")
-    lines += ["", *paired_table(rows)]
-    lines += seed_table(rows)
-    lines += per_class_table(rows)
+             case_sets_statement(headline, development), ""]
+    lines += summary_tables(headline, voxel_distances=True)
+    if development:
+        lines += ["", "## Development cases", ""] + summary_tables(development, voxel_distances=True)
     ema_pairs, dual_members = split_member_rows(member_rows)
     if ema_pairs:
         _write_csv(ema_pairs, join(out_dir, "ema_pair.csv"))
@@ -1037,7 +1050,47 @@ def write_results(rows: list[dict], out_dir: str, member_rows: list[dict] | None
     lines += member_tables(member_rows)
     with open(join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    plot_results(first_runs(rows), summary, join(out_dir, "results.png"))
+    plot_results(headline, join(out_dir, "results.png"))
+
+
+def split_case_sets(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(headline rows, development rows): the test cases' rows and the development cases' apart where test cases
+    were scored; else every row is a development case's (older rows without ``case_set`` too) and the second is
+    empty."""
+    test = [r for r in rows if r.get("case_set") == "test"]
+    return (test, [r for r in rows if r.get("case_set") != "test"]) if test else (rows, [])
+
+
+def case_sets_statement(headline: list[dict], development: list[dict]) -> str:
+    """What the tables' cases are: test cases, or development cases (never called held-out)."""
+    validation = ("the fold's validation cases, on which nnU-Net validates every epoch (pseudo Dice, "
+                  "checkpoint_best) and on which defaults may have been chosen; no run selects on them (scores come "
+                  "from checkpoint_final and the declared model)")
+    cases = sorted({r["case"] for r in headline})
+    if development:
+        return (f"**Test cases** ({len(cases)}: {cases[0]} … {cases[-1]}, imagesTs scored against --test_labels) "
+                f"are the headline; the development cases, {validation}, are tabulated below, apart.")
+    return (f"**Development cases** ({len(cases)}: {cases[0]} … {cases[-1]}): {validation}. They are not a test set; "
+            f"give --test_labels for one.")
+
+
+def summary_tables(rows: list[dict], voxel_distances: bool) -> list[str]:
+    """Markdown lines of one case set: mean ± std per trainer (with each one's seeds), the paired comparison with
+    the baseline, the seeds table and, where there are several classes, the per-class table."""
+    summary = summarize(rows)
+    metrics = METRICS if voxel_distances else ("dice", "jaccard", "hd95_mm", "asd_mm")
+    names = {"dice": "Dice %", "jaccard": "Jaccard %", "hd95_mm": "95HD mm", "asd_mm": "ASD mm",
+             "hd95_vox": "95HD vox", "asd_vox": "ASD vox"}
+    lines = [f"| labeled | trainer | deployed | Dice % | gain | seeds | "
+             f"{' | '.join(names[m] for m in metrics[1:])} | training min |",
+             "|" + "---|" * (len(metrics) + 6)]
+    for (count, trainer), stats in summary.items():
+        cells = [f"{stats[m][0]:.2f} ± {stats[m][1]:.2f}" for m in metrics]
+        gain, seconds = stats.get("gain"), stats["train_seconds"]
+        lines.append(f"| {count} | {trainer} | {stats['deployed']} | {cells[0]} | "
+                     f"{'' if gain is None else f'{gain:+.2f}'} | {stats['seeds']} | {' | '.join(cells[1:])} | "
+                     f"{'' if seconds is None else f'{seconds / 60:.1f}'} |")
+    return lines + ["", *paired_table(rows)] + seed_table(rows) + per_class_table(rows)
 
 
 def split_member_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -1275,33 +1328,74 @@ def summarize(rows: list[dict]) -> dict:
 
 
 @isolated_style
-def plot_results(rows: list[dict], summary: dict, filename: str) -> None:
+def plot_results(rows: list[dict], filename: str) -> None:
+    """Which trainer helps, by how much, how sure: left, each trainer's paired Dice gain over its group's baseline
+    (one row per trainer and group, sorted), the seed-averaged gain with its 95 % bootstrap interval, each seed as a
+    mark of its own, and the baseline's own seed spread as a band at zero; right, the per-case pairs (the
+    baseline's Dice against the trainer's, one point per case, the diagonal: no change)."""
     import matplotlib
 
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
 
-    counts = list(dict.fromkeys(r["num_labeled"] for r in rows))
-    trainers = list(dict.fromkeys(r["trainer"] for r in rows))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5))
-    for i, trainer in enumerate(trainers):
-        xs = [j for j, c in enumerate(counts) if (c, trainer) in summary]
-        means = [summary[(counts[j], trainer)]["dice"][0] for j in xs]
-        stds = [summary[(counts[j], trainer)]["dice"][1] for j in xs]
-        left.errorbar(np.array(xs) + 0.05 * i, means, yerr=stds, marker="o", capsize=3, label=trainer)
-        for j in xs:
-            values = list(_dice_by_case([r for r in rows if r["trainer"] == trainer
-                                         and r["num_labeled"] == counts[j]]).values())
-            right.scatter(np.full(len(values), j + 0.12 * (i - (len(trainers) - 1) / 2)), values, s=12,
-                          alpha=0.7, color=f"C{i}", label=trainer if j == xs[0] else None)
-    for axis in (left, right):
-        axis.set_xticks(range(len(counts)), [str(c) for c in counts])
-        axis.set_xlabel("labeled cases")
-        axis.set_ylabel("Dice %")
-        axis.grid(alpha=0.3)
-    left.set_title("mean ± std Dice")
-    right.set_title("per case and class")
-    left.legend(fontsize="small")
+    entries = []  # (group, trainer, seed gains, paired comparison, baseline spread (low, high), case pairs)
+    for count in dict.fromkeys(r["num_labeled"] for r in rows):
+        group = [r for r in rows if r["num_labeled"] == count]
+        reference = baseline_of(group)
+        runs = {}
+        for r in group:
+            runs.setdefault(r["trainer"], {}).setdefault(_repeat(r), []).append(r)
+        if reference not in runs:
+            continue
+        base = _seed_average(runs[reference].values())
+        base_mean = np.mean(list(base.values()))
+        base_seeds = [np.mean([v for k, v in _dice_by_case(run).items() if k in base]) - base_mean
+                      for run in runs[reference].values()]
+        for trainer, seeds in runs.items():
+            if trainer == reference:
+                continue
+            averaged = _seed_average(seeds.values())
+            shared = [k for k in averaged if k in base]
+            gains = [np.mean([_dice_by_case(run)[k] - base[k] for k in shared if k in _dice_by_case(run)])
+                     for run in seeds.values()]
+            entries.append((count, trainer, gains, paired_comparison(averaged, base), (min(base_seeds),
+                            max(base_seeds)), [(base[k], averaged[k]) for k in shared]))
+    entries.sort(key=lambda e: e[3]["mean"])
+    columns = min(3, max(1, len(entries)))
+    pair_rows = max(1, math.ceil(len(entries) / columns))
+    fig = plt.figure(figsize=(7 + 3.2 * columns, max(4.0, 0.45 * len(entries) + 1.5, 3.0 * pair_rows)))
+    grid = fig.add_gridspec(pair_rows, columns + 2)
+    forest = fig.add_subplot(grid[:, :2])
+    markers, labeled = "osD^v<>", set()
+    for y, (count, trainer, gains, c, band, _) in enumerate(entries):
+        forest.fill_between([band[0], band[1]], y - 0.4, y + 0.4, color="grey", alpha=0.25, linewidth=0)
+        forest.plot([c["ci_low"], c["ci_high"]], [y, y], color="black", linewidth=1.5)
+        for k, gain in enumerate(gains):  # seed k + 1: one colour and mark in every row
+            forest.plot(gain, y, markers[k % len(markers)], color=f"C{k}", markersize=6,
+                        label=None if k in labeled else f"seed {k + 1}")
+            labeled.add(k)
+    forest.set_yticks(range(len(entries)), [f"{e[1]} ({e[0]})" for e in entries], fontsize="small")
+    if entries:
+        forest.legend(fontsize="small", loc="lower right")
+    forest.axvline(0, color="grey", linewidth=1)
+    forest.set_xlabel("Dice gain over the baseline, its seeds averaged (points); line: 95 % CI of the\n"
+                      "seed-averaged gain; marks: each seed; grey band: the baseline's own seed spread")
+    forest.set_title("Which trainer helps, by how much, how sure", fontsize="medium")
+    forest.grid(axis="x", alpha=0.3)
+    for i, (count, trainer, _, c, _, pairs) in enumerate(reversed(entries)):
+        ax = fig.add_subplot(grid[i // columns, 2 + i % columns])
+        x, y = np.array(pairs).T
+        low, high = min(x.min(), y.min()) - 2, max(x.max(), y.max()) + 2
+        ax.plot([low, high], [low, high], color="grey", linewidth=1)
+        ax.scatter(x, y, s=14, color=np.where(y > x, "tab:green", "tab:red"), alpha=0.8)
+        ax.set_xlim(low, high)
+        ax.set_ylim(low, high)
+        name = "\n".join(textwrap.wrap(f"{trainer} ({count})", 34))
+        ax.set_title(f"{name}\n{c['mean']:+.2f}, better on {c['wins']}/{c['n']}", fontsize="x-small")
+        ax.tick_params(labelsize="x-small")
+        if i % columns == 0:
+            ax.set_ylabel("trainer's Dice %", fontsize="x-small")
+        ax.set_xlabel("baseline's Dice %", fontsize="x-small")
     fig.tight_layout()
-    fig.savefig(filename)
+    fig.savefig(filename, dpi=110)
     plt.close(fig)

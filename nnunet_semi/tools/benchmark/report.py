@@ -13,14 +13,12 @@ from nnunet_semi.tools.benchmark.quality import (
     SCHEDULE,
     _repeat,
     _write_csv,
-    first_runs,
+    case_sets_statement,
     member_tables,
-    paired_table,
-    per_class_table,
     plot_results,
     scored_runs,
-    seed_table,
-    summarize,
+    split_case_sets,
+    summary_tables,
     table_group,
 )
 
@@ -81,8 +79,8 @@ def merge_results(folders: list[str], out_dir: str) -> list[dict]:
     _check_one_split_per_group(rows)
     os.makedirs(out_dir, exist_ok=True)
     _write_csv(rows, join(out_dir, "results.csv"))
-    summary = summarize(rows)
-    info = rows[0]
+    headline, development = split_case_sets(rows)
+    info = headline[0]
     lines = [f"# Quality, merged: {info['dataset']}, fold {info['fold']}, evaluated on {info['evaluated_on']}", "",
              f"From {', '.join(f'`{f}`' for f in folders)}. Labeled counts carry their schedule (epochs x iterations "
              f"per epoch): rows of different schedules are never averaged or paired. A trainer run at several "
@@ -90,18 +88,10 @@ def merge_results(folders: list[str], out_dir: str) -> list[dict]:
              f"Dice points over {BASELINE_TRAINER} of the same labeled count and schedule (`warm`: runs warm-started "
              f"from its first run, over {CONTROL_TRAINER}, stock nnU-Net continued the same way); training min: the "
              f"run's epochs (selftrain: teacher and students), blank for runs scored before it was recorded.", "",
-             "| labeled · schedule | trainer | deployed | Dice % | gain | seeds | Jaccard % | 95HD mm | ASD mm | "
-             "training min |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for (count, trainer), stats in summary.items():
-        gain, seconds = stats.get("gain"), stats["train_seconds"]
-        cells = [f"{stats[m][0]:.2f} ± {stats[m][1]:.2f}" for m in ("dice", "jaccard", "hd95_mm", "asd_mm")]
-        lines.append(f"| {count} | {trainer} | {stats['deployed']} | {cells[0]} | "
-                     f"{'' if gain is None else f'{gain:+.2f}'} | {stats['seeds']} | {' | '.join(cells[1:])} | "
-                     f"{'' if seconds is None else f'{seconds / 60:.1f}'} |")
-    lines += ["", *paired_table(rows)]
-    lines += seed_table(rows)
-    lines += per_class_table(rows)
+             case_sets_statement(headline, development), ""]
+    lines += summary_tables(headline, voxel_distances=False)
+    if development:
+        lines += ["", "## Development cases", ""] + summary_tables(development, voxel_distances=False)
     lines += member_tables(pairs)
     lines += ["", "Provenance of every run.", "",
               "| labeled · schedule | trainer | repeat | commit | device | date | seed | ramp | order | split | start | "
@@ -111,7 +101,7 @@ def merge_results(folders: list[str], out_dir: str) -> list[dict]:
     lines += ["", *_missing_cells(rows)]
     with open(join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    plot_results(first_runs(rows), summary, join(out_dir, "results.png"))
+    plot_results(headline, join(out_dir, "results.png"))
     return rows
 
 
