@@ -115,3 +115,34 @@ def paste_from_partners(values: torch.Tensor, boxes: torch.Tensor, partners: tor
         partners: (B,) indices into the batch.
     """
     return torch.where(boxes, values[partners.to(values.device)], values)
+
+
+def cube_mask(spatial_shape, ratio: float, device: torch.device | str = "cpu",
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """One axis-aligned box of ``int(ratio * edge)`` voxels along every axis at a uniform random position (BCP's
+    context mask: a cube of 2/3 of each patch edge on LA).
+
+    Args:
+        spatial_shape: the patch's spatial shape (2 or 3 entries).
+        ratio: box edge over patch edge, in (0, 1).
+        generator: source of randomness (a CPU generator; None: torch's global one).
+
+    Returns:
+        (1, 1, *spatial_shape) bool, True inside the box.
+
+    Raises:
+        ValueError: a ratio outside (0, 1), or an axis too short for a box of at least one voxel (naming both).
+    """
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"the cube ratio is {ratio}; it must lie in (0, 1).")
+    sides = [int(ratio * size) for size in spatial_shape]
+    if min(sides) < 1:
+        raise ValueError(f"a cube of {ratio} of the patch {tuple(spatial_shape)} is empty along an axis "
+                         f"({sides}); give a larger ratio or a larger patch.")
+    box = torch.zeros(1, 1, *spatial_shape, dtype=torch.bool)
+    region = []
+    for size, side in zip(spatial_shape, sides):
+        start = int(torch.randint(0, size - side + 1, (1,), generator=generator))
+        region.append(slice(start, start + side))
+    box[(slice(None), slice(None), *region)] = True
+    return box.to(device)

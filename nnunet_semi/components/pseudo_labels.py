@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from nnunet_semi.components.uncertainty import normalized_entropy, prediction_uncertainty
@@ -115,3 +116,30 @@ def dual_confidence_weights(seg_probs: torch.Tensor, np_probs: torch.Tensor, rul
     else:
         weights = torch.exp(-(c_seg - c_np).abs() / tau) * torch.minimum(c_seg, c_np)
     return weights, c_seg, c_np
+
+
+def largest_component_per_class(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, float]:
+    """Each foreground class of each sample reduced to its largest connected component (face connectivity); the
+    other components become background (BCP's pseudo labels; for two classes its "largest connected component of
+    the foreground"). 2D and 3D.
+
+    Args:
+        labels: hard labels (B, 1, *spatial), integer, values in [0, num_classes).
+        num_classes: C, background 0 included.
+
+    Returns:
+        (the filtered labels, same shape, dtype and device; the share of foreground voxels kept, 1.0 without any).
+    """
+    from scipy import ndimage
+
+    array = labels.detach().cpu().numpy()
+    kept = array.copy()
+    before = int((array > 0).sum())
+    for b in range(array.shape[0]):
+        for label in range(1, num_classes):
+            components, count = ndimage.label(array[b, 0] == label)
+            if count > 1:
+                sizes = np.bincount(components.ravel())[1:]
+                kept[b, 0][(components > 0) & (components != 1 + int(sizes.argmax()))] = 0
+    share = float((kept > 0).sum() / before) if before else 1.0
+    return torch.as_tensor(kept, device=labels.device), share

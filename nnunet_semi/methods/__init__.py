@@ -7,9 +7,9 @@ Every ``nnUNetTrainer*`` class defined in these modules is exported here, so a n
 nnU-Net warm-started like the methods, their control) is exported beside them.
 """
 
-from nnunet_semi.methods import cifp, cps, dual_cce, mean_teacher, np_calibration, sgrs
+from nnunet_semi.methods import bcp, cifp, cps, dual_cce, mean_teacher, np_calibration, sgrs
 
-_METHOD_MODULES = (sgrs, np_calibration, cifp, dual_cce, cps, mean_teacher)
+_METHOD_MODULES = (sgrs, np_calibration, cifp, dual_cce, cps, mean_teacher, bcp)
 
 __all__: list[str] = []
 for _module in _METHOD_MODULES:

@@ -131,11 +131,14 @@ class WarmStart(nnUNetTrainer):
         peer_labeled_only_trainer: the stock trainer whose labeled-only run is the peer's warm start (a dual-network
             method declares it; the benchmark's warm-start mode trains it, with another seed than the student's
             start when it is stock nnU-Net); None: no peer.
+        warm_start_trainer: the labeled-only trainer whose run the benchmark's warm-start mode starts this trainer
+            from (e.g. BCP's copy-paste pre-training); None: stock nnU-Net's, like every other trainer.
     """
 
     warm_start_checkpoint: str | None = None
     peer_warm_start_checkpoint: str | None = None
     peer_labeled_only_trainer: str | None = None
+    warm_start_trainer: str | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):

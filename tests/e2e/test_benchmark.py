@@ -35,7 +35,7 @@ def test_case_metrics_by_hand():
 
 def test_default_trainers_are_every_registered_method():
     assert set(semi_trainers()) == {"nnUNetTrainerMeanTeacher", "nnUNetTrainerCPS", "nnUNetTrainerSGRS",
-                                    "nnUNetTrainerDualCCE", "nnUNetTrainerCIFP", "nnUNetTrainerNPCal"}
+                                    "nnUNetTrainerDualCCE", "nnUNetTrainerCIFP", "nnUNetTrainerNPCal", "nnUNetTrainerBCP"}
 
 
 @pytest.mark.slow

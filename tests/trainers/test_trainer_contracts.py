@@ -116,9 +116,13 @@ def test_trainer_contract(trainer_cls, setting, _contract_templates, tmp_path, m
     assert torch.equal(torch.get_rng_state(), global_random_state)
     sum(v for k, v in terms.items() if k not in trainer.supervised_terms).backward()
     heads = len(trainer.network.decoder.seg_layers)
-    unused = set() if trainer.unsup_uses_deep_supervision else {
-        n for n, _ in trainer.network.named_parameters()
-        if n.startswith("decoder.seg_layers.") and not n.startswith(f"decoder.seg_layers.{heads - 1}.")}
+    if trainer.unsup_uses_deep_supervision:  # every head but those nnU-Net weighs 0 (its lowest resolution)
+        weights = getattr(trainer.loss, "weight_factors", [1])  # full resolution first; seg_layers: last
+        silent = {heads - 1 - j for j, w in enumerate(weights) if w == 0}
+    else:
+        silent = set(range(heads - 1))
+    unused = {n for n, _ in trainer.network.named_parameters()
+              if any(n.startswith(f"decoder.seg_layers.{h}.") for h in silent)}
     without_grad = {n for n, p in trainer.network.named_parameters() if p.grad is None or p.grad.abs().sum() == 0}
     assert without_grad == unused
     assert all(p.grad is None for p in trainer.auxiliary.parameters() if not p.requires_grad)

@@ -87,3 +87,30 @@ def test_mixup_targets_weigh_pseudo_label_and_partner_truth_by_lambda(spatial):
         torch.testing.assert_close(t[:, v], expected)
     # lambda 1: the pseudo label alone
     torch.testing.assert_close(target[1], torch.nn.functional.one_hot(pseudo[1, 0], 3).movedim(-1, 0).float())
+
+
+@pytest.mark.parametrize("spatial", [(6, 9), (24, 40, 48)])
+def test_cube_mask_is_one_box_of_the_ratio_of_every_edge(spatial):
+    from nnunet_semi.components.mixing import cube_mask
+
+    box = cube_mask(spatial, 2 / 3, generator=torch.Generator().manual_seed(0))
+    assert box.shape == (1, 1, *spatial) and box.dtype == torch.bool
+    sides = [int(2 / 3 * s) for s in spatial]
+    assert int(box.sum()) == int(torch.tensor(sides).prod())
+    for axis, side in enumerate(sides):  # one contiguous run of `side` voxels along every axis
+        along = box[0, 0].any(dim=tuple(a for a in range(len(spatial)) if a != axis))
+        positions = torch.nonzero(along).flatten()
+        assert len(positions) == side and int(positions[-1] - positions[0]) == side - 1
+    again = cube_mask(spatial, 2 / 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(box, again)
+
+
+@pytest.mark.parametrize("ratio, spatial, message", [
+    (0.0, (8, 8), r"must lie in \(0, 1\)"), (1.0, (8, 8), "must lie in"), (1.5, (8, 8, 8), "1.5"),
+    (0.1, (4, 40), "empty along an axis"),
+])
+def test_cube_mask_refuses_a_ratio_outside_0_1_or_a_patch_too_small(ratio, spatial, message):
+    from nnunet_semi.components.mixing import cube_mask
+
+    with pytest.raises(ValueError, match=message):
+        cube_mask(spatial, ratio)

@@ -87,3 +87,25 @@ def test_confidently_disagreeing_heads_get_a_small_weight_and_agreeing_ones_a_la
     # the entropy measure is applied to both heads: two agreeing heads are on one scale
     entropy, c_seg_entropy, c_np_entropy = dual_confidence_weights(np_, np_, rule, measure="entropy")
     torch.testing.assert_close(c_seg_entropy, c_np_entropy)
+
+
+def test_largest_component_per_class_keeps_each_class_biggest_blob_in_2d_and_3d():
+    from nnunet_semi.components.pseudo_labels import largest_component_per_class
+
+    labels = torch.zeros(2, 1, 10, 10, dtype=torch.long)
+    labels[0, 0, 0:3, 0:3] = 1  # class 1: 9 voxels, kept
+    labels[0, 0, 6:8, 6:8] = 1  # class 1: 4 voxels, dropped
+    labels[0, 0, 0:2, 6:9] = 2  # class 2: 6 voxels, kept
+    labels[0, 0, 9, 0] = 2  # class 2: 1 voxel, dropped
+    labels[1, 0, 4:6, 4:6] = 1  # sample 2: one blob, kept whole
+    kept, share = largest_component_per_class(labels, 3)
+    expected = labels.clone()
+    expected[0, 0, 6:8, 6:8] = 0
+    expected[0, 0, 9, 0] = 0
+    assert torch.equal(kept, expected) and share == pytest.approx((9 + 6 + 4) / (9 + 4 + 6 + 1 + 4))
+    volume = torch.zeros(1, 1, 6, 6, 6, dtype=torch.long)
+    volume[0, 0, :2, :2, :2], volume[0, 0, 4:, 4:, 4:] = 1, 1
+    volume[0, 0, 0, 0, 0] = 1
+    kept, _ = largest_component_per_class(volume, 2)
+    assert int(kept.sum()) == 8  # the two 8-voxel cubes tie: one of them kept, not both
+    assert largest_component_per_class(torch.zeros(1, 1, 4, 4, dtype=torch.long), 2)[1] == 1.0

@@ -25,7 +25,7 @@ from os.path import abspath, basename, dirname, isdir, isfile, join
 import nnunet_semi
 from nnunet_semi.errors import SemiInputError
 
-METHODS = ("SGRS", "MeanTeacher", "CPS", "NPCal", "CIFP", "DualCCE")
+METHODS = ("SGRS", "MeanTeacher", "CPS", "NPCal", "CIFP", "DualCCE", "BCP")
 LA_NUM_VAL = 16
 # GPU quality cells: one schedule for every trainer and cell. 1 000 iterations is what the heaviest methods reach
 # beside two stock runs in the ~6 minutes of training a 9-minute command leaves (stock alone: ~15 it/s per run with

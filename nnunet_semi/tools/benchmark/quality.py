@@ -555,7 +555,9 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
     classes = {t: resolve_trainer(t) for t in all_trainers}
     # warm-start mode: the labeled-only runs the methods' peers start from (stock: its second seed)
     peer_sources = {t: getattr(classes[t], "peer_labeled_only_trainer", None) for t in methods} if warm_start else {}
-    for source in set(peer_sources.values()) - {None}:
+    # the labeled-only runs a method starts from instead of stock's (BCP's copy-paste pre-training)
+    start_sources = {t: getattr(classes[t], "warm_start_trainer", None) for t in methods} if warm_start else {}
+    for source in (set(peer_sources.values()) | set(start_sources.values())) - {None}:
         classes[source] = resolve_trainer(source)
     if warm_start:
         classes[CONTROL_TRAINER] = resolve_trainer(CONTROL_TRAINER)
@@ -616,13 +618,15 @@ def run_quality_benchmark(dataset_name_or_id: int | str, num_labeled: list[str],
                     for r in range(repeats if name == BASELINE_TRAINER else method_repeats)]
         stock_seeds = 2 if BASELINE_TRAINER in peer_sources.values() else 1
         runs = [(BASELINE_TRAINER, r, schedule_of(r, tag())) for r in range(stock_seeds)]
-        runs += [(source, 0, schedule_of(0, tag()))
-                 for source in dict.fromkeys(peer_sources.values()) if source not in (None, BASELINE_TRAINER)]
-        start = checkpoint_of(BASELINE_TRAINER, runs[0][2])
+        runs += [(source, 0, schedule_of(0, tag())) for source in
+                 dict.fromkeys([*peer_sources.values(), *start_sources.values()])
+                 if source not in (None, BASELINE_TRAINER)]
+        stock_start = checkpoint_of(BASELINE_TRAINER, runs[0][2])
         for name in [CONTROL_TRAINER] + methods:
-            source = peer_sources.get(name)
+            source, own_start = peer_sources.get(name), start_sources.get(name)
             peer = None if source is None else checkpoint_of(
                 source, schedule_of(1 if source == BASELINE_TRAINER else 0, tag()))
+            start = stock_start if own_start is None else checkpoint_of(own_start, schedule_of(0, tag()))
             runs += [(name, r, schedule_of(r, tag(f"{ramped(name)}_warm"), (start, peer)))
                      for r in range(repeats if name == CONTROL_TRAINER else method_repeats)]
         return runs
