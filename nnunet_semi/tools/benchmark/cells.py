@@ -152,8 +152,7 @@ def run_cell(name: str, out_dir: str, deadline_s: float | None = None, data: str
     # a checkpoint every epoch: a run stopped at the deadline resumes from its last epoch where the work folder stays
     configuration, extra, rampup, checkpoint_every = "3d_fullres", {}, None, 1
     if cell.coarse:
-        from nnunet_semi.tools.benchmark.cli import COARSE_RAMPUP_FRACTION
-        from nnunet_semi.tools.benchmark.coarse import plan_coarse
+        from nnunet_semi.tools.benchmark.coarse import COARSE_RAMPUP_FRACTION, plan_coarse
 
         coarse = plan_coarse(dataset, num_processes=_processes())
         plans = coarse["plans"]
