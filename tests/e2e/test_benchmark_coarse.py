@@ -149,7 +149,8 @@ def test_ema_pair_scores_student_and_teacher(semi_dataset, monkeypatch):
     """--score_members scores both members of a mean-teacher checkpoint: the deployed one from the run's own
     predictions (not predicted twice), the other predicted with its weights; both members' rows are written and
     tabulated."""
-    from nnunet_semi.tools.benchmark.quality import ema_pair_weights, run_quality_benchmark
+    from nnunet_semi.methods import nnUNetTrainerMeanTeacher
+    from nnunet_semi.tools.benchmark.quality import final_checkpoint, run_quality_benchmark
 
     monkeypatch.setenv("nnUNet_n_proc_DA", "1")
     out = semi_dataset.results / "bench"
@@ -167,7 +168,7 @@ def test_ema_pair_scores_student_and_teacher(semi_dataset, monkeypatch):
     assert f"{run}__{other}" in predicted and f"{run}__{deployed}" not in predicted
     assert {r["case"]: r["dice"] for r in pair if r["scored_model"] == other} != main_dice
     folder = next((semi_dataset.results / "Dataset990_SemiSynthetic").glob("nnUNetTrainerMeanTeacher__*")) / "fold_0"
-    weights = ema_pair_weights(str(folder))
+    weights = nnUNetTrainerMeanTeacher.member_weights(final_checkpoint(str(folder)))
     assert set(weights) == {"student", "teacher"}
     assert any(not (weights["student"][k] == weights["teacher"][k]).all() for k in weights["student"])
     assert "Teacher against student of the same run" in (out / "results.md").read_text()

@@ -148,50 +148,6 @@ def test_quality_keeps_earlier_comparable_runs_and_names_the_others(tmp_path):
     assert earlier_runs(str(tmp_path / "empty"), set(), this_command[0], "600") == ([], [], [])
 
 
-@pytest.mark.parametrize("deployed", ["student", "ensemble"])
-def test_dual_member_weights_make_the_deployable_model_predict_with_each_network(tmp_path, deployed):
-    """--score_members on a dual-network checkpoint: network 1 and the peer each alone, and their ensemble, from
-    single-network weights (network 1 deployed) or an ensemble state (the ensemble deployed)."""
-    import torch
-
-    from helpers import plain_unet_architecture
-    from nnunet_semi.components.ensemble import DualNetworkEnsemble
-    from nnunet_semi.components.networks import build_network, residual_encoder_sibling
-    from nnunet_semi.tools.benchmark.quality import dual_member_weights
-
-    def fresh_pair():
-        plain = plain_unet_architecture(3)
-        return (build_network(plain, 1, 3, deep_supervision=False).eval(),
-                build_network(residual_encoder_sibling(plain), 1, 3, deep_supervision=False).eval())
-
-    first, second = fresh_pair()
-    network_weights = first.state_dict() if deployed == "student" else \
-        DualNetworkEnsemble(first, second, "ensemble").state_dict()
-    torch.save({"network_weights": network_weights,
-                "semi_state": {"auxiliary": {f"peer.{k}": v for k, v in second.state_dict().items()},
-                               "deployed_weights": deployed}}, tmp_path / "checkpoint_final.pth")
-    x = torch.randn(1, 1, 8, 8, 8)
-    members = dual_member_weights(str(tmp_path), ensemble_at_inference=True)
-    assert set(members) == {"student", "peer", "ensemble"}
-    with torch.no_grad():
-        expected = {"student": first(x), "peer": second(x),
-                    "ensemble": DualNetworkEnsemble(first, second, "ensemble")(x)}
-        for name, weights in members.items():
-            model = DualNetworkEnsemble(*fresh_pair())  # what nnU-Net's predictor builds, then loads
-            model.load_state_dict(weights)
-            torch.testing.assert_close(model.eval()(x), expected[name])
-    # a trainer whose deployable model is one plain network (CPS): the two networks' own weights
-    plain = dual_member_weights(str(tmp_path), ensemble_at_inference=False)
-    assert set(plain) == {"student", "peer"}
-    one = fresh_pair()[0]
-    one.load_state_dict(plain["student"])
-    with torch.no_grad():
-        torch.testing.assert_close(one(x), first(x))
-    torch.save({"network_weights": first.state_dict(), "semi_state": {"auxiliary": {}, "deployed_weights": "student"}},
-               tmp_path / "checkpoint_final.pth")
-    assert dual_member_weights(str(tmp_path), ensemble_at_inference=True) == {}  # no peer: not a dual network
-
-
 def test_dual_members_are_tabulated_against_the_deployed_model(tmp_path):
     stock = _rows("nnUNetTrainer", [0.80, 0.82, 0.84], "aaaa")
     dual = _rows("nnUNetTrainerDualCCE", [0.85, 0.85, 0.85], "aaaa")

@@ -288,48 +288,6 @@ def training_seconds(output_folder: str) -> float:
                                                         logged["epoch_end_timestamps"])))
 
 
-def ema_pair_weights(output_folder: str, checkpoint: dict | None = None) -> dict[str, dict]:
-    """Student and teacher weights of a checkpoint whose trainer keeps an EMA teacher beside the student
-    (``{"student": ..., "teacher": ...}``, one of them the deployed ``network_weights``); empty for other trainers.
-    ``checkpoint``: that checkpoint already loaded, to read it once."""
-    checkpoint = checkpoint or final_checkpoint(output_folder)
-    state = checkpoint.get("semi_state")
-    if state is None or state["deployed_weights"] not in ("student", "teacher"):
-        return {}
-    deployed = state["deployed_weights"]
-    other = "teacher" if deployed == "student" else "student"
-    prefix = other + "."
-    weights = {k[len(prefix):]: v for k, v in state["auxiliary"].items() if k.startswith(prefix)}
-    return {deployed: checkpoint["network_weights"], other: weights} if weights else {}
-
-
-def dual_member_weights(output_folder: str, ensemble_at_inference: bool, checkpoint: dict | None = None
-                        ) -> dict[str, dict]:
-    """The networks of a dual-network checkpoint (a ``peer`` beside ``self.network``), each as weights that make the
-    run's deployable model predict with it alone: ``{"student": ..., "peer": ...}`` (network 1 and network 2), and
-    ``"ensemble"`` where the trainer deploys a ``DualNetworkEnsemble`` at inference (``ensemble_at_inference``: its
-    ``deployed_member`` buffer selects the member). Empty for other trainers. ``checkpoint``: as for
-    ``ema_pair_weights``."""
-    from nnunet_semi.components.ensemble import DEPLOYED_MEMBERS, is_ensemble_state, member_state
-
-    checkpoint = checkpoint or final_checkpoint(output_folder)
-    state = checkpoint.get("semi_state")
-    peer = {k[len("peer."):]: v for k, v in (state or {}).get("auxiliary", {}).items() if k.startswith("peer.")}
-    if not peer:
-        return {}
-    weights = checkpoint["network_weights"]
-    first, second = (member_state(weights, "first"), member_state(weights, "second")) if is_ensemble_state(weights) \
-        else (weights, peer)
-    if not ensemble_at_inference:
-        return {"student": first, "peer": second}
-
-    def deploying(member: str) -> dict:
-        return {**{f"first.{k}": v for k, v in first.items()}, **{f"second.{k}": v for k, v in second.items()},
-                "deployed_member": torch.tensor(DEPLOYED_MEMBERS.index(member))}
-
-    return {"student": deploying("first"), "peer": deploying("second"), "ensemble": deploying("ensemble")}
-
-
 def _score_run(cases: dict, prediction_folder: str, dataset_json: dict, labels: list[int], common: dict) -> list[dict]:
     """Rows of per-case, per-class metrics; images read with the dataset's own nnU-Net reader (e.g. NibabelIO where
     SimpleITK is missing), whose spacing follows its array axes."""
@@ -986,14 +944,12 @@ def _score_members(trainer_cls: type, run_row: dict, run_dir: str, cases: dict, 
     output_folder = _fold_folder(trainer_cls, plans, configuration, int(run_row["fold"]))
     if not isfile(join(output_folder, "checkpoint_final.pth")):
         return []
-    checkpoint = final_checkpoint(output_folder)
-    pair, scores_file = ema_pair_weights(output_folder, checkpoint), join(run_dir, EMA_PAIR_SCORES)
-    if not pair:
-        pair = dual_member_weights(output_folder, hasattr(trainer_cls, "build_deployable_model"), checkpoint)
-        scores_file = join(run_dir, DUAL_MEMBER_SCORES)
+    members = trainer_cls.member_weights(final_checkpoint(output_folder)) \
+        if hasattr(trainer_cls, "member_weights") else {}  # the trainer says what it holds; stock: one network
+    scores_file = join(run_dir, EMA_PAIR_SCORES if "teacher" in members else DUAL_MEMBER_SCORES)
     rows = []
     deployed_predictions = join(out_dir, "predictions", trainer_cls.__name__)
-    for member, weights in pair.items():
+    for member, weights in members.items():
         predictions = join(out_dir, "predictions", f"{trainer_cls.__name__}__{member}")
         if member == run_row["deployed"] and all(
                 isfile(join(deployed_predictions, case + dataset_json["file_ending"])) for case in cases):
