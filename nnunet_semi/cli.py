@@ -263,7 +263,8 @@ def benchmark_entry(argv=None) -> None:
         p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
         p.add_argument("-o", required=True, help="output folder")
         p.add_argument("--tiny", action="store_true", help="generated tiny dataset and network: minutes on 2 CPU cores")
-    quality.add_argument("--num_labeled", nargs="+", default=["8"], help="labeled counts (positive integers), and 'all'")
+    quality.add_argument("--num_labeled", nargs="+", default=["8"],
+                         help="labeled counts (positive integers), and 'all'")
     for p in (quality, speed):
         p.add_argument("-v", "--verbose", action="store_true",
                        help="stream nnU-Net's output of every run here (default: a log file per run in -o/logs, its "
@@ -403,7 +404,7 @@ def _check_benchmark_input(args, trainers: list[str]) -> None:
             resolve_trainer(name)
     if args.command != "quality":
         return
-    from nnunet_semi.tools.benchmark.quality import require_medpy
+    from nnunet_semi.tools.benchmark.scoring import require_medpy
 
     require_medpy()
     for count in args.num_labeled:
@@ -441,7 +442,7 @@ def _quality_command(args, dataset, plans: str, trainers: list[str], tiny_raw: s
         COARSE_NUM_VAL,
         COARSE_RAMPUP_FRACTION,
     )
-    from nnunet_semi.tools.benchmark.quality import run_quality_benchmark
+    from nnunet_semi.tools.benchmark.quality import QualitySettings, run_quality_benchmark
 
     configuration, extra, num_val, rampup = args.c, {}, args.num_val, args.rampup_iterations
     epochs = args.epochs or (2 if tiny_raw else COARSE_EPOCHS if args.coarse else 50)
@@ -480,14 +481,13 @@ def _quality_command(args, dataset, plans: str, trainers: list[str], tiny_raw: s
     counts = ["2", "all"] if tiny_raw else args.num_labeled
     test_labels = join(tiny_raw, "labelsTs") if tiny_raw else args.test_labels
     try:
-        run_quality_benchmark(dataset, counts, trainers, epochs, iterations, args.o, configuration, args.f, plans,
-                              test_labels, args.order, args.seed, num_val=num_val, repeats=args.repeats,
-                              rampup_iterations=rampup, predict_test=predict_test, checkpoint_every=checkpoint_every,
-                              extra_columns=extra, score_members=args.score_members,
-                              run_suffix="" if args.rampup_iterations is None else f"_ramp{args.rampup_iterations}",
-                              jobs=args.jobs, selftrain_rounds=args.selftrain_rounds, verbose=args.verbose,
-                              stop_on_failure=args.stop_on_failure, warm_start=args.warm_start,
-                              method_repeats=args.method_repeats)
+        run_quality_benchmark(QualitySettings(
+            dataset, counts, trainers, epochs, iterations, args.o, configuration, args.f, plans, test_labels,
+            args.order, args.seed, num_val=num_val, repeats=args.repeats, method_repeats=args.method_repeats,
+            rampup_iterations=rampup, run_suffix="" if args.rampup_iterations is None else
+            f"_ramp{args.rampup_iterations}", warm_start=args.warm_start, predict_test=predict_test,
+            score_members=args.score_members, checkpoint_every=checkpoint_every, extra_columns=extra, jobs=args.jobs,
+            selftrain_rounds=args.selftrain_rounds, verbose=args.verbose, stop_on_failure=args.stop_on_failure))
     except SemiRunsFailed:
         if os.path.isfile(join(args.o, "results.md")):  # the tables of the runs that finished, then the failures
             print(open(join(args.o, "results.md")).read())

@@ -11,7 +11,7 @@ import pytest
 from helpers import bench_run
 from nnunet_semi.cli import benchmark_entry as main
 from nnunet_semi.tools.benchmark.common import semi_trainers
-from nnunet_semi.tools.benchmark.quality import case_metrics
+from nnunet_semi.tools.benchmark.scoring import case_metrics
 
 
 def _rows(path):
@@ -35,7 +35,8 @@ def test_case_metrics_by_hand():
 
 def test_default_trainers_are_every_registered_method():
     assert set(semi_trainers()) == {"nnUNetTrainerMeanTeacher", "nnUNetTrainerCPS", "nnUNetTrainerSGRS",
-                                    "nnUNetTrainerDualCCE", "nnUNetTrainerCIFP", "nnUNetTrainerNPCal", "nnUNetTrainerBCP"}
+                                    "nnUNetTrainerDualCCE", "nnUNetTrainerCIFP", "nnUNetTrainerNPCal",
+                                    "nnUNetTrainerBCP"}
 
 
 @pytest.mark.slow
@@ -238,13 +239,13 @@ def test_quality_without_medpy_stops_before_anything(tmp_path, monkeypatch):
     import importlib.util
 
     from nnunet_semi.errors import SemiInputError
-    from nnunet_semi.tools.benchmark.quality import run_quality_benchmark
+    from nnunet_semi.tools.benchmark.quality import QualitySettings, run_quality_benchmark
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "medpy" else
                         real_find_spec(name, *a))
     with pytest.raises(SemiInputError, match=r"nnunet-semi\[benchmark\]"):
-        run_quality_benchmark("Dataset999_Nothing", ["2"], [], 1, 1, str(tmp_path / "out"))
+        run_quality_benchmark(QualitySettings("Dataset999_Nothing", ["2"], [], 1, 1, str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
 
 
@@ -282,8 +283,10 @@ def test_quality_warm_start_pairs_every_trainer_against_the_control_continued_th
     assert f"| 2 · warm | nnUNetTrainerCPS | student | {cps:.2f} ± " in md  # gain over the control, not over stock
     assert f"| {cps - control:+.2f} |" in md.split("| 2 · warm | nnUNetTrainerCPS | student |")[1].split("\n")[0]
     seed_line = next(line for line in md.splitlines() if line.startswith("| 2 · warm | nnUNetTrainerCPS | 2 |"))
+    assert "## Development cases" in md
     assert seed_line.endswith(("| beats |", "| loses |", "| within the spread |"))
-    assert "| 2 · warm | selftrain | 1 |" in md and md.count("single seed |") == 1
+    headline = md.split("## Development cases")[0]  # the test cases; the development cases tabulated below
+    assert "| 2 · warm | selftrain | 1 |" in headline and headline.count("single seed |") == 1
 
 
 def _mean_dice(rows, trainer, repeat):

@@ -150,12 +150,13 @@ def test_ema_pair_scores_student_and_teacher(semi_dataset, monkeypatch):
     predictions (not predicted twice), the other predicted with its weights; both members' rows are written and
     tabulated."""
     from nnunet_semi.methods import nnUNetTrainerMeanTeacher
-    from nnunet_semi.tools.benchmark.quality import final_checkpoint, run_quality_benchmark
+    from nnunet_semi.tools.benchmark.quality import QualitySettings, run_quality_benchmark
+    from nnunet_semi.tools.benchmark.scoring import final_checkpoint
 
     monkeypatch.setenv("nnUNet_n_proc_DA", "1")
     out = semi_dataset.results / "bench"
-    rows = run_quality_benchmark(DATASET_ID, ["2"], ["nnUNetTrainerMeanTeacher"], 2, 3, str(out),
-                                 score_members=True)
+    rows = run_quality_benchmark(QualitySettings(DATASET_ID, ["2"], ["nnUNetTrainerMeanTeacher"], 2, 3, str(out),
+                                 score_members=True))
     pair = _rows(out / "ema_pair.csv")
     assert {r["scored_model"] for r in pair} == {"student", "teacher"} and len(pair) == 2 * len(
         [r for r in rows if r["trainer"] == "nnUNetTrainerMeanTeacher"])
@@ -178,11 +179,12 @@ def test_ema_pair_scores_student_and_teacher(semi_dataset, monkeypatch):
 def test_score_members_scores_each_network_of_a_dual_run(semi_dataset, monkeypatch):
     """--score_members on DualCCE: network 1, the peer and their ensemble predicted through the run's deployable
     model and scored; the deployed one is the run's own predictions; a table against the deployed model."""
-    from nnunet_semi.tools.benchmark.quality import run_quality_benchmark
+    from nnunet_semi.tools.benchmark.quality import QualitySettings, run_quality_benchmark
 
     monkeypatch.setenv("nnUNet_n_proc_DA", "1")
     out = semi_dataset.results / "bench_dual"
-    rows = run_quality_benchmark(DATASET_ID, ["2"], ["nnUNetTrainerDualCCE"], 2, 3, str(out), score_members=True)
+    rows = run_quality_benchmark(QualitySettings(DATASET_ID, ["2"], ["nnUNetTrainerDualCCE"], 2, 3, str(out),
+                                                 score_members=True))
     members = _rows(out / "dual_members.csv")
     dual = [r for r in rows if r["trainer"] == "nnUNetTrainerDualCCE"]
     assert {r["scored_model"] for r in members} == {"student", "peer", "ensemble"}
@@ -201,12 +203,13 @@ def test_score_members_scores_each_network_of_a_dual_run(semi_dataset, monkeypat
     # a run scored before --score_members existed: the same command scores its members from the checkpoint
     member_scores.unlink()
     shutil.rmtree(out / "predictions" / f"{run}__peer")
-    run_quality_benchmark(DATASET_ID, ["2"], ["nnUNetTrainerDualCCE"], 2, 3, str(out), score_members=True)
+    run_quality_benchmark(QualitySettings(DATASET_ID, ["2"], ["nnUNetTrainerDualCCE"], 2, 3, str(out),
+                                          score_members=True))
     assert _rows(member_scores) == [r for r in members if r["trainer"] == "nnUNetTrainerDualCCE"]
 
     # the peer's labeled-only baseline: a stock trainer, paired against stock like a method, no members to score
-    rows = run_quality_benchmark(DATASET_ID, ["2"], ["nnUNetTrainer_DualCCEPeer"], 2, 3, str(out),
-                                 score_members=True)
+    rows = run_quality_benchmark(QualitySettings(DATASET_ID, ["2"], ["nnUNetTrainer_DualCCEPeer"], 2, 3, str(out),
+                                 score_members=True))
     control = [r for r in rows if r["trainer"] == "nnUNetTrainer_DualCCEPeer"]
     assert control and {r["deployed"] for r in control} == {"network"}
     peer_run = bench_run(out, "nnUNetTrainer_DualCCEPeer__bench_2lab_2x3")

@@ -247,11 +247,12 @@ def test_the_benchmark_scores_selftrain_like_a_trainer_and_counts_all_its_traini
                                                                                   capsys):
     import shutil
 
-    from nnunet_semi.tools.benchmark.quality import run_quality_benchmark, training_seconds
+    from nnunet_semi.tools.benchmark.quality import QualitySettings, run_quality_benchmark
+    from nnunet_semi.tools.benchmark.scoring import training_seconds
 
     monkeypatch.setenv("nnUNet_extTrainer", "")
     out = semi_dataset.results.parent / "bench"
-    rows = run_quality_benchmark(DATASET_ID, ["2"], ["selftrain"], 2, 3, str(out), selftrain_rounds=2)
+    rows = run_quality_benchmark(QualitySettings(DATASET_ID, ["2"], ["selftrain"], 2, 3, str(out), selftrain_rounds=2))
     printed = capsys.readouterr().out
     by_trainer = {t: [r for r in rows if r["trainer"] == t] for t in ("nnUNetTrainer", "selftrain")}
     # scored on the same held-out cases as stock
@@ -279,7 +280,7 @@ def test_the_benchmark_scores_selftrain_like_a_trainer_and_counts_all_its_traini
     # interrupted in round 2's student: the rerun finds the derived datasets and trains only that student again
     shutil.rmtree(out / "runs" / f"selftrain__bench_2lab_2x3_{data}_2rounds")
     (students[1] / "fold_0" / "checkpoint_final.pth").unlink()
-    again = run_quality_benchmark(DATASET_ID, ["2"], ["selftrain"], 2, 3, str(out), selftrain_rounds=2)
+    again = run_quality_benchmark(QualitySettings(DATASET_ID, ["2"], ["selftrain"], 2, 3, str(out), selftrain_rounds=2))
     printed = capsys.readouterr().out
     assert "pseudo labels of" not in printed and f"{stock_run}: scored earlier" in printed
     assert (students[1] / "fold_0" / "checkpoint_final.pth").is_file()

@@ -7,7 +7,9 @@ import csv
 import pytest
 
 from nnunet_semi.cli import benchmark_entry as main
-from nnunet_semi.tools.benchmark.quality import METRICS, earlier_runs, write_results
+from nnunet_semi.tools.benchmark.records import earlier_runs
+from nnunet_semi.tools.benchmark.scoring import METRICS
+from nnunet_semi.tools.benchmark.tables import write_results
 
 
 def _rows(trainer, dice, commit, epochs=15, repeat=0, dataset="Dataset101_LA", ramp="600",
@@ -176,7 +178,7 @@ def test_dual_members_are_tabulated_against_the_deployed_model(tmp_path):
     ([90.0, 91.0], [82.0], "baseline single seed"),
 ])
 def test_seed_verdict_says_beats_only_where_every_seed_beats_the_baselines_spread(seeds, baseline, verdict):
-    from nnunet_semi.tools.benchmark.quality import seed_verdict
+    from nnunet_semi.tools.benchmark.statistics import seed_verdict
 
     assert seed_verdict(seeds, baseline) == verdict
 
@@ -214,5 +216,6 @@ def test_multi_class_runs_are_paired_per_case_with_per_class_tables_beside(tmp_p
     write_results(rows, str(tmp_path))
     md = (tmp_path / "results.md").read_text()
     assert "| 4 | nnUNetTrainerCPS | 3 | +5.00 | +5.00 | 3 | 0 |" in md  # N = 3 cases, Δ = (10 + 0) / 2
-    assert "| 4 | nnUNetTrainerCPS | 1 | 90.00 | +10.00 |" in md and "| 4 | nnUNetTrainerCPS | 2 | 60.00 | +0.00 |" in md
+    assert "| 4 | nnUNetTrainerCPS | 1 | 90.00 | +10.00 |" in md
+    assert "| 4 | nnUNetTrainerCPS | 2 | 60.00 | +0.00 |" in md
     assert "| 4 | nnUNetTrainerCPS | network | 75.00 ± 15.00 | +5.00 | 1 (single seed) |" in md

@@ -177,14 +177,14 @@ def run_cell(name: str, out_dir: str, deadline_s: float | None = None, data: str
         run_speed_benchmark(dataset, list(cell.trainers), results, configuration, plans, steps=cell.speed_steps,
                             stop_at=None if stop_at is None else stop_at - cell.reserve_s)
     else:
-        from nnunet_semi.tools.benchmark.quality import run_quality_benchmark
+        from nnunet_semi.tools.benchmark.quality import QualitySettings, run_quality_benchmark
 
-        run_quality_benchmark(dataset, [cell.num_labeled], list(cell.trainers), cell.epochs, cell.iterations,
-                              results, configuration, cell.fold, plans, test_labels, num_val=cell.num_val,
-                              repeats=cell.repeats, rampup_iterations=rampup, predict_test=test_labels is None,
-                              checkpoint_every=checkpoint_every, extra_columns=extra, score_members=True,
-                              jobs=cell.jobs, stop_training_at=None if stop_at is None else stop_at - cell.reserve_s,
-                              stop_at=stop_at, on_results_written=publish)
+        run_quality_benchmark(QualitySettings(
+            dataset, [cell.num_labeled], list(cell.trainers), cell.epochs, cell.iterations, results, configuration,
+            cell.fold, plans, test_labels, num_val=cell.num_val, repeats=cell.repeats, rampup_iterations=rampup,
+            predict_test=test_labels is None, checkpoint_every=checkpoint_every, extra_columns=extra,
+            score_members=True, jobs=cell.jobs, stop_training_at=None if stop_at is None else stop_at - cell.reserve_s,
+            stop_at=stop_at, on_results_written=publish))
     publish()
     print(f"cell {name}: done in {time.time() - started:.0f} s; results in {out_dir}, all of them in {archive}")
     return archive

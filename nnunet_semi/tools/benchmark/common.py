@@ -20,6 +20,7 @@ from nnunet_semi.tools.progress import EpochProgressFile
 BASELINE_TRAINER = "nnUNetTrainer"
 # stock nnU-Net warm-started exactly as the methods are: the baseline of the warm-start mode
 CONTROL_TRAINER = "nnUNetTrainer_warmStart"
+SELFTRAIN = "selftrain"  # offline self-training in the trainer list: stock teacher, pseudo labels, stock student
 TINY_DATASET_ID = 994
 
 

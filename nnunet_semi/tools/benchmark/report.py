@@ -8,19 +8,10 @@ from os.path import isdir, join
 
 from nnunet_semi.errors import SemiInputError
 from nnunet_semi.tools.benchmark.common import BASELINE_TRAINER, CONTROL_TRAINER, semi_trainers
-from nnunet_semi.tools.benchmark.quality import (
-    PROTOCOL,
-    SCHEDULE,
-    _repeat,
-    _write_csv,
-    case_sets_statement,
-    member_tables,
-    plot_results,
-    scored_runs,
-    split_case_sets,
-    summary_tables,
-    table_group,
-)
+from nnunet_semi.tools.benchmark.plots import plot_results
+from nnunet_semi.tools.benchmark.records import PROTOCOL, SCHEDULE, scored_runs, write_csv
+from nnunet_semi.tools.benchmark.statistics import repeat_of, table_group
+from nnunet_semi.tools.benchmark.tables import case_sets_statement, member_tables, split_case_sets, summary_tables
 
 
 def _runs_of(folder: str) -> list[dict]:
@@ -72,13 +63,13 @@ def merge_results(folders: list[str], out_dir: str) -> list[dict]:
                  "trainer": first["trainer"] + suffix, "source": run["folder"]}
         rows += [r | label for r in run["rows"]]
         pairs += [r | label for r in run["pairs"]]
-        provenance.append((label["num_labeled"], label["trainer"], _repeat(first), first.get("commit", ""),
+        provenance.append((label["num_labeled"], label["trainer"], repeat_of(first), first.get("commit", ""),
                            first.get("device", ""), first.get("date", ""), first.get("seed", ""),
                            first.get("rampup_iterations", ""), _known(first, "order"), _known(first, "split"),
                            first.get("warm_start_from", "") or "scratch", run["run"], run["folder"]))
     _check_one_split_per_group(rows)
     os.makedirs(out_dir, exist_ok=True)
-    _write_csv(rows, join(out_dir, "results.csv"))
+    write_csv(rows, join(out_dir, "results.csv"))
     headline, development = split_case_sets(rows)
     info = headline[0]
     lines = [f"# Quality, merged: {info['dataset']}, fold {info['fold']}, evaluated on {info['evaluated_on']}", "",
@@ -94,7 +85,8 @@ def merge_results(folders: list[str], out_dir: str) -> list[dict]:
         lines += ["", "## Development cases", ""] + summary_tables(development, voxel_distances=False)
     lines += member_tables(pairs)
     lines += ["", "Provenance of every run.", "",
-              "| labeled · schedule | trainer | repeat | commit | device | date | seed | ramp | order | split | start | "
+              "| labeled · schedule | trainer | repeat | commit | device | date | seed | ramp | order | split | "
+              "start | "
               "run | folder |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {' | '.join(str(v) for v in entry)} |" for entry in sorted(provenance, key=str)]
@@ -149,7 +141,7 @@ def _missing_cells(rows: list[dict]) -> list[str]:
                if (count, trainer) not in present and not count.startswith("all")
                and not (count.endswith("· warm") and trainer == BASELINE_TRAINER)]
     unrepeated = [count for count in counts
-                  if not any(r["num_labeled"] == count and r["trainer"] == baseline(count) and _repeat(r) > 0
+                  if not any(r["num_labeled"] == count and r["trainer"] == baseline(count) and repeat_of(r) > 0
                              for r in rows)]
     lines = ["Cells still missing: " + (", ".join(missing) if missing else "none") + "."]
     if unrepeated:
