@@ -247,8 +247,12 @@ def benchmark_entry(argv=None) -> None:
     )
     from nnunet_semi.tools.benchmark.common import TINY_DATASET_ID, make_tiny_dataset, semi_trainers
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["cell"]:
+        _forward_cell(argv[1:])
+        return
     parser = argparse.ArgumentParser(
-        description="nnUNetv2_semi_benchmark quality|speed|report|cell: --tiny runs on a generated dataset in a "
+        description="nnUNetv2_semi_benchmark quality|speed|report: --tiny runs on a generated dataset in a "
                     "few minutes on CPU, quality --coarse any real dataset on a coarse grid with a small U-Net in "
                     "about an hour per trainer on CPU.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -319,17 +323,6 @@ def benchmark_entry(argv=None) -> None:
     report.add_argument("--readme", default=None,
                         help="also rewrite the marked results block of this file (the project's README) with the "
                              "merged tables")
-    cell = sub.add_parser("cell", help="one named cell of the cell table, start to finish in one command "
-                                       "(scripts/run_cell.sh installs the offline wheels first)")
-    cell.add_argument("name", nargs="?", help="the cell (--list: the table)")
-    cell.add_argument("-o", help="output folder: the results tables and <cell>.tar.gz with everything")
-    cell.add_argument("--deadline", type=float, default=None,
-                      help="seconds from the start by which everything is in -o (default: the cell's; 0: none)")
-    cell.add_argument("--data", default=None, help="the raw dataset folder (default: data/<dataset> in the checkout)")
-    cell.add_argument("--work", default=None, help="work folder (default: $TMPDIR/nnunet_semi_cells/<cell>)")
-    cell.add_argument("--started", type=float, default=None,
-                      help="time.time() when the command began (run_cell.sh passes it: the install counts)")
-    cell.add_argument("--list", action="store_true", help="print the cell table")
     speed.add_argument("--steps", type=int, default=None, help="timed steps per trainer (default 20; --tiny: 3)")
     speed.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; --tiny: 1)")
     speed.add_argument("--compute_only", action="store_true",
@@ -349,9 +342,6 @@ def benchmark_entry(argv=None) -> None:
                                 args.readme])
             write_into_readme(join(args.o, "results.md"), args.readme, command)
         print(open(join(args.o, "results.md")).read())
-        return
-    if args.command == "cell":
-        _cell_command(args)
         return
     trainers = args.tr or semi_trainers()
     dataset, plans = args.d, args.p
@@ -495,17 +485,21 @@ def _quality_command(args, dataset, plans: str, trainers: list[str], tiny_raw: s
     print(open(join(args.o, "results.md")).read())
 
 
-def _cell_command(args) -> None:
-    from nnunet_semi.tools.benchmark.cells import cell_table_markdown, run_cell
+def _forward_cell(argv: list[str]) -> None:
+    """``nnUNetv2_semi_benchmark cell`` keeps working where the lab is (a clone): a one-line notice, then the lab's
+    ``python -m semi_lab cell``; the cells are this project's own measuring, not part of the installed library."""
+    import nnunet_semi
 
-    if args.list:
-        print(cell_table_markdown())
-        return
-    if args.name is None or args.o is None:
-        raise SemiInputError("give a cell name and -o OUT_DIR (--list: the cells).")
-    run_cell(args.name, args.o, args.deadline, args.data, args.work, args.started)
+    print("nnUNetv2_semi_benchmark cell: moved to the project's lab, now `python -m semi_lab cell` (PYTHONPATH="
+          "benchmarks, or benchmarks/scripts/run_cell.sh); running it", file=sys.stderr)
+    lab = join(os.path.dirname(os.path.dirname(nnunet_semi.__file__)), "benchmarks")
+    if not os.path.isdir(join(lab, "semi_lab")):
+        raise SemiInputError("the benchmark cells belong to the project's lab (benchmarks/ in a clone of "
+                             "nnunet-semi), which this installation does not have.")
+    sys.path.insert(0, lab)
+    from semi_lab.__main__ import cell_entry
 
-
+    cell_entry(argv)
 
 
 def main(argv=None) -> None:

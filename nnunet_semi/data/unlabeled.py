@@ -323,7 +323,7 @@ def preprocess_unlabeled(dataset_name_or_id: int | str, configurations: list[str
     preprocessed with identical plans are skipped; if the plans changed, all cases are preprocessed again.
 
     Args:
-        dataset_name_or_id: dataset id (``101``) or name (``Dataset101_LA``).
+        dataset_name_or_id: dataset id (``101``) or name (``Dataset101_Name``).
         configurations: plans configurations, e.g. ``["3d_fullres"]``.
         num_processes: worker processes (1 or less: in this process).
         plans_identifier: plans name, as nnU-Net's ``-plans_name``.

@@ -196,7 +196,7 @@ def _processes() -> int:
 
 def _copy_dataset(dataset_name: str, data: str | None) -> str:
     """Copy the raw dataset into nnUNet_raw (once); images are read with nibabel where SimpleITK is missing (an
-    offline GPU machine: see nnunet_semi.tools.offline). Returns the dataset name."""
+    offline GPU machine: see semi_lab.offline). Returns the dataset name."""
     from nnunet_semi.data.dataset_io import load_json, require_env_folder, save_json_atomic
 
     source = abspath(data or join(dirname(dirname(nnunet_semi.__file__)), "data", dataset_name))  # the checkout's
