@@ -321,7 +321,7 @@ def benchmark_entry(argv=None) -> None:
     report.add_argument("folders", nargs="+", help="result folders of nnUNetv2_semi_benchmark quality")
     report.add_argument("-o", required=True, help="output folder of the merged table and plot")
     report.add_argument("--readme", default=None,
-                        help="also rewrite the marked results block of this file (the project's README) with the "
+                        help="also rewrite the marked results block of this file (e.g. benchmarks/results/README.md) with the "
                              "merged tables")
     speed.add_argument("--steps", type=int, default=None, help="timed steps per trainer (default 20; --tiny: 3)")
     speed.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; --tiny: 1)")

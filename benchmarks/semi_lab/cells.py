@@ -29,7 +29,7 @@ METHODS = ("SGRS", "MeanTeacher", "CPS", "NPCal", "CIFP", "DualCCE", "BCP")
 LA_NUM_VAL = 16
 # GPU quality cells: one schedule for every trainer and cell. 1 000 iterations is what the heaviest methods reach
 # beside two stock runs in the ~6 minutes of training a 9-minute command leaves (stock alone: ~15 it/s per run with
-# three side by side on an H100, gpu.md); the papers' 6 000 do not fit. Provisional until the speed cell measures it.
+# three side by side on an H100); the papers' 6 000 do not fit. Provisional until the speed cell measures it.
 GPU_EPOCHS, GPU_ITERATIONS = 4, 250
 # CPU cells: the coarse mode's schedule (15 x 100 at 2.5 mm, a 16-128-feature U-Net), as in the committed CPU cells
 CPU_EPOCHS, CPU_ITERATIONS = 15, 100
@@ -202,7 +202,7 @@ def _copy_dataset(dataset_name: str, data: str | None) -> str:
     source = abspath(data or join(dirname(dirname(nnunet_semi.__file__)), "data", dataset_name))  # the checkout's
     if not isfile(join(source, "dataset.json")):
         raise SemiInputError(f"dataset folder {source} has no dataset.json: copy {dataset_name} there (nnU-Net raw "
-                             f"format, e.g. from ../shared/datasets) or pass --data.")
+                             f"format) or pass --data.")
     if basename(source.rstrip("/")) != dataset_name:
         raise SemiInputError(f"--data {source}: the cell trains {dataset_name}; give that dataset's folder.")
     target = join(require_env_folder("nnUNet_raw"), dataset_name)

@@ -1,4 +1,4 @@
-"""Uncertainty-guided dual network (Lu et al., Knowledge-Based Systems 2025; ``methods.md`` §5) on nnU-Net, as the
+"""Uncertainty-guided dual network (Lu et al., Knowledge-Based Systems 2025; documentation/methods/dual_cce.md) on nnU-Net, as the
 paper intends: every unsupervised term carries gradient (the released code trains only two of them)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The package's layers (README, Layout): each module imports only from its own layer or the layers before it."""
+"""The package's layers (documentation/extending.md, Layout): each module imports only from its own layer or the layers before it."""
 
 from __future__ import annotations
 
