@@ -1,4 +1,5 @@
-"""The package's layers (documentation/extending.md, Layout): each module imports only from its own layer or the layers before it."""
+"""The package's layers (documentation/extending.md, Layout): each module imports only from its own layer or the
+layers before it; every module imports; no lab facts in the package."""
 
 from __future__ import annotations
 
