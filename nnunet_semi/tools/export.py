@@ -91,29 +91,37 @@ def export_vanilla(model_folder: str, output_folder: str,
 
 
 def _trainer_class(name: str) -> type | None:
-    """The trainer class a checkpoint names: the plugin's (a benchmark's scheduled ``<Trainer>__<tag>`` by its
-    base name), else nnU-Net's lookup (``nnUNet_extTrainer`` included); None when none is found."""
+    """The trainer class a checkpoint names: nnU-Net's lookup (``nnUNet_extTrainer`` included), else the plugin's
+    class whose name the checkpoint's extends (a benchmark's scheduled ``<Trainer>__<tag>``, a subclass named
+    ``<Trainer>Variant``); None when none is found."""
     import contextlib
     import io
 
-    import nnunet_semi.methods
-
-    for candidate in (name, name.split("__")[0]):
-        if hasattr(nnunet_semi.methods, candidate):
-            return getattr(nnunet_semi.methods, candidate)
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
+    import nnunet_semi.methods
+
+    if hasattr(nnunet_semi.methods, name):
+        return getattr(nnunet_semi.methods, name)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            return recursive_find_trainer_class_by_name(name)
+            found = recursive_find_trainer_class_by_name(name)
     except RuntimeError:
-        return None
+        found = None
+    if found is not None:
+        return found
+    extended = [n for n in nnunet_semi.methods.__all__ if name.startswith(n)]
+    return getattr(nnunet_semi.methods, max(extended, key=len)) if extended else None
 
 
 def _exportable(checkpoint: dict) -> dict[str, tuple[dict, dict | None]]:
     """Name -> (weights, architecture or None) of the single networks in a checkpoint (its trainer's
     ``exportable_networks``; a stock trainer's: its network)."""
     cls = _trainer_class(checkpoint["trainer_name"])
+    if cls is None and "semi_state" in checkpoint:
+        raise SemiInputError(f"the checkpoint's trainer {checkpoint['trainer_name']} cannot be found: set "
+                             f'nnUNet_extTrainer="$(nnUNetv2_semi_trainer_dir)" (and the folder of your own '
+                             f"trainers) so that nnU-Net finds it.")
     if cls is None or not hasattr(cls, "exportable_networks"):
         return {"network": (checkpoint["network_weights"], None)}
     return cls.exportable_networks(checkpoint)
