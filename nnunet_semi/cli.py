@@ -247,8 +247,12 @@ def benchmark_entry(argv=None) -> None:
     )
     from nnunet_semi.tools.benchmark.common import TINY_DATASET_ID, make_tiny_dataset, semi_trainers
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["cell"]:
+        _forward_cell(argv[1:])
+        return
     parser = argparse.ArgumentParser(
-        description="nnUNetv2_semi_benchmark quality|speed|report|cell: --tiny runs on a generated dataset in a "
+        description="nnUNetv2_semi_benchmark quality|speed|report: --tiny runs on a generated dataset in a "
                     "few minutes on CPU, quality --coarse any real dataset on a coarse grid with a small U-Net in "
                     "about an hour per trainer on CPU.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -263,7 +267,8 @@ def benchmark_entry(argv=None) -> None:
         p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
         p.add_argument("-o", required=True, help="output folder")
         p.add_argument("--tiny", action="store_true", help="generated tiny dataset and network: minutes on 2 CPU cores")
-    quality.add_argument("--num_labeled", nargs="+", default=["8"], help="labeled counts, and 'all'")
+    quality.add_argument("--num_labeled", nargs="+", default=["8"],
+                         help="labeled counts (positive integers), and 'all'")
     for p in (quality, speed):
         p.add_argument("-v", "--verbose", action="store_true",
                        help="stream nnU-Net's output of every run here (default: a log file per run in -o/logs, its "
@@ -316,19 +321,8 @@ def benchmark_entry(argv=None) -> None:
     report.add_argument("folders", nargs="+", help="result folders of nnUNetv2_semi_benchmark quality")
     report.add_argument("-o", required=True, help="output folder of the merged table and plot")
     report.add_argument("--readme", default=None,
-                        help="also rewrite the marked results block of this file (the project's README) with the "
+                        help="also rewrite the marked results block of this file (e.g. benchmarks/results/README.md) with the "
                              "merged tables")
-    cell = sub.add_parser("cell", help="one named cell of the cell table, start to finish in one command "
-                                       "(scripts/run_cell.sh installs the offline wheels first)")
-    cell.add_argument("name", nargs="?", help="the cell (--list: the table)")
-    cell.add_argument("-o", help="output folder: the results tables and <cell>.tar.gz with everything")
-    cell.add_argument("--deadline", type=float, default=None,
-                      help="seconds from the start by which everything is in -o (default: the cell's; 0: none)")
-    cell.add_argument("--data", default=None, help="the raw dataset folder (default: data/<dataset> in the checkout)")
-    cell.add_argument("--work", default=None, help="work folder (default: $TMPDIR/nnunet_semi_cells/<cell>)")
-    cell.add_argument("--started", type=float, default=None,
-                      help="time.time() when the command began (run_cell.sh passes it: the install counts)")
-    cell.add_argument("--list", action="store_true", help="print the cell table")
     speed.add_argument("--steps", type=int, default=None, help="timed steps per trainer (default 20; --tiny: 3)")
     speed.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; --tiny: 1)")
     speed.add_argument("--compute_only", action="store_true",
@@ -349,11 +343,9 @@ def benchmark_entry(argv=None) -> None:
             write_into_readme(join(args.o, "results.md"), args.readme, command)
         print(open(join(args.o, "results.md")).read())
         return
-    if args.command == "cell":
-        _cell_command(args)
-        return
     trainers = args.tr or semi_trainers()
     dataset, plans = args.d, args.p
+    _check_benchmark_input(args, trainers)  # all of it, before anything is generated, planned or written
     if args.command == "quality" and (args.jobs < 1 or args.repeats < 1 or args.method_repeats < 1):
         raise SemiInputError(f"--jobs {args.jobs}: give at least 1 (1 trains one run after the other)."  # before
                              if args.jobs < 1 else f"--repeats {args.repeats} --method_repeats "  # anything is written
@@ -392,6 +384,37 @@ def benchmark_entry(argv=None) -> None:
         print(open(join(args.o, "speed.md")).read())
 
 
+def _check_benchmark_input(args, trainers: list[str]) -> None:
+    """Every option of quality and speed that can be checked without the data: trainers resolved, counts, fold,
+    label folder, the optional dependency. Raises ``SemiInputError`` (one line) before anything is written."""
+    from nnunet_semi.tools.benchmark.common import resolve_trainer
+
+    for name in trainers:
+        if name != "selftrain":  # offline self-training is stock trainings, refused by speed below
+            resolve_trainer(name)
+    if args.command != "quality":
+        return
+    from nnunet_semi.tools.benchmark.scoring import require_medpy
+
+    require_medpy()
+    for count in args.num_labeled:
+        if count != "all" and not (count.isdigit() and int(count) > 0):
+            raise SemiInputError(f"--num_labeled {count}: neither a positive number of labeled cases nor 'all'.")
+    args.num_labeled = [c if c == "all" else str(int(c)) for c in args.num_labeled]
+    if args.f < 0:
+        raise SemiInputError(f"-f {args.f}: give a fold index (0, 1, ...).")
+    if args.num_val and args.f != 0:
+        raise SemiInputError(f"-f {args.f} with --num_val: the held-out split has one fold, 0.")
+    if args.test_labels is not None and not os.path.isdir(args.test_labels):
+        raise SemiInputError(f"--test_labels {args.test_labels} is not a folder.")
+    for option in ("epochs", "iterations"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            raise SemiInputError(f"--{option} {getattr(args, option)}: give at least 1.")
+    if args.warm_start and "all" in args.num_labeled and len(args.num_labeled) == 1:
+        raise SemiInputError("--warm_start with --num_labeled all only: a warm start continues a labeled subset's "
+                             "stock run; give a labeled count.")
+
+
 def _planning_output(args):
     """nnU-Net's planning and preprocessing output to ``-o/logs/planning.txt`` (its path printed), unless -v."""
     from nnunet_semi.tools.progress import captured_output
@@ -409,7 +432,7 @@ def _quality_command(args, dataset, plans: str, trainers: list[str], tiny_raw: s
         COARSE_NUM_VAL,
         COARSE_RAMPUP_FRACTION,
     )
-    from nnunet_semi.tools.benchmark.quality import run_quality_benchmark
+    from nnunet_semi.tools.benchmark.quality import QualitySettings, run_quality_benchmark
 
     configuration, extra, num_val, rampup = args.c, {}, args.num_val, args.rampup_iterations
     epochs = args.epochs or (2 if tiny_raw else COARSE_EPOCHS if args.coarse else 50)
@@ -448,14 +471,13 @@ def _quality_command(args, dataset, plans: str, trainers: list[str], tiny_raw: s
     counts = ["2", "all"] if tiny_raw else args.num_labeled
     test_labels = join(tiny_raw, "labelsTs") if tiny_raw else args.test_labels
     try:
-        run_quality_benchmark(dataset, counts, trainers, epochs, iterations, args.o, configuration, args.f, plans,
-                              test_labels, args.order, args.seed, num_val=num_val, repeats=args.repeats,
-                              rampup_iterations=rampup, predict_test=predict_test, checkpoint_every=checkpoint_every,
-                              extra_columns=extra, score_members=args.score_members,
-                              run_suffix="" if args.rampup_iterations is None else f"_ramp{args.rampup_iterations}",
-                              jobs=args.jobs, selftrain_rounds=args.selftrain_rounds, verbose=args.verbose,
-                              stop_on_failure=args.stop_on_failure, warm_start=args.warm_start,
-                              method_repeats=args.method_repeats)
+        run_quality_benchmark(QualitySettings(
+            dataset, counts, trainers, epochs, iterations, args.o, configuration, args.f, plans, test_labels,
+            args.order, args.seed, num_val=num_val, repeats=args.repeats, method_repeats=args.method_repeats,
+            rampup_iterations=rampup, run_suffix="" if args.rampup_iterations is None else
+            f"_ramp{args.rampup_iterations}", warm_start=args.warm_start, predict_test=predict_test,
+            score_members=args.score_members, checkpoint_every=checkpoint_every, extra_columns=extra, jobs=args.jobs,
+            selftrain_rounds=args.selftrain_rounds, verbose=args.verbose, stop_on_failure=args.stop_on_failure))
     except SemiRunsFailed:
         if os.path.isfile(join(args.o, "results.md")):  # the tables of the runs that finished, then the failures
             print(open(join(args.o, "results.md")).read())
@@ -463,17 +485,21 @@ def _quality_command(args, dataset, plans: str, trainers: list[str], tiny_raw: s
     print(open(join(args.o, "results.md")).read())
 
 
-def _cell_command(args) -> None:
-    from nnunet_semi.tools.benchmark.cells import cell_table_markdown, run_cell
+def _forward_cell(argv: list[str]) -> None:
+    """``nnUNetv2_semi_benchmark cell`` keeps working where the lab is (a clone): a one-line notice, then the lab's
+    ``python -m semi_lab cell``; the cells are this project's own measuring, not part of the installed library."""
+    import nnunet_semi
 
-    if args.list:
-        print(cell_table_markdown())
-        return
-    if args.name is None or args.o is None:
-        raise SemiInputError("give a cell name and -o OUT_DIR (--list: the cells).")
-    run_cell(args.name, args.o, args.deadline, args.data, args.work, args.started)
+    print("nnUNetv2_semi_benchmark cell: moved to the project's lab, now `python -m semi_lab cell` (PYTHONPATH="
+          "benchmarks, or benchmarks/scripts/run_cell.sh); running it", file=sys.stderr)
+    lab = join(os.path.dirname(os.path.dirname(nnunet_semi.__file__)), "benchmarks")
+    if not os.path.isdir(join(lab, "semi_lab")):
+        raise SemiInputError("the benchmark cells belong to the project's lab (benchmarks/ in a clone of "
+                             "nnunet-semi), which this installation does not have.")
+    sys.path.insert(0, lab)
+    from semi_lab.__main__ import cell_entry
 
-
+    cell_entry(argv)
 
 
 def main(argv=None) -> None:

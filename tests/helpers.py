@@ -109,3 +109,16 @@ def random_streams_rewinder(trainer):
         for k, state in states.items():
             trainer._generators[k].set_state(state)
     return rewind
+
+
+def bench_run(out, prefix: str, suffix: str = "") -> str:
+    """The name of the benchmark run in ``out/runs`` (or any folder holding run folders) named
+    ``<prefix>_<6 hex digits of its data identity><suffix>`` (e.g. prefix ``nnUNetTrainer__bench_2lab_2x4``, suffix
+    ``_r1``); exactly one must exist."""
+    import re
+
+    folder = Path(out) / "runs" if (Path(out) / "runs").is_dir() else Path(out)
+    names = [p.name for p in folder.iterdir() if re.fullmatch(re.escape(prefix) + r"_[0-9a-f]{6}" + re.escape(suffix),
+                                                              p.name)]
+    assert len(names) == 1, (prefix, suffix, sorted(p.name for p in folder.iterdir()))
+    return names[0]

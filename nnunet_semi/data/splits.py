@@ -100,7 +100,7 @@ def check_held_out_size(num_cases: int, num_labeled: int, num_val: int, dataset_
 
 
 def make_labeled_split(dataset_name_or_id: int | str, num_labeled: int, order: str = "first",
-                       seed: int = 12345, num_val: int | None = None) -> list[dict]:
+                       seed: int = 12345, num_val: int | None = None, write_to: str | None = None) -> list[dict]:
     """Rewrite ``splits_final.json`` so that every fold trains on ``num_labeled`` labeled cases.
 
     Args:
@@ -110,6 +110,8 @@ def make_labeled_split(dataset_name_or_id: int | str, num_labeled: int, order: s
         seed: seed of the ``"random"`` draw (fold k uses ``seed + k``).
         num_val: instead of the saved (or nnU-Net's 5-fold) split, one fold (fold 0) that holds out the last
             ``num_val`` training cases in sorted order for validation; the saved original split is kept as it is.
+        write_to: a folder whose ``splits_final.json`` gets the split instead of the dataset's (the benchmark's own
+            copy of the preprocessed folder): the dataset's files are then only read.
 
     Returns:
         The splits written: a list of ``{"train", "val", "unlabeled"}`` dicts.
@@ -138,6 +140,9 @@ def make_labeled_split(dataset_name_or_id: int | str, num_labeled: int, order: s
         labeled = select_labeled(fold["train"], num_labeled, order, np.random.RandomState(seed + k))
         unlabeled = sorted(set(fold["train"]) - set(labeled))
         splits.append({**fold, "train": labeled, "val": list(fold["val"]), UNLABELED_KEY: unlabeled})
+    if write_to is not None:
+        save_json_atomic(splits, join(write_to, SPLITS_FILE))
+        return splits
     original = join(preprocessed, ORIGINAL_SPLITS_FILE)
     if not isfile(original):
         save_json_atomic(original_source, original)

@@ -129,6 +129,44 @@ def check_raw_image(data: np.ndarray, image_files: list[str], num_channels: int,
         raise SemiInputError(f"{names}: {bad} voxel(s) are NaN or infinite. Fix or remove the image.")
 
 
+def check_image_files(image_files: list[str], dataset_json: dict) -> None:
+    """Refuse, by name, an image that cannot be decoded whole or holds several values per voxel, before anything is
+    written: a gzip file is decompressed to its end (a truncated ``.nii.gz`` otherwise reads as a mostly-zero
+    array), and where the dataset reads with SimpleITK its header must open and hold one value per voxel (a vector
+    image would be read with its first axis as the channels)."""
+    import gzip
+    import zlib
+
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    for path in image_files:
+        if path.endswith(".gz"):
+            try:
+                with gzip.open(path, "rb") as f:
+                    while f.read(1 << 24):
+                        pass
+            except (OSError, EOFError, zlib.error) as error:
+                raise SemiInputError(f"{path}: the file is truncated or corrupt ({error}). Replace it with a complete "
+                                     f"image or remove it.") from None
+        reader = determine_reader_writer_from_dataset_json(dataset_json, path, verbose=False)
+        if "SimpleITK" not in reader.__name__:
+            continue
+        import SimpleITK as sitk
+
+        info = sitk.ImageFileReader()
+        info.SetFileName(path)
+        try:
+            info.ReadImageInformation()
+        except RuntimeError as error:
+            raise SemiInputError(f"{path}: not a readable {dataset_json['file_ending']} image "
+                                 f"({str(error).strip().splitlines()[-1]}). Replace or remove it.") from None
+        if info.GetNumberOfComponents() > 1:
+            raise SemiInputError(
+                f"{path}: {info.GetNumberOfComponents()} values per voxel (a vector image); the dataset reads one "
+                f"channel per file ({len(dataset_json['channel_names'])} channel(s): _0000, _0001, ...). Store each "
+                f"channel in its own file as in imagesTr.")
+
+
 def _preprocess_case(output_truncated: str, image_files: list[str], plans: dict, configuration: str,
                      dataset_json: dict, dataset_is_2d: bool | None) -> str:
     """Runs in a worker: read, check and preprocess one unlabeled case with the plans' preprocessor class."""
@@ -234,6 +272,17 @@ def unlabeled_case_folders(labeled_folder: str, splits_file: str, fold: int | st
                 f"{unlabeled_folder} was preprocessed with other plans than {plans_name} now holds. Run "
                 f"nnUNetv2_semi_preprocess -d {dataset_name} -c {configuration} -plans_name {plans_name} again.")
         pool.update({c: unlabeled_folder for c in dataset_class.get_identifiers(unlabeled_folder)})
+        if isdir(raw_unlabeled):  # the pool is exactly the folder: a case added or removed since is not trained on
+            raw_cases = set(find_unlabeled_cases(raw_unlabeled, dataset_json["file_ending"],
+                                                 len(dataset_json["channel_names"])))
+            preprocessed = set(dataset_class.get_identifiers(unlabeled_folder))
+            if raw_cases != preprocessed:
+                added, removed = sorted(raw_cases - preprocessed), sorted(preprocessed - raw_cases)
+                raise RuntimeError(
+                    f"{raw_unlabeled} and its preprocessed copy {unlabeled_folder} differ: {len(added)} case(s) not "
+                    f"preprocessed ({', '.join(added[:5]) or 'none'}), {len(removed)} no longer in imagesUnlabeled "
+                    f"({', '.join(removed[:5]) or 'none'}). Run nnUNetv2_semi_preprocess -d {dataset_name} -c "
+                    f"{configuration} -plans_name {plans_name} again.")
     elif isdir(raw_unlabeled):
         raise RuntimeError(f"{raw_unlabeled} exists but {unlabeled_folder} does not. Run nnUNetv2_semi_preprocess "
                            f"-d {dataset_name} -c {configuration} first.")
@@ -274,7 +323,7 @@ def preprocess_unlabeled(dataset_name_or_id: int | str, configurations: list[str
     preprocessed with identical plans are skipped; if the plans changed, all cases are preprocessed again.
 
     Args:
-        dataset_name_or_id: dataset id (``101``) or name (``Dataset101_LA``).
+        dataset_name_or_id: dataset id (``101``) or name (``Dataset101_Name``).
         configurations: plans configurations, e.g. ``["3d_fullres"]``.
         num_processes: worker processes (1 or less: in this process).
         plans_identifier: plans name, as nnU-Net's ``-plans_name``.
@@ -314,9 +363,15 @@ def preprocess_unlabeled(dataset_name_or_id: int | str, configurations: list[str
             print(f"{configuration}: the plans changed since {out} was written; "
                   "preprocessing all unlabeled cases again.")
         todo = sorted(c for c in cases if stale or not _case_is_complete(out, c))
+        removed = sorted(set(_preprocessed_case_ids(out)) - set(cases)) if isdir(out) else []
         print(f"{configuration}: {len(cases)} unlabeled case(s), {len(cases) - len(todo)} already preprocessed, "
-              f"{len(todo)} to do -> {out}")
+              f"{len(todo)} to do" + (f", {len(removed)} removed from imagesUnlabeled" if removed else "")
+              + f" -> {out}")
+        for case_id in todo:  # every file decodes whole, before anything is written
+            check_image_files(cases[case_id], dataset_json)
         if not todo and not stale:
+            for case_id in removed:  # the pool is exactly the folder
+                _remove_case(out, case_id)
             continue
         staging = join(out, _STAGING_FOLDER)
         created_out = not isdir(out)
@@ -332,6 +387,12 @@ def preprocess_unlabeled(dataset_name_or_id: int | str, configurations: list[str
         _commit_staging(out, staging, todo, cases, stale)
         save_json_atomic(identity, identity_file)
     return outputs
+
+
+def _preprocessed_case_ids(folder: str) -> list[str]:
+    """The case ids with any preprocessed file in ``folder``."""
+    return sorted({name[:-len(s)] for name in os.listdir(folder) for s in _CASE_FILE_SUFFIXES if name.endswith(s)
+                   and not name[:-len(s)].endswith("_seg")})
 
 
 def _commit_staging(out: str, staging: str, done: list[str], cases: dict, stale: bool) -> None:

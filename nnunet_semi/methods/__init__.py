@@ -19,6 +19,6 @@ for _module in _METHOD_MODULES:
             __all__.append(_name)
 del _module, _name, _value
 
-from nnunet_semi.trainer.warm_start import nnUNetTrainer_warmStart  # noqa: E402
+from nnunet_semi.trainer.warm_start import nnUNetTrainer_warmStart  # noqa: E402, F401 (exported)
 
 __all__.append("nnUNetTrainer_warmStart")

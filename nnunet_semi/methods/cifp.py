@@ -1,6 +1,6 @@
 """Cross-image feature perturbation with uncertainty-weighted pseudo-label fusion (Xu et al., WACV 2025) on nnU-Net.
 
-No public code exists; this is the reconstruction of ``methods.md`` §4.2, with each choice a class attribute. Per
+No public code exists; this is the reconstruction of documentation/methods/cifp.md, with each choice a class attribute. Per
 step: the EMA teacher predicts the weak view; the student predicts the strong view with CutMix between unlabeled
 samples (image perturbation), its own weak-view features with channel dropout (feature perturbation), and its
 weak-view features with the ambiguous bottleneck positions refined by attention to the labeled images' features

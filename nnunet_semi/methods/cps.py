@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunet_semi.components.losses import hard_pseudo_label_loss
 from nnunet_semi.errors import SemiInputError
-from nnunet_semi.trainer.base import SemiSupervisedTrainerBase
+from nnunet_semi.trainer.base import SEMI_STATE_KEY, SemiSupervisedTrainerBase
 from nnunet_semi.trainer.outputs import full_resolution, take_samples
 from nnunet_semi.trainer.warm_start import PEER_WEIGHTS_VARIABLE, load_whole
 
@@ -50,6 +50,18 @@ class nnUNetTrainerCPS(SemiSupervisedTrainerBase):
         return self.build_network_architecture(
             self.plans_manager, self.configuration_manager, self.num_input_channels,
             self.label_manager.num_segmentation_heads, self.enable_deep_supervision)
+
+    @classmethod
+    def member_weights(cls, checkpoint: dict) -> dict[str, dict]:
+        """Network 1 (``student``, deployed) and the ``peer``."""
+        peer = {k[len("peer."):]: v for k, v in checkpoint.get(SEMI_STATE_KEY, {}).get("auxiliary", {}).items()
+                if k.startswith("peer.")}
+        return {"student": checkpoint["network_weights"], "peer": peer} if peer else {}
+
+    @classmethod
+    def exportable_networks(cls, checkpoint: dict) -> dict[str, tuple[dict, dict | None]]:
+        return {name: (weights, None) for name, weights in cls.member_weights(checkpoint).items()} or \
+            super().exportable_networks(checkpoint)
 
     def load_warm_start_auxiliary(self, checkpoint_file: str) -> None:
         super().load_warm_start_auxiliary(checkpoint_file)

@@ -1,4 +1,4 @@
-"""Uncertainty-guided dual network (Lu et al., Knowledge-Based Systems 2025; ``methods.md`` §5) on nnU-Net, as the
+"""Uncertainty-guided dual network (Lu et al., Knowledge-Based Systems 2025; documentation/methods/dual_cce.md) on nnU-Net, as the
 paper intends: every unsupervised term carries gradient (the released code trains only two of them)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
-from nnunet_semi.components.ensemble import DualNetworkEnsemble, is_ensemble_state, member_state
+from nnunet_semi.components.ensemble import DEPLOYED_MEMBERS, DualNetworkEnsemble, is_ensemble_state, member_state
 from nnunet_semi.components.feature_capture import DecoderFeatures
 from nnunet_semi.components.losses import (
     cosine_consistency_loss,
@@ -27,6 +27,7 @@ from nnunet_semi.components.networks import (
 from nnunet_semi.components.prototypes import PrototypeBank, gather_voxels
 from nnunet_semi.components.pseudo_labels import union_pseudo_label
 from nnunet_semi.methods.cps import nnUNetTrainerCPS
+from nnunet_semi.trainer.base import SEMI_STATE_KEY
 from nnunet_semi.trainer.deployment import BEST_VALIDATED
 from nnunet_semi.trainer.outputs import full_resolution, take_samples
 
@@ -255,6 +256,40 @@ class nnUNetTrainerDualCCE(nnUNetTrainerCPS):
             self.best_single_network = "peer" if self.deployed_weights == "peer" else "student"
         self.print_to_log_file(f"network_weights in checkpoint_final.pth: {self.deployed_weights} (better single "
                                f"network, for export: {self.best_single_network})")
+
+    @classmethod
+    def member_weights(cls, checkpoint: dict) -> dict[str, dict]:
+        """Network 1 (``student``), the ``peer`` and their ``ensemble``, each as weights of the deployable
+        ``DualNetworkEnsemble`` whose ``deployed_member`` selects it."""
+        state = checkpoint.get(SEMI_STATE_KEY) or {}
+        peer = member_state(state.get("auxiliary", {}), "peer")
+        if not peer:
+            return {}
+        weights = checkpoint["network_weights"]
+        first, second = (member_state(weights, "first"), member_state(weights, "second")) \
+            if is_ensemble_state(weights) else (weights, peer)
+
+        def deploying(member: str) -> dict:
+            return {**{f"first.{k}": v for k, v in first.items()}, **{f"second.{k}": v for k, v in second.items()},
+                    "deployed_member": torch.tensor(DEPLOYED_MEMBERS.index(member))}
+
+        return {"student": deploying("first"), "peer": deploying("second"), "ensemble": deploying("ensemble")}
+
+    @classmethod
+    def exportable_networks(cls, checkpoint: dict) -> dict[str, tuple[dict, dict | None]]:
+        """Network 1 with the plans' architecture and the peer with its own (the ensemble is no single network)."""
+        state = checkpoint.get(SEMI_STATE_KEY) or {}
+        if "peer_architecture" not in state:
+            return super().exportable_networks(checkpoint)
+        weights = checkpoint["network_weights"]
+        first = member_state(weights, "first") if is_ensemble_state(weights) else weights
+        return {"student": (first, None),
+                "peer": (member_state(state["auxiliary"], "peer"), state["peer_architecture"])}
+
+    @classmethod
+    def default_export(cls, checkpoint: dict) -> str:
+        """The single network that validated better alone, recorded at the end of training (network 1 before)."""
+        return (checkpoint.get(SEMI_STATE_KEY) or {}).get("best_single_network", "student")
 
     def deployable_model(self) -> DualNetworkEnsemble:
         member = {"student": "first", "peer": "second", "ensemble": "ensemble"}[self.deployed_weights]

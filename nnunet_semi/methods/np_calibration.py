@@ -1,7 +1,7 @@
 """Pseudo-label calibration with a neural process and dual-confidence pseudo supervision (Zhang et al., Neural
 Networks 2025) on nnU-Net.
 
-No public code exists; this is the reconstruction of ``methods.md`` §3.2 on NP-SemiSeg's mechanism (§3.1), with each
+No public code exists; this is the reconstruction of documentation/methods/np_calibration.md on NP-SemiSeg's mechanism, with each
 choice a class attribute. Per step: the EMA teacher segments the labeled and weak unlabeled crops; its NP head
 (an EMA copy of the student's) turns the teacher's full-resolution decoder features into calibrated probabilities,
 conditioned on per-class memory banks of labeled (context) and labeled + pseudo-labeled (target) feature vectors;
@@ -68,7 +68,7 @@ class nnUNetTrainerNPCal(nnUNetTrainerMeanTeacher):
     calibrated pseudo label, full resolution), ``np_pseudo`` (the same weighting for the NP head's CE + Dice on the
     sampled unlabeled voxels), ``np_kl``.
     ``sup*`` terms and ``np_kl`` (NP-SemiSeg's beta-weighted KL) are not ramped; ``pseudo`` and ``np_pseudo`` follow
-    the base's sigmoid ramp (lambda(t) of the reconstruction, methods.md 3.2). Inference uses the plain network.
+    the base's sigmoid ramp (lambda(t) of the reconstruction). Inference uses the plain network.
     """
 
     np_latent_dim: int = 32

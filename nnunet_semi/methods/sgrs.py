@@ -4,7 +4,7 @@ Per step: the EMA teacher labels the (noised) unlabeled crops; each unlabeled cr
 (the unlabeled image dominating); the student predicts the plain and the mixed unlabeled images; voxels are split by
 whether those two predictions agree and whether either is ambiguous; agree-and-certain voxels get hard CE + soft Dice
 against the pseudo label, disagree-and-certain voxels label-smoothed CE + a heavily smoothed Dice, ambiguous voxels
-nothing. Implemented "as intended" (see the README for the released code's deviations and the named variants).
+nothing. Implemented "as intended" (documentation/methods/sgrs.md: the released code's deviations and the named variants).
 """
 
 from __future__ import annotations

@@ -77,23 +77,51 @@ def dice_scores(prediction_folder: str, label_folder: str) -> dict[str, float]:
     return scores
 
 
+def summarize_demo(results: dict[str, dict[str, float]]) -> dict:
+    """Mean, std and count of each trainer's test Dice, and the per-case difference of the last trainer to the first
+    (mean, std, cases better / worse): what ``demo_results.json`` and the plot state."""
+    summary = {name: {"mean": float(np.mean(list(v.values()))), "std": float(np.std(list(v.values()))),
+                      "cases": len(v)} for name, v in results.items()}
+    names = list(results)
+    if len(names) >= 2:
+        first, last = results[names[0]], results[names[-1]]
+        shared = sorted(set(first) & set(last))
+        difference = np.array([last[c] - first[c] for c in shared])
+        summary["difference"] = {"of": names[-1], "minus": names[0], "mean": float(difference.mean()),
+                                 "std": float(difference.std()), "better": int((difference > 0).sum()),
+                                 "worse": int((difference < 0).sum()), "cases": len(shared)}
+    return summary
+
+
 @isolated_style
 def plot_results(results: dict[str, dict[str, float]], filename: str) -> None:
+    """Per-case pairs: one line per test case from the first trainer's Dice to the next one's, the axis fitted to
+    the data, each trainer's mean ± std and the mean difference written on the figure."""
     import matplotlib
 
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    names = list(results)
-    for i, name in enumerate(names):
-        values = list(results[name].values())
-        ax.scatter(np.full(len(values), i) + np.linspace(-0.15, 0.15, len(values)), values, alpha=0.7)
-        ax.hlines(np.mean(values), i - 0.3, i + 0.3, color="black")
-    ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel("Dice per test case (line: mean)")
-    ax.set_ylim(0, 1)
-    ax.set_title("Labeled-only nnU-Net vs. semi-supervised, same split and schedule")
+    names, summary = list(results), summarize_demo(results)
+    cases = sorted(set.intersection(*(set(v) for v in results.values())))
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for case in cases:
+        values = [results[n][case] for n in names]
+        better = values[-1] > values[0]
+        ax.plot(range(len(names)), values, marker="o", color="tab:green" if better else "tab:red", alpha=0.6)
+    every = [v for r in results.values() for v in r.values()]
+    margin = max(0.01, 0.1 * (max(every) - min(every)))
+    ax.set_ylim(max(0.0, min(every) - margin), min(1.0, max(every) + margin))
+    ax.set_xlim(-0.4, len(names) - 0.6)
+    ax.set_xticks(range(len(names)), [f"{n}\n{summary[n]['mean']:.3f} ± {summary[n]['std']:.3f}" for n in names])
+    ax.set_ylabel("Dice per test case (a line per case)")
+    title = "Same split and schedule"
+    if "difference" in summary:
+        d = summary["difference"]
+        title += (f": difference {d['mean']:+.3f} ± {d['std']:.3f},\nbetter on {d['better']} of {d['cases']} "
+                  f"cases (green), worse on {d['worse']} (red)")
+    ax.set_title(title, fontsize="medium")
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(filename)
     plt.close(fig)
@@ -110,13 +138,13 @@ def run_demo(out_dir: str, baseline_trainer: str = "nnUNetTrainer_demo",
     progress display (``tools.progress``). A failed trainer is reported with its log's last lines and the other
     one goes on (``stop_on_failure``: the demo stops); ``SemiRunsFailed`` lists the failures at the end.
     """
-    from nnunet_semi.errors import SemiRunsFailed
-    from nnunet_semi.tools.demo_trainers import DEMO_EPOCHS
     import torch
 
     from nnunet_semi.data.dataset_io import use_nnunet_folders
     from nnunet_semi.data.splits import make_labeled_split
     from nnunet_semi.data.unlabeled import preprocess_unlabeled
+    from nnunet_semi.errors import SemiRunsFailed
+    from nnunet_semi.tools.demo_trainers import DEMO_EPOCHS
     from nnunet_semi.tools.synthetic import make_synthetic_dataset
     from nnunet_semi.trainer.discovery import trainer_dir
 
@@ -180,7 +208,7 @@ def run_demo(out_dir: str, baseline_trainer: str = "nnUNetTrainer_demo",
         raise SemiRunsFailed(failures)
 
     with open(join(out_dir, "demo_results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+        json.dump({"summary": summarize_demo(results), "per_case": results}, f, indent=2)
     plot_results(results, join(out_dir, "demo_results.png"))
     print(f"\nTest Dice ({len(fold0['train'])} labeled cases, same split and schedule, {device}):")
     for trainer, scores in results.items():

@@ -19,7 +19,6 @@ from os.path import isdir, isfile, join
 
 import torch
 
-from nnunet_semi.components.ensemble import is_ensemble_state, member_state
 from nnunet_semi.errors import SemiInputError
 from nnunet_semi.trainer.checkpoints import atomic_torch_save
 
@@ -59,19 +58,25 @@ def export_vanilla(model_folder: str, output_folder: str,
     # into RAM before it is written out
     checkpoints = {source: torch.load(join(model_folder, *source), map_location="cpu", weights_only=False,
                                       mmap=True) for source in sources}
-    networks = _exported_networks(checkpoints, single_network)
-    peer_architecture = _peer_architecture(checkpoints, networks)
+    # what each checkpoint holds, as its trainer says (exportable_networks): one network, or several to choose from
+    holdings = {source: _exportable(checkpoint) for source, checkpoint in checkpoints.items()}
+    networks = _exported_networks(checkpoints, holdings, single_network)
+    # one plans.json for every fold: the exported network's own architecture where it is not the plans' (the folds
+    # export the same network, _exported_networks makes sure)
+    architecture = next((holdings[s][networks[s[0]]][1] for s in checkpoints
+                         if holdings[s][networks[s[0]]][1] is not None), None)
 
     exported, provenance = [], {}
     os.makedirs(output_folder, exist_ok=True)
     for name in _MODEL_FILES:
         if isfile(join(model_folder, name)):
             shutil.copy(join(model_folder, name), join(output_folder, name))
-    if peer_architecture is not None:
-        _write_architecture(join(output_folder, "plans.json"), next(iter(checkpoints.values())), peer_architecture)
+    if architecture is not None:
+        _write_architecture(join(output_folder, "plans.json"), next(iter(checkpoints.values())), architecture)
     for (fold, checkpoint_name), checkpoint in checkpoints.items():
         vanilla = {k: checkpoint[k] for k in _PREDICTOR_KEYS} | {"trainer_name": "nnUNetTrainer"}
-        vanilla["network_weights"] = _single_network_weights(checkpoint, networks.get(fold))
+        held = holdings[(fold, checkpoint_name)]
+        vanilla["network_weights"] = held[networks[fold]][0]
         os.makedirs(join(output_folder, fold), exist_ok=True)
         atomic_torch_save(vanilla, join(output_folder, fold, checkpoint_name))
         exported.append(join(output_folder, fold, checkpoint_name))
@@ -79,47 +84,71 @@ def export_vanilla(model_folder: str, output_folder: str,
         provenance[f"{fold}/{checkpoint_name}"] = {
             "trained_with": checkpoint["trainer_name"],
             "deployed_weights": semi_state.get("deployed_weights", "student"),
-        } | ({"exported_network": networks[fold]} if fold in networks else {})
+        } | ({"exported_network": networks[fold]} if len(held) > 1 else {})
     with open(join(output_folder, "semi_export.json"), "w") as f:
         json.dump(provenance, f, indent=4)
     return exported
 
 
-def _is_dual(checkpoint: dict) -> bool:
-    return "peer_architecture" in checkpoint.get("semi_state", {})
+def _trainer_class(name: str) -> type | None:
+    """The trainer class a checkpoint names: nnU-Net's lookup (``nnUNet_extTrainer`` included), else the plugin's
+    class whose name the checkpoint's extends (a benchmark's scheduled ``<Trainer>__<tag>``, a subclass named
+    ``<Trainer>Variant``); None when none is found."""
+    import contextlib
+    import io
+
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    import nnunet_semi.methods
+
+    if hasattr(nnunet_semi.methods, name):
+        return getattr(nnunet_semi.methods, name)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            found = recursive_find_trainer_class_by_name(name)
+    except RuntimeError:
+        found = None
+    if found is not None:
+        return found
+    extended = [n for n in nnunet_semi.methods.__all__ if name.startswith(n)]
+    return getattr(nnunet_semi.methods, max(extended, key=len)) if extended else None
 
 
-def _exported_networks(checkpoints: dict, single_network: str) -> dict[str, str]:
-    """Fold -> 'student' or 'peer' for the folds of a dual-network model (empty for single-network models)."""
+def _exportable(checkpoint: dict) -> dict[str, tuple[dict, dict | None]]:
+    """Name -> (weights, architecture or None) of the single networks in a checkpoint (its trainer's
+    ``exportable_networks``; a stock trainer's: its network)."""
+    cls = _trainer_class(checkpoint["trainer_name"])
+    if cls is None and "semi_state" in checkpoint:
+        raise SemiInputError(f"the checkpoint's trainer {checkpoint['trainer_name']} cannot be found: set "
+                             f'nnUNet_extTrainer="$(nnUNetv2_semi_trainer_dir)" (and the folder of your own '
+                             f"trainers) so that nnU-Net finds it.")
+    if cls is None or not hasattr(cls, "exportable_networks"):
+        return {"network": (checkpoint["network_weights"], None)}
+    return cls.exportable_networks(checkpoint)
+
+
+def _exported_networks(checkpoints: dict, holdings: dict, single_network: str) -> dict[str, str]:
+    """Fold -> the name of the network exported from it: the only one, ``single_network``, or under "best" the one
+    its trainer records in checkpoint_final.pth (``default_export``); every fold must agree on one."""
     networks = {}
     for (fold, checkpoint_name), checkpoint in checkpoints.items():
-        if not _is_dual(checkpoint):
-            continue
-        if single_network != "best":
+        held = holdings[(fold, checkpoint_name)]
+        if len(held) == 1:
+            networks.setdefault(fold, next(iter(held)))
+        elif single_network != "best":
+            if single_network not in held:
+                raise SemiInputError(f"--network {single_network}: {fold}/{checkpoint_name} holds "
+                                     f"{', '.join(held)}.")
             networks[fold] = single_network
         elif checkpoint_name == "checkpoint_final.pth" or fold not in networks:
-            # the choice is made at the end of training; a fold without checkpoint_final.pth exports network 1
-            networks[fold] = checkpoint["semi_state"].get("best_single_network", "student")
-    if len(set(networks.values())) > 1:
+            # the choice is made at the end of training; a fold without checkpoint_final.pth exports its first
+            networks[fold] = _trainer_class(checkpoint["trainer_name"]).default_export(checkpoint)
+    chosen = {n for f, n in networks.items() if len(holdings[next(s for s in checkpoints if s[0] == f)]) > 1}
+    if len(chosen) > 1:
         listing = ", ".join(f"{fold}: {network}" for fold, network in sorted(networks.items()))
         raise SemiInputError(f"the folds' better single networks differ ({listing}), and one exported plans.json can "
                              f"hold one architecture. Choose one for all folds: --network student or --network peer.")
     return networks
-
-
-def _peer_architecture(checkpoints: dict, networks: dict[str, str]) -> dict | None:
-    if "peer" not in networks.values():
-        return None
-    return next(c["semi_state"]["peer_architecture"] for c in checkpoints.values() if _is_dual(c))
-
-
-def _single_network_weights(checkpoint: dict, network: str | None) -> dict:
-    weights = checkpoint["network_weights"]
-    if network is None:
-        return weights
-    if network == "peer":
-        return member_state(checkpoint["semi_state"]["auxiliary"], "peer")
-    return member_state(weights, "first") if is_ensemble_state(weights) else weights
 
 
 def _write_architecture(plans_file: str, checkpoint: dict, architecture: dict) -> None:

@@ -156,12 +156,13 @@ def pseudolabel_dataset(source: int | str, trainer: str, configuration: str, new
                         case_threshold: float = 0.0, mask_uncertain: bool = True, copy_images: bool = False,
                         checkpoint: str = "checkpoint_final.pth", device: str = "cpu", use_mirroring: bool = True,
                         num_processes: int = 1, model_folder: str | None = None,
-                        trainer_class: type | None = None) -> dict:
+                        trainer_class: type | None = None, splits_file: str | None = None) -> dict:
     """Write ``Dataset<new_id>_<new_name>`` in nnUNet_raw: the source's fold ``fold`` with its unlabeled cases
     pseudo-labeled by the trained model ``trainer__plans__configuration`` of the source dataset (its ``folds``, all
     by default), or by the model in ``model_folder`` (a student trained on an earlier derived dataset).
     ``trainer_class`` builds the network where nnU-Net cannot find the checkpoint's trainer by name (the
-    benchmark's scheduled classes).
+    benchmark's scheduled classes). ``splits_file``: the split whose fold ``fold`` is read (default the source's
+    ``splits_final.json``; the benchmark passes its own copy).
 
     Returns:
         ``{"dataset": folder, "kept": [...], "left_out": [...], "table": csv path}``.
@@ -184,7 +185,7 @@ def pseudolabel_dataset(source: int | str, trainer: str, configuration: str, new
     model_folder = model_folder or join(require_env_folder("nnUNet_results"), name,
                                         f"{trainer}__{plans}__{configuration}")
     use_folds = _model_folds(model_folder, folds, checkpoint)
-    splits_file = join(require_env_folder("nnUNet_preprocessed"), name, "splits_final.json")
+    splits_file = splits_file or join(require_env_folder("nnUNet_preprocessed"), name, "splits_final.json")
     if not isfile(splits_file):
         raise SemiInputError(f"{splits_file} does not exist: the fold's labeled, validation and unlabeled cases come "
                              f"from it (nnUNetv2_semi_split writes one).")
@@ -286,6 +287,24 @@ def run_logged(command: list[str], log_file: str) -> None:
                              f"same command again to resume from this step.")
 
 
+def _check_nnunet_finds(trainer: str, option: str) -> None:
+    """``nnUNetv2_train -tr trainer`` would find the class (nnU-Net's lookup, ``nnUNet_extTrainer`` included), else
+    a one-line ``SemiInputError`` before anything runs."""
+    import contextlib
+    import io
+
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            found = recursive_find_trainer_class_by_name(trainer)
+    except RuntimeError:
+        found = None
+    if found is None:
+        raise SemiInputError(f"{option} {trainer}: nnUNetv2_train finds no such trainer (a plugin trainer needs "
+                             f'export nnUNet_extTrainer="$(nnUNetv2_semi_trainer_dir)").')
+
+
 def _train_command(dataset: int | str, configuration: str, fold: int, trainer: str, plans: str, device: str,
                    output_folder: str, pretrained_weights: str | None = None) -> list[str] | None:
     """nnUNetv2_train for a run, ``--c`` when a checkpoint is there to resume (nnU-Net refuses ``--c`` with
@@ -357,6 +376,9 @@ def self_train(source: int | str, teacher: str, first_id: int, name: str, *, rou
     source_name = resolve_dataset_name(source)
     results = require_env_folder("nnUNet_results")
     raw_root = require_env_folder("nnUNet_raw")
+    for option, trainer in (("-tr", teacher), ("--student", student), ("--finetune", finetune)):
+        if trainer is not None:
+            _check_nnunet_finds(trainer, option)
     log_file = join(results, source_name, f"selftrain_{name}.log")
     os.makedirs(join(results, source_name), exist_ok=True)
 

@@ -10,7 +10,7 @@ Its parts, each an nnUNetTrainer subclass that overrides nnU-Net's hooks through
 - ``checkpoint_state.CheckpointState``: ``semi_state`` in nnU-Net's checkpoints, robust resume;
 - ``warm_start.WarmStart``: ``-pretrained_weights`` loaded whole, output layers included (a warm start).
 
-A method subclasses the base, declares its terms and statistics, and implements ``compute_losses`` (README "Adding
+A method subclasses the base, declares its terms and statistics, and implements ``compute_losses`` (documentation/extending.md, "Adding
 a method" is the contract).
 
 ``self.network`` stays the stock nnU-Net network. The teacher and any other module live in ``self.auxiliary`` and

@@ -17,6 +17,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from nnunet_semi.components.ema import make_teacher
+from nnunet_semi.trainer.checkpoint_state import SEMI_STATE_KEY
 from nnunet_semi.trainer.ddp import sum_over_ranks
 from nnunet_semi.trainer.outputs import RecordingForward, full_resolution
 
@@ -24,7 +25,38 @@ BEST_VALIDATED = "best_validated"
 
 
 class ValidationAndDeployment(nnUNetTrainer):
-    """The validated models' Dice every epoch, and the deployed model at the end."""
+    """The validated models' Dice every epoch, and the deployed model at the end.
+
+    What a trained checkpoint holds is said by two class methods, the one place that knows a method's members
+    (the benchmark, the export and deployment ask them): ``member_weights`` (every network, as weights of the
+    deployable model that ``nnUNetv2_predict`` builds) and ``exportable_networks`` (the single networks vanilla
+    nnU-Net can run, for ``nnUNetv2_semi_export``).
+    """
+
+    @classmethod
+    def member_weights(cls, checkpoint: dict) -> dict[str, dict]:
+        """Every network ``checkpoint`` holds, by name, as weights that make this trainer's deployable network
+        predict with it alone; the deployed one's are ``network_weights``. Default: the student and the EMA teacher
+        ({} where the checkpoint has no teacher beside the deployed network)."""
+        state = checkpoint.get(SEMI_STATE_KEY)
+        if state is None or state.get("deployed_weights") not in ("student", "teacher"):
+            return {}
+        deployed = state["deployed_weights"]
+        other = "teacher" if deployed == "student" else "student"
+        weights = _prefixed(state["auxiliary"], other)
+        return {deployed: checkpoint["network_weights"], other: weights} if weights else {}
+
+    @classmethod
+    def exportable_networks(cls, checkpoint: dict) -> dict[str, tuple[dict, dict | None]]:
+        """The single networks of ``checkpoint`` that vanilla nnU-Net runs, by name: (weights, the network's plans
+        architecture, or None for the plans' own). Default: the deployed network alone."""
+        deployed = (checkpoint.get(SEMI_STATE_KEY) or {}).get("deployed_weights", "network")
+        return {deployed: (checkpoint["network_weights"], None)}
+
+    @classmethod
+    def default_export(cls, checkpoint: dict) -> str:
+        """Which of ``exportable_networks`` ``nnUNetv2_semi_export`` writes unless told (default: the deployed)."""
+        return next(iter(cls.exportable_networks(checkpoint)))
 
     def validated_models(self) -> tuple[str, ...]:
         """Models validated beside ``self.network`` every epoch (``semi_<name>_dice``), in the order in which they
@@ -136,3 +168,8 @@ class ValidationAndDeployment(nnUNetTrainer):
         # decide what checkpoint_final.pth deploys before nnU-Net writes it and validates self.network
         self.finalize_deployed_weights()
         super().on_train_end()
+
+
+def _prefixed(state_dict: dict, prefix: str) -> dict:
+    """The entries of ``state_dict`` under ``prefix.``, the prefix removed (one module of a ModuleDict's state)."""
+    return {k[len(prefix) + 1:]: v for k, v in state_dict.items() if k.startswith(prefix + ".")}

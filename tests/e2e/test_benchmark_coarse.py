@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy.stats import wilcoxon
 
-from helpers import DATASET_ID
+from helpers import DATASET_ID, bench_run
 from nnunet_semi.cli import benchmark_entry as main
 from nnunet_semi.data.splits import make_labeled_split
 from nnunet_semi.errors import SemiInputError
@@ -127,7 +127,7 @@ def test_coarse_quality_end_to_end(planned_dataset, monkeypatch, capsys):
     md = (out / "results.md").read_text()
     assert "| 2 | nnUNetTrainer (repeat 1) | 2 |" in md and "| 2 | nnUNetTrainerMeanTeacher | 2 |" in md
 
-    run = out / "runs" / "nnUNetTrainerMeanTeacher__bench_2lab_2x2"
+    run = out / "runs" / bench_run(out, "nnUNetTrainerMeanTeacher__bench_2lab_2x2")
     log = next(run.glob("training_log*.txt")).read_text()
     assert "sigmoid ramp over 2 iterations for" in log and (run / "progress.png").is_file()
     curves = _rows(run / "curves.csv")
@@ -149,12 +149,14 @@ def test_ema_pair_scores_student_and_teacher(semi_dataset, monkeypatch):
     """--score_members scores both members of a mean-teacher checkpoint: the deployed one from the run's own
     predictions (not predicted twice), the other predicted with its weights; both members' rows are written and
     tabulated."""
-    from nnunet_semi.tools.benchmark.quality import ema_pair_weights, run_quality_benchmark
+    from nnunet_semi.methods import nnUNetTrainerMeanTeacher
+    from nnunet_semi.tools.benchmark.quality import QualitySettings, run_quality_benchmark
+    from nnunet_semi.tools.benchmark.scoring import final_checkpoint
 
     monkeypatch.setenv("nnUNet_n_proc_DA", "1")
     out = semi_dataset.results / "bench"
-    rows = run_quality_benchmark(DATASET_ID, ["2"], ["nnUNetTrainerMeanTeacher"], 2, 3, str(out),
-                                 score_members=True)
+    rows = run_quality_benchmark(QualitySettings(DATASET_ID, ["2"], ["nnUNetTrainerMeanTeacher"], 2, 3, str(out),
+                                 score_members=True))
     pair = _rows(out / "ema_pair.csv")
     assert {r["scored_model"] for r in pair} == {"student", "teacher"} and len(pair) == 2 * len(
         [r for r in rows if r["trainer"] == "nnUNetTrainerMeanTeacher"])
@@ -163,11 +165,11 @@ def test_ema_pair_scores_student_and_teacher(semi_dataset, monkeypatch):
     assert {r["case"]: r["dice"] for r in pair if r["scored_model"] == deployed} == main_dice
     other = "teacher" if deployed == "student" else "student"
     predicted = {p.name for p in (out / "predictions").iterdir()}
-    assert "nnUNetTrainerMeanTeacher__bench_2lab_2x3__" + other in predicted
-    assert "nnUNetTrainerMeanTeacher__bench_2lab_2x3__" + deployed not in predicted
+    run = bench_run(out, "nnUNetTrainerMeanTeacher__bench_2lab_2x3")
+    assert f"{run}__{other}" in predicted and f"{run}__{deployed}" not in predicted
     assert {r["case"]: r["dice"] for r in pair if r["scored_model"] == other} != main_dice
     folder = next((semi_dataset.results / "Dataset990_SemiSynthetic").glob("nnUNetTrainerMeanTeacher__*")) / "fold_0"
-    weights = ema_pair_weights(str(folder))
+    weights = nnUNetTrainerMeanTeacher.member_weights(final_checkpoint(str(folder)))
     assert set(weights) == {"student", "teacher"}
     assert any(not (weights["student"][k] == weights["teacher"][k]).all() for k in weights["student"])
     assert "Teacher against student of the same run" in (out / "results.md").read_text()
@@ -177,11 +179,12 @@ def test_ema_pair_scores_student_and_teacher(semi_dataset, monkeypatch):
 def test_score_members_scores_each_network_of_a_dual_run(semi_dataset, monkeypatch):
     """--score_members on DualCCE: network 1, the peer and their ensemble predicted through the run's deployable
     model and scored; the deployed one is the run's own predictions; a table against the deployed model."""
-    from nnunet_semi.tools.benchmark.quality import run_quality_benchmark
+    from nnunet_semi.tools.benchmark.quality import QualitySettings, run_quality_benchmark
 
     monkeypatch.setenv("nnUNet_n_proc_DA", "1")
     out = semi_dataset.results / "bench_dual"
-    rows = run_quality_benchmark(DATASET_ID, ["2"], ["nnUNetTrainerDualCCE"], 2, 3, str(out), score_members=True)
+    rows = run_quality_benchmark(QualitySettings(DATASET_ID, ["2"], ["nnUNetTrainerDualCCE"], 2, 3, str(out),
+                                                 score_members=True))
     members = _rows(out / "dual_members.csv")
     dual = [r for r in rows if r["trainer"] == "nnUNetTrainerDualCCE"]
     assert {r["scored_model"] for r in members} == {"student", "peer", "ensemble"}
@@ -190,27 +193,29 @@ def test_score_members_scores_each_network_of_a_dual_run(semi_dataset, monkeypat
     assert {r["case"]: r["dice"] for r in members if r["scored_model"] == deployed} == \
         {r["case"]: r["dice"] for r in dual}
     predicted = {p.name for p in (out / "predictions").iterdir()}
+    run = bench_run(out, "nnUNetTrainerDualCCE__bench_2lab_2x3")
     for model in {"student", "peer", "ensemble"} - {deployed}:  # predicted with that model alone, every case
-        assert f"nnUNetTrainerDualCCE__bench_2lab_2x3__{model}" in predicted
-        assert len(list((out / "predictions" / f"nnUNetTrainerDualCCE__bench_2lab_2x3__{model}").glob("*.nii.gz"))) \
-            == len(dual)
-    member_scores = out / "runs" / "nnUNetTrainerDualCCE__bench_2lab_2x3" / "member_scores.csv"
+        assert f"{run}__{model}" in predicted
+        assert len(list((out / "predictions" / f"{run}__{model}").glob("*.nii.gz"))) == len(dual)
+    member_scores = out / "runs" / run / "member_scores.csv"
     assert member_scores.is_file()
     assert "Each network of a dual-network run against the model it deploys" in (out / "results.md").read_text()
     # a run scored before --score_members existed: the same command scores its members from the checkpoint
     member_scores.unlink()
-    shutil.rmtree(out / "predictions" / "nnUNetTrainerDualCCE__bench_2lab_2x3__peer")
-    run_quality_benchmark(DATASET_ID, ["2"], ["nnUNetTrainerDualCCE"], 2, 3, str(out), score_members=True)
+    shutil.rmtree(out / "predictions" / f"{run}__peer")
+    run_quality_benchmark(QualitySettings(DATASET_ID, ["2"], ["nnUNetTrainerDualCCE"], 2, 3, str(out),
+                                          score_members=True))
     assert _rows(member_scores) == [r for r in members if r["trainer"] == "nnUNetTrainerDualCCE"]
 
     # the peer's labeled-only baseline: a stock trainer, paired against stock like a method, no members to score
-    rows = run_quality_benchmark(DATASET_ID, ["2"], ["nnUNetTrainer_DualCCEPeer"], 2, 3, str(out),
-                                 score_members=True)
+    rows = run_quality_benchmark(QualitySettings(DATASET_ID, ["2"], ["nnUNetTrainer_DualCCEPeer"], 2, 3, str(out),
+                                 score_members=True))
     control = [r for r in rows if r["trainer"] == "nnUNetTrainer_DualCCEPeer"]
     assert control and {r["deployed"] for r in control} == {"network"}
+    peer_run = bench_run(out, "nnUNetTrainer_DualCCEPeer__bench_2lab_2x3")
     assert not any(p.name.startswith("nnUNetTrainer_DualCCEPeer") for p in (out / "predictions").iterdir()
-                   if p.name != "nnUNetTrainer_DualCCEPeer__bench_2lab_2x3")
-    assert not (out / "runs" / "nnUNetTrainer_DualCCEPeer__bench_2lab_2x3" / "member_scores.csv").exists()
+                   if p.name != peer_run)
+    assert not (out / "runs" / peer_run / "member_scores.csv").exists()
     md = (out / "results.md").read_text()
     assert "| 2 | nnUNetTrainer_DualCCEPeer | network |" in md and "| 2 | nnUNetTrainer_DualCCEPeer | 2 |" in md
     assert "| 2 | nnUNetTrainerDualCCE |" in md  # the earlier command's run is kept in the tables
@@ -245,14 +250,16 @@ def test_progress_lines_per_epoch_logs_per_run_and_a_failed_run_reported_while_t
     assert "all runs' training left" in printed
     assert "run 3/3 nnUNetTrainerMeanTeacher, 2 labeled | predicting 2 held-out cases, about " in printed
     logs = out / "logs"
-    stock_log = (logs / "nnUNetTrainer__bench_2lab_2x3.txt").read_text()
-    assert f"nnUNetTrainer__bench_2lab_2x3: nnU-Net's output goes to {logs / 'nnUNetTrainer__bench_2lab_2x3.txt'}" \
-        in printed
+    stock = bench_run(out, "nnUNetTrainer__bench_2lab_2x3")
+    broken = stock.replace("nnUNetTrainer__", "nnUNetTrainerBroken__")  # the same data, the same hash
+    stock_log = (logs / f"{stock}.txt").read_text()
+    assert f"{stock}: nnU-Net's output goes to {logs / f'{stock}.txt'}" in printed
     assert "Epoch 1" in stock_log and "Epoch time" in stock_log and "Epoch time" not in printed
-    broken_log = logs / "nnUNetTrainerBroken__bench_2lab_2x3.txt"
+    broken_log = logs / f"{broken}.txt"
     assert "broken on purpose" in broken_log.read_text()  # its traceback
-    assert f"nnUNetTrainerBroken__bench_2lab_2x3: FAILED: RuntimeError: broken on purpose\nlast lines of {broken_log}" \
-        in printed
+    # trained in a worker process (it reads the benchmark's own split): its exit reported with its log's last lines
+    report = printed.split(f"{broken}: FAILED: RuntimeError: training exited with code 1")[1]
+    assert report.split("\n")[1] == f"last lines of {broken_log}:" and "broken on purpose" in report
     assert "1 run(s) failed:" in completed.stderr and str(broken_log) in completed.stderr
     # the others went on and were scored
     assert {r["trainer"] for r in _rows(out / "results.csv")} == {"nnUNetTrainer", "nnUNetTrainerMeanTeacher"}

@@ -7,6 +7,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nnunet_semi.cli import demo_entry as main
@@ -27,7 +28,14 @@ def test_demo_trains_predicts_and_scores_both_trainers(tmp_path, monkeypatch, ca
     assert set(results) == {"nnUNetTrainerTiny", "nnUNetTrainerMeanTeacherTiny"}
     for scores in results.values():
         assert len(scores) == 10 and all(0.0 <= s <= 1.0 and math.isfinite(s) for s in scores.values())
-    assert json.loads((out / "demo_results.json").read_text()) == results
+    saved = json.loads((out / "demo_results.json").read_text())
+    assert saved["per_case"] == results
+    summary = saved["summary"]
+    difference = [results["nnUNetTrainerMeanTeacherTiny"][c] - results["nnUNetTrainerTiny"][c] for c in results[
+        "nnUNetTrainerTiny"]]
+    assert summary["difference"]["mean"] == pytest.approx(np.mean(difference))
+    assert summary["difference"]["better"] + summary["difference"]["worse"] <= 10
+    assert summary["nnUNetTrainerTiny"]["mean"] == pytest.approx(np.mean(list(results["nnUNetTrainerTiny"].values())))
     assert (out / "demo_results.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "Test Dice (4 labeled cases" in printed and "nnUNetTrainerMeanTeacherTiny" in printed

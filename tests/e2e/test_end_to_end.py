@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+import nnunet_semi.methods
 from helpers import DATASET_ID, DATASET_NAME
 from nnunet_semi.data.splits import make_labeled_split
 from nnunet_semi.data.unlabeled import preprocess_unlabeled
@@ -23,6 +25,19 @@ def _run(args, env):
     result = subprocess.run(args, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout
+
+
+def _without_the_plugin(env: dict, tmp_path: Path) -> dict:
+    """``env`` in which nnU-Net runs without the plugin: no trainer lookup, and ``import nnunet_semi`` fails (a
+    package of that name that refuses to import comes first on the path), so a vanilla prediction cannot lean on it."""
+    blocker = tmp_path / "no_plugin" / "nnunet_semi"
+    blocker.mkdir(parents=True, exist_ok=True)
+    (blocker / "__init__.py").write_text("raise ImportError('nnunet_semi is not installed here')\n")
+    vanilla = {k: v for k, v in env.items() if k not in ("nnUNet_extTrainer", "PYTHONPATH")}
+    vanilla["PYTHONPATH"] = str(blocker.parent)
+    probe = subprocess.run([sys.executable, "-c", "import nnunet_semi"], env=vanilla, capture_output=True, text=True)
+    assert probe.returncode != 0 and "not installed here" in probe.stderr
+    return vanilla
 
 
 def _predict_test_cases(env_folders, env, trainer: str, output: Path) -> Path:
@@ -45,10 +60,14 @@ def command_env(planned_dataset):
     return planned_dataset, env
 
 
+# every method of the package on the tiny schedule (tests/support/tiny_trainers.py), found by itself; CPS's path
+# through the commands is DualCCE's (below) without the ensemble, and the contract tests cover its steps
+END_TO_END = [f"{name}Tiny" for name in nnunet_semi.methods.__all__
+              if "_" not in name and name not in ("nnUNetTrainerCPS", "nnUNetTrainerDualCCE")]
+
+
 @pytest.mark.slow
-# CPS is covered by the contract tests; its path through the commands is the same as these
-@pytest.mark.parametrize("TRAINER", ["nnUNetTrainerMeanTeacherTiny", "nnUNetTrainerSGRSTiny",
-                                     "nnUNetTrainerCIFPTiny", "nnUNetTrainerNPCalTiny"])
+@pytest.mark.parametrize("TRAINER", END_TO_END)
 def test_train_resume_and_predict_through_nnunet_commands(TRAINER, command_env, tmp_path):
     env_folders, env = command_env
     _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"], env)
@@ -92,7 +111,7 @@ def test_train_resume_and_predict_through_nnunet_commands(TRAINER, command_env, 
     _run(["nnUNetv2_semi_export", "-d", str(DATASET_ID), "-c", "3d_fullres", "-tr", TRAINER, "-o", str(exported)], env)
     vanilla_checkpoint = torch.load(exported / "fold_0" / "checkpoint_final.pth", weights_only=True)
     assert vanilla_checkpoint["trainer_name"] == "nnUNetTrainer" and "semi_state" not in vanilla_checkpoint
-    vanilla_env = {k: v for k, v in env.items() if k not in ("nnUNet_extTrainer", "PYTHONPATH")}
+    vanilla_env = _without_the_plugin(env, tmp_path)
     vanilla_predictions = tmp_path / "pred_vanilla"
     _run(["nnUNetv2_predict_from_modelfolder", "-i", str(env_folders.raw_dataset / "imagesTs"), "-o",
           str(vanilla_predictions), "-m", str(exported), "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
@@ -129,7 +148,7 @@ def test_dual_network_ensemble_deploys_through_nnunet_commands_and_exports_its_p
     out = _run(["nnUNetv2_semi_export", "-d", str(DATASET_ID), "-c", "3d_fullres", "-tr", trainer, "-o",
                 str(exported)], env)
     assert "the single network 'peer' was exported" in out
-    vanilla_env = {k: v for k, v in env.items() if k not in ("nnUNet_extTrainer", "PYTHONPATH")}
+    vanilla_env = _without_the_plugin(env, tmp_path)
     _run(["nnUNetv2_predict_from_modelfolder", "-i", str(env_folders.raw_dataset / "imagesTs"), "-o",
           str(tmp_path / "pred_vanilla"), "-m", str(exported), "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
           "--disable_tta"], vanilla_env)

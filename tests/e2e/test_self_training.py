@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from helpers import DATASET_ID, DATASET_NAME
+from helpers import DATASET_ID, DATASET_NAME, bench_run
 from nnunet_semi.cli import pseudolabel_entry
 from nnunet_semi.errors import SemiInputError
 from nnunet_semi.tools.self_training import pseudo_label, pseudolabel_dataset
@@ -247,23 +247,27 @@ def test_the_benchmark_scores_selftrain_like_a_trainer_and_counts_all_its_traini
                                                                                   capsys):
     import shutil
 
-    from nnunet_semi.tools.benchmark.quality import run_quality_benchmark, training_seconds
+    from nnunet_semi.tools.benchmark.quality import QualitySettings, run_quality_benchmark
+    from nnunet_semi.tools.benchmark.scoring import training_seconds
 
     monkeypatch.setenv("nnUNet_extTrainer", "")
     out = semi_dataset.results.parent / "bench"
-    rows = run_quality_benchmark(DATASET_ID, ["2"], ["selftrain"], 2, 3, str(out), selftrain_rounds=2)
+    rows = run_quality_benchmark(QualitySettings(DATASET_ID, ["2"], ["selftrain"], 2, 3, str(out), selftrain_rounds=2))
     printed = capsys.readouterr().out
     by_trainer = {t: [r for r in rows if r["trainer"] == t] for t in ("nnUNetTrainer", "selftrain")}
     # scored on the same held-out cases as stock
     assert sorted(r["case"] for r in by_trainer["selftrain"]) == sorted(r["case"] for r in by_trainer["nnUNetTrainer"])
     assert by_trainer["selftrain"][0]["deployed"] == "student of round 2"
     # the teacher is the stock run; round 2 pseudo-labeled with round 1's student
-    teacher = semi_dataset.results / DATASET_NAME / "nnUNetTrainer__bench_2lab_2x3__nnUNetPlans__3d_fullres"
-    derived = sorted(p.name for p in semi_dataset.raw.iterdir() if "_selftrain_2lab_2x3_round" in p.name)
-    assert [d.split("_", 1)[1] for d in derived] == [f"SemiSynthetic_selftrain_2lab_2x3_round{r}" for r in (2, 1)]
+    stock_run = bench_run(out, "nnUNetTrainer__bench_2lab_2x3")
+    data = stock_run.rsplit("_", 1)[1]  # the hash of the run's data identity
+    teacher = semi_dataset.results / DATASET_NAME / f"{stock_run}__nnUNetPlans__3d_fullres"
+    derived = sorted(p.name for p in semi_dataset.raw.iterdir() if f"_selftrain_2lab_2x3_{data}_round" in p.name)
+    assert [d.split("_", 1)[1] for d in derived] == [f"SemiSynthetic_selftrain_2lab_2x3_{data}_round{r}"
+                                                     for r in (2, 1)]
     round1, round2 = sorted(derived, key=lambda d: d[-1])
     assert f"round 1, pseudo labels of {teacher} -> {round1}" in printed
-    students = [semi_dataset.results / d / f"nnUNetTrainer__bench_2lab_2x3_selftrain_round{r}__nnUNetPlans__3d_fullres"
+    students = [semi_dataset.results / d / f"{stock_run}_selftrain_round{r}__nnUNetPlans__3d_fullres"
                 for r, d in ((1, round1), (2, round2))]
     assert f"round 2, pseudo labels of {students[0]} -> {round2}" in printed
     # its cost: the teacher's and both students' epochs
@@ -274,11 +278,29 @@ def test_the_benchmark_scores_selftrain_like_a_trainer_and_counts_all_its_traini
     assert "| 2 | selftrain | student of round 2 |" in md and "training min" in md
 
     # interrupted in round 2's student: the rerun finds the derived datasets and trains only that student again
-    shutil.rmtree(out / "runs" / "selftrain__bench_2lab_2x3_2rounds")
+    shutil.rmtree(out / "runs" / f"selftrain__bench_2lab_2x3_{data}_2rounds")
     (students[1] / "fold_0" / "checkpoint_final.pth").unlink()
-    again = run_quality_benchmark(DATASET_ID, ["2"], ["selftrain"], 2, 3, str(out), selftrain_rounds=2)
+    again = run_quality_benchmark(QualitySettings(DATASET_ID, ["2"], ["selftrain"], 2, 3, str(out), selftrain_rounds=2))
     printed = capsys.readouterr().out
-    assert "pseudo labels of" not in printed and "nnUNetTrainer__bench_2lab_2x3: scored earlier" in printed
+    assert "pseudo labels of" not in printed and f"{stock_run}: scored earlier" in printed
     assert (students[1] / "fold_0" / "checkpoint_final.pth").is_file()
     assert sorted(p.name for p in semi_dataset.raw.iterdir() if "_selftrain_" in p.name) == derived
     assert len(again) == len(rows)
+
+
+@pytest.mark.parametrize("option", ["-tr", "--student", "--finetune"])
+def test_selftrain_refuses_a_trainer_nnunet_cannot_find_before_writing_anything(semi_dataset, capsys, option,
+                                                                                monkeypatch):
+    from nnunet_semi.cli import selftrain_entry
+
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    trainers = {"-tr": "nnUNetTrainer", "--student": "nnUNetTrainer", "--finetune": "nnUNetTrainer_50epochs"}
+    trainers[option] = "nnUNetTrainerMeanTeacher"  # a plugin trainer, but nnUNet_extTrainer is not set
+    before = sorted(p.name for p in semi_dataset.results.iterdir())
+    with pytest.raises(SystemExit) as info:
+        selftrain_entry(["-d", str(DATASET_ID), *[a for o, t in trainers.items() for a in (o, t)], "-o_id", "995",
+                         "-o_name", "Self", "-device", "cpu"])
+    error = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and error.startswith(f"nnUNetv2_semi_selftrain: error: {option} "
+                                                     f"nnUNetTrainerMeanTeacher: nnUNetv2_train finds no such trainer")
+    assert sorted(p.name for p in semi_dataset.results.iterdir()) == before

@@ -1,5 +1,5 @@
 """A FixMatch-style method (Sohn et al., NeurIPS 2020), test-only: it proves that adding a method to nnunet-semi is
-one file of declarations and one ``compute_losses`` (README "Adding a method"). Everything else (the unlabeled
+one file of declarations and one ``compute_losses`` (documentation/extending.md, "Adding a method"). Everything else (the unlabeled
 loader and its two views, the weighting, the optimizer step, logging, checkpoints, deployment) is the base's."""
 
 from __future__ import annotations

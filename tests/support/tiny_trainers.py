@@ -2,14 +2,8 @@
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_semi.methods import (
-    nnUNetTrainerCIFP,
-    nnUNetTrainerCPS,
-    nnUNetTrainerDualCCE,
-    nnUNetTrainerMeanTeacher,
-    nnUNetTrainerNPCal,
-    nnUNetTrainerSGRS,
-)
+import nnunet_semi.methods
+from nnunet_semi.methods import nnUNetTrainerDualCCE, nnUNetTrainerMeanTeacher
 from nnunet_semi.tools.progress import EpochProgressFile
 
 
@@ -32,20 +26,11 @@ class nnUNetTrainerTiny(EpochProgressFile, nnUNetTrainer):
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 3, 1
 
 
-class nnUNetTrainerCPSTiny(_TinySchedule, nnUNetTrainerCPS):
-    pass
-
-
-class nnUNetTrainerSGRSTiny(_TinySchedule, nnUNetTrainerSGRS):
-    pass
-
-
-class nnUNetTrainerCIFPTiny(_TinySchedule, nnUNetTrainerCIFP):
-    pass
-
-
-class nnUNetTrainerNPCalTiny(_TinySchedule, nnUNetTrainerNPCal):
-    pass
+# every method on the tiny schedule, found from the methods package: a new method needs no line here
+for _name in nnunet_semi.methods.__all__:
+    if "_" not in _name and _name not in ("nnUNetTrainerMeanTeacher", "nnUNetTrainerDualCCE"):
+        globals()[f"{_name}Tiny"] = type(f"{_name}Tiny", (_TinySchedule, getattr(nnunet_semi.methods, _name)),
+                                         {"__module__": __name__})
 
 
 class nnUNetTrainerDualCCETiny(_TinySchedule, nnUNetTrainerDualCCE):

@@ -191,7 +191,7 @@ def test_sigkill_at_any_moment_then_resume_until_the_run_finishes(planned_datase
 def test_the_benchmark_resumes_a_run_from_its_best_checkpoint_when_latest_is_missing(semi_dataset):
     import json
 
-    from nnunet_semi.tools.benchmark.quality import _train
+    from nnunet_semi.tools.benchmark.training import train_run
 
     cls = tiny_schedule(nnUNetTrainerMeanTeacher, epochs=2, iterations_per_epoch=1, val_iterations_per_epoch=1)
     trainer = make_trainer(semi_dataset, cls)
@@ -201,7 +201,7 @@ def test_the_benchmark_resumes_a_run_from_its_best_checkpoint_when_latest_is_mis
     plans = json.loads((semi_dataset.preprocessed_dataset / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((semi_dataset.preprocessed_dataset / "dataset.json").read_text())
     time.sleep(1.1)  # nnU-Net names its log by the second
-    _train(cls, plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    train_run(cls, plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
     log = "".join(p.read_text() for p in set(Path(trainer.output_folder).glob("training_log_*.txt")) - logs_before)
     assert "Epoch 1" in log and "Epoch 0 " not in log  # trained the second epoch only
     assert read_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))["current_epoch"] == 2

@@ -16,6 +16,7 @@ from helpers import has_grad, make_trainer, next_batches, tiny_schedule
 from nnunet_semi.components.ensemble import DualNetworkEnsemble, is_ensemble_state
 from nnunet_semi.errors import SemiInputError
 from nnunet_semi.methods import (
+    nnUNetTrainer_DualCCEPeer,
     nnUNetTrainerDualCCE,
     nnUNetTrainerDualCCE_deployBestValidated,
     nnUNetTrainerDualCCE_oneWayKL,
@@ -23,7 +24,6 @@ from nnunet_semi.methods import (
     nnUNetTrainerDualCCE_releaseCCEScale,
     nnUNetTrainerDualCCE_samePair,
     nnUNetTrainerDualCCE_unsupWeight0,
-    nnUNetTrainer_DualCCEPeer,
 )
 from nnunet_semi.tools.export import export_vanilla
 

@@ -7,7 +7,9 @@ import csv
 import pytest
 
 from nnunet_semi.cli import benchmark_entry as main
-from nnunet_semi.tools.benchmark.quality import METRICS, earlier_runs, write_results
+from nnunet_semi.tools.benchmark.records import earlier_runs
+from nnunet_semi.tools.benchmark.scoring import METRICS
+from nnunet_semi.tools.benchmark.tables import write_results
 
 
 def _rows(trainer, dice, commit, epochs=15, repeat=0, dataset="Dataset101_LA", ramp="600",
@@ -148,50 +150,6 @@ def test_quality_keeps_earlier_comparable_runs_and_names_the_others(tmp_path):
     assert earlier_runs(str(tmp_path / "empty"), set(), this_command[0], "600") == ([], [], [])
 
 
-@pytest.mark.parametrize("deployed", ["student", "ensemble"])
-def test_dual_member_weights_make_the_deployable_model_predict_with_each_network(tmp_path, deployed):
-    """--score_members on a dual-network checkpoint: network 1 and the peer each alone, and their ensemble, from
-    single-network weights (network 1 deployed) or an ensemble state (the ensemble deployed)."""
-    import torch
-
-    from helpers import plain_unet_architecture
-    from nnunet_semi.components.ensemble import DualNetworkEnsemble
-    from nnunet_semi.components.networks import build_network, residual_encoder_sibling
-    from nnunet_semi.tools.benchmark.quality import dual_member_weights
-
-    def fresh_pair():
-        plain = plain_unet_architecture(3)
-        return (build_network(plain, 1, 3, deep_supervision=False).eval(),
-                build_network(residual_encoder_sibling(plain), 1, 3, deep_supervision=False).eval())
-
-    first, second = fresh_pair()
-    network_weights = first.state_dict() if deployed == "student" else \
-        DualNetworkEnsemble(first, second, "ensemble").state_dict()
-    torch.save({"network_weights": network_weights,
-                "semi_state": {"auxiliary": {f"peer.{k}": v for k, v in second.state_dict().items()},
-                               "deployed_weights": deployed}}, tmp_path / "checkpoint_final.pth")
-    x = torch.randn(1, 1, 8, 8, 8)
-    members = dual_member_weights(str(tmp_path), ensemble_at_inference=True)
-    assert set(members) == {"student", "peer", "ensemble"}
-    with torch.no_grad():
-        expected = {"student": first(x), "peer": second(x),
-                    "ensemble": DualNetworkEnsemble(first, second, "ensemble")(x)}
-        for name, weights in members.items():
-            model = DualNetworkEnsemble(*fresh_pair())  # what nnU-Net's predictor builds, then loads
-            model.load_state_dict(weights)
-            torch.testing.assert_close(model.eval()(x), expected[name])
-    # a trainer whose deployable model is one plain network (CPS): the two networks' own weights
-    plain = dual_member_weights(str(tmp_path), ensemble_at_inference=False)
-    assert set(plain) == {"student", "peer"}
-    one = fresh_pair()[0]
-    one.load_state_dict(plain["student"])
-    with torch.no_grad():
-        torch.testing.assert_close(one(x), first(x))
-    torch.save({"network_weights": first.state_dict(), "semi_state": {"auxiliary": {}, "deployed_weights": "student"}},
-               tmp_path / "checkpoint_final.pth")
-    assert dual_member_weights(str(tmp_path), ensemble_at_inference=True) == {}  # no peer: not a dual network
-
-
 def test_dual_members_are_tabulated_against_the_deployed_model(tmp_path):
     stock = _rows("nnUNetTrainer", [0.80, 0.82, 0.84], "aaaa")
     dual = _rows("nnUNetTrainerDualCCE", [0.85, 0.85, 0.85], "aaaa")
@@ -220,7 +178,7 @@ def test_dual_members_are_tabulated_against_the_deployed_model(tmp_path):
     ([90.0, 91.0], [82.0], "baseline single seed"),
 ])
 def test_seed_verdict_says_beats_only_where_every_seed_beats_the_baselines_spread(seeds, baseline, verdict):
-    from nnunet_semi.tools.benchmark.quality import seed_verdict
+    from nnunet_semi.tools.benchmark.statistics import seed_verdict
 
     assert seed_verdict(seeds, baseline) == verdict
 
@@ -244,3 +202,20 @@ def test_report_pairs_warm_runs_against_the_control_apart_from_the_runs_from_scr
     assert "| 89.50, 89.00 |" in seeds and seeds.endswith("| beats |")
     missing = next(line for line in md.splitlines() if line.startswith("Cells still missing: "))
     assert "`nnUNetTrainerSGRS` at 4 · 15x100 · warm" in missing and "`nnUNetTrainer` at" not in missing
+
+
+def test_multi_class_runs_are_paired_per_case_with_per_class_tables_beside(tmp_path):
+    """Two foreground classes: one paired sample per case (the mean over its classes), not per case and class, and
+    a per-class table; the seeds column marks a single run as such."""
+    rows = []
+    for trainer, dice in (("nnUNetTrainer", {1: [0.8, 0.8, 0.8], 2: [0.6, 0.6, 0.6]}),
+                          ("nnUNetTrainerCPS", {1: [0.9, 0.9, 0.9], 2: [0.6, 0.6, 0.6]})):
+        for label, values in dice.items():
+            for row in _rows(trainer, values, "aaaa"):
+                rows.append(row | {"class": label})
+    write_results(rows, str(tmp_path))
+    md = (tmp_path / "results.md").read_text()
+    assert "| 4 | nnUNetTrainerCPS | 3 | +5.00 | +5.00 | 3 | 0 |" in md  # N = 3 cases, Δ = (10 + 0) / 2
+    assert "| 4 | nnUNetTrainerCPS | 1 | 90.00 | +10.00 |" in md
+    assert "| 4 | nnUNetTrainerCPS | 2 | 60.00 | +0.00 |" in md
+    assert "| 4 | nnUNetTrainerCPS | network | 75.00 ± 15.00 | +5.00 | 1 (single seed) |" in md

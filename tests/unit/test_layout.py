@@ -1,4 +1,5 @@
-"""The package's layers (README, Layout): each module imports only from its own layer or the layers before it."""
+"""The package's layers (documentation/extending.md, Layout): each module imports only from its own layer or the
+layers before it; every module imports; no lab facts in the package."""
 
 from __future__ import annotations
 
@@ -51,3 +52,29 @@ def test_every_command_is_an_entry_of_cli_with_its_one_error_style():
         entry = getattr(nnunet_semi.cli, function)
         assert entry.__wrapped__ is not None, command  # the one error style
         assert command == f"nnUNetv2_semi_{function.removesuffix('_entry')}"  # what its error line names
+
+
+def test_every_module_of_the_package_imports():
+    """A module that imports a removed module fails here, not in the one command that reaches it."""
+    import importlib
+    import pkgutil
+
+    failed = {}
+    for module in pkgutil.walk_packages(nnunet_semi.__path__, "nnunet_semi."):
+        try:
+            importlib.import_module(module.name)
+        except Exception as error:  # noqa: BLE001 (every failure is the finding)
+            failed[module.name] = f"{type(error).__name__}: {error}"
+    assert not failed, failed
+
+
+def test_the_package_holds_no_lab_facts():
+    """The library names no dataset of ours, no GPU model and no time budget of our machines: those live in the lab
+    (benchmarks/)."""
+    import re
+
+    root = Path(nnunet_semi.__file__).parent
+    facts = re.compile(r"Dataset101_LA|LA_0\d\d|\bH100\b|\bH200\b|GPU_DEADLINE|9-minute|gpu\.md")
+    found = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py")
+             for i, line in enumerate(p.read_text().splitlines(), 1) if facts.search(line)]
+    assert not found, found

@@ -1,5 +1,5 @@
 """Every library function that draws takes a ``torch.Generator``: the same seed gives the same draw, another seed
-another, and torch's global random state is left alone (style.md's rule for batch-level stochastic operations)."""
+another, and torch's global random state is left alone (the rule for batch-level stochastic operations)."""
 
 from __future__ import annotations
 

@@ -114,6 +114,38 @@ def test_second_run_skips_done_cases_and_changed_plans_redo_them(planned_dataset
     assert _folder_state(out)["unl_001.b2nd"] != before["unl_001.b2nd"]
 
 
+def test_the_pool_is_exactly_the_folder(planned_dataset, capsys):
+    """A removed image leaves the pool on the next run even when nothing is to preprocess; a trainer started on a
+    preprocessed pool that disagrees with imagesUnlabeled says so."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_semi.data.unlabeled import unlabeled_case_folders
+
+    preprocess_unlabeled(DATASET_ID, [CONFIG], num_processes=1)
+    out = planned_dataset.preprocessed_dataset / OUT_NAME
+    plans = json.loads((planned_dataset.preprocessed_dataset / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((planned_dataset.preprocessed_dataset / "dataset.json").read_text())
+    labeled = str(planned_dataset.preprocessed_dataset / PlansManager(plans).get_configuration(CONFIG).data_identifier)
+
+    def pool():
+        return set(unlabeled_case_folders(labeled, str(planned_dataset.preprocessed_dataset / "splits_final.json"),
+                                          0, str(planned_dataset.raw_dataset), plans, CONFIG, dataset_json))
+
+    assert pool() == {"unl_000", "unl_001", "unl_002"}
+    os.remove(_unlabeled_dir(planned_dataset) / "unl_002_0000.nii.gz")
+    with pytest.raises(RuntimeError, match=r"1 no longer in imagesUnlabeled \(unl_002\).*nnUNetv2_semi_preprocess"):
+        pool()
+    capsys.readouterr()
+    preprocess_unlabeled(DATASET_ID, [CONFIG], num_processes=1)
+    assert "0 to do, 1 removed from imagesUnlabeled" in capsys.readouterr().out
+    assert not any(p.name.startswith("unl_002") for p in out.iterdir())
+    assert pool() == {"unl_000", "unl_001"}
+    shutil.copy(_unlabeled_dir(planned_dataset) / "unl_000_0000.nii.gz",
+                _unlabeled_dir(planned_dataset) / "unl_new_0000.nii.gz")
+    with pytest.raises(RuntimeError, match=r"1 case\(s\) not preprocessed \(unl_new\)"):
+        pool()
+
+
 def test_worker_processes_give_the_same_result(planned_dataset):
     preprocess_unlabeled(DATASET_ID, [CONFIG], num_processes=2)
     out = planned_dataset.preprocessed_dataset / OUT_NAME
@@ -156,6 +188,13 @@ BAD_INPUTS = {
     "two channels in one file": (
         lambda d: sitk.WriteImage(sitk.JoinSeries([sitk.GetImageFromArray(np.ones((8, 8, 8), np.float32))] * 2),
                                   str(d / "multi_0000.nii.gz")), "2 channel(s) read"),
+    # a 2-value vector image: the real count, not its first axis read as channels
+    "vector image": (lambda d: sitk.WriteImage(sitk.GetImageFromArray(np.ones((8, 8, 8, 2), np.float32),
+                                                                      isVector=True), str(d / "vector_0000.nii.gz")),
+                     "vector_0000.nii.gz: 2 values per voxel (a vector image)"),
+    # cut short (gzip's end-of-stream marker missing): SimpleITK would read it as a mostly-zero image
+    "truncated image": (lambda d: (d / "unl_001_0000.nii.gz").write_bytes(
+        (d / "unl_001_0000.nii.gz").read_bytes()[:3000]), "unl_001_0000.nii.gz: the file is truncated or corrupt"),
     "id of a labeled case": (lambda d: shutil.copy(d / "unl_000_0000.nii.gz", d / "case_003_0000.nii.gz"),
                              "case_003"),
     "id escaping its folder": (lambda d: shutil.copy(d / "unl_000_0000.nii.gz", d / ".._0000.nii.gz"), "'..'"),

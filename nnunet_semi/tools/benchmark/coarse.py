@@ -2,14 +2,14 @@
 
 ``nnUNetv2_semi_benchmark quality -d DATASET --coarse`` asks nnU-Net's own planner for a copy of the dataset's
 ``3d_fullres`` configuration at a coarser target spacing, chosen so that the median case fits one patch of at most
-``max_patch_voxels`` voxels (50 000 by default: Left Atrium goes from 1.25 mm to 2.5 mm, patch 24 x 40 x 48, batch 3),
-shrinks its U-Net to 16-128 features per stage and preprocesses it as plans ``nnUNetPlans_coarse`` beside the
-dataset's own plans (which stay untouched). Every trainer then trains on that copy, the same split and schedule.
+``max_patch_voxels`` voxels (50 000 by default: a 1.25 mm cardiac MRI dataset goes to 2.5 mm, patch 24 x 40 x 48,
+batch 3), shrinks its U-Net to 16-128 features per stage and preprocesses it as plans ``nnUNetPlans_coarse`` beside
+the dataset's own plans (which stay untouched). Every trainer then trains on that copy, the same split and schedule.
 
 The target spacing is the planner's own ``3d_fullres`` spacing times a factor ``f``, so anisotropy is kept: ``f`` is
 the smallest multiple of ``SPACING_FACTOR_STEP`` at which the median shape holds at most ``max_patch_voxels`` voxels,
 raised further while the patch nnU-Net plans at that spacing is larger (nnU-Net rounds patches up to what its
-pooling needs). A multiple of 0.25 keeps the spacings round (LA: exactly 2 x 1.25 mm).
+pooling needs). A multiple of 0.25 keeps the spacings round (e.g. exactly 2 x 1.25 mm).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ DEFAULT_MAX_PATCH_VOXELS = 50_000
 SPACING_FACTOR_STEP = 0.25
 MIN_AXIS_VOXELS = 8  # below this, nnU-Net's planner cannot pool even twice along that axis
 COARSE_FEATURES_MIN, COARSE_FEATURES_MAX = 16, 128
-# the coarse mode's defaults: 1 500 iterations (an hour for stock nnU-Net on 2 CPU cores at LA's coarse plans), the
+# the coarse mode's defaults: 1 500 iterations (about 15 to 60 minutes for stock nnU-Net on 2 CPU cores), the
 # unsupervised ramp over 40 % of them for every method (SGRS's 6 000 of 15 000), 16 validation cases for power
 COARSE_EPOCHS, COARSE_ITERATIONS, COARSE_RAMPUP_FRACTION, COARSE_NUM_VAL = 15, 100, 0.4, 16
 _SETTINGS_KEY = "semi_coarse"  # what the coarse plans were made from, stored in the plans file itself

@@ -14,23 +14,37 @@ import numpy as np
 import torch
 
 import nnunet_semi
+from nnunet_semi.errors import SemiInputError
 from nnunet_semi.tools.progress import EpochProgressFile
 
 BASELINE_TRAINER = "nnUNetTrainer"
 # stock nnU-Net warm-started exactly as the methods are: the baseline of the warm-start mode
 CONTROL_TRAINER = "nnUNetTrainer_warmStart"
+SELFTRAIN = "selftrain"  # offline self-training in the trainer list: stock teacher, pseudo labels, stock student
 TINY_DATASET_ID = 994
 
 
 def resolve_trainer(name: str) -> type:
-    """A trainer class by name: nnU-Net's own, then the plugin's (no nnUNet_extTrainer needed here)."""
+    """A trainer class by name: the plugin's, then nnU-Net's own (and ``nnUNet_extTrainer``'s); an unknown name is a
+    one-line ``SemiInputError``."""
+    import contextlib
+    import io
+
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     import nnunet_semi.methods
 
     if hasattr(nnunet_semi.methods, name):
         return getattr(nnunet_semi.methods, name)
-    return recursive_find_trainer_class_by_name(name)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints every folder it searches
+            found = recursive_find_trainer_class_by_name(name)
+    except RuntimeError:
+        found = None
+    if found is None:
+        raise SemiInputError(f"-tr {name}: no such trainer (neither the plugin's, e.g. {', '.join(semi_trainers())}, "
+                             f"nor nnU-Net's, nor one in nnUNet_extTrainer).")
+    return found
 
 
 def with_schedule(trainer_cls: type, epochs: int, iterations: int, val_iterations: int, tag: str,
@@ -80,18 +94,30 @@ def device_description(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores)"
 
 
-def provenance(device: torch.device) -> dict:
-    """Commit, versions, device and time of a benchmark run. The commit is git's, else ``$NNUNET_SEMI_COMMIT``
-    (a checkout copied without its .git, e.g. to an offline GPU machine), else "unknown"."""
-    import os
-    from importlib.metadata import version
+def code_commit() -> str:
+    """The commit of the code that runs: git's short hash, ``<sha>-dirty`` when the package's tracked files
+    (``nnunet_semi/``, ``trainers/``, ``pyproject.toml``) differ from it; else ``$NNUNET_SEMI_COMMIT`` (a checkout
+    copied without its .git, e.g. to an offline GPU machine), else "unknown". Result folders inside the checkout do
+    not count: the code is what a row's numbers depend on."""
+    root = dirname(dirname(nnunet_semi.__file__))
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=dirname(dirname(nnunet_semi.__file__)),
-                                capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD").stdout.strip()
+        if commit and git("diff", "--quiet", "HEAD", "--", "nnunet_semi", "trainers", "pyproject.toml").returncode:
+            commit += "-dirty"
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    commit = commit or os.environ.get("NNUNET_SEMI_COMMIT") or "unknown"
+    return commit or os.environ.get("NNUNET_SEMI_COMMIT") or "unknown"
+
+
+def provenance(device: torch.device) -> dict:
+    """Commit (``code_commit``), versions, device and time of a benchmark run."""
+    from importlib.metadata import version
+
+    commit = code_commit()
     return {"commit": commit, "nnunet_semi": nnunet_semi.__version__, "nnunetv2": version("nnunetv2"),
             "torch": torch.__version__, "device": device_description(device),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

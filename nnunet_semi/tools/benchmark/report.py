@@ -8,20 +8,10 @@ from os.path import isdir, join
 
 from nnunet_semi.errors import SemiInputError
 from nnunet_semi.tools.benchmark.common import BASELINE_TRAINER, CONTROL_TRAINER, semi_trainers
-from nnunet_semi.tools.benchmark.quality import (
-    PROTOCOL,
-    SCHEDULE,
-    _repeat,
-    _write_csv,
-    first_runs,
-    member_tables,
-    paired_table,
-    plot_results,
-    scored_runs,
-    seed_table,
-    summarize,
-    table_group,
-)
+from nnunet_semi.tools.benchmark.plots import plot_results
+from nnunet_semi.tools.benchmark.records import PROTOCOL, SCHEDULE, scored_runs, write_csv
+from nnunet_semi.tools.benchmark.statistics import repeat_of, table_group
+from nnunet_semi.tools.benchmark.tables import case_sets_statement, member_tables, split_case_sets, summary_tables
 
 
 def _runs_of(folder: str) -> list[dict]:
@@ -73,13 +63,15 @@ def merge_results(folders: list[str], out_dir: str) -> list[dict]:
                  "trainer": first["trainer"] + suffix, "source": run["folder"]}
         rows += [r | label for r in run["rows"]]
         pairs += [r | label for r in run["pairs"]]
-        provenance.append((label["num_labeled"], label["trainer"], _repeat(first), first.get("commit", ""),
+        provenance.append((label["num_labeled"], label["trainer"], repeat_of(first), first.get("commit", ""),
                            first.get("device", ""), first.get("date", ""), first.get("seed", ""),
-                           first.get("rampup_iterations", ""), run["run"], run["folder"]))
+                           first.get("rampup_iterations", ""), _known(first, "order"), _known(first, "split"),
+                           first.get("warm_start_from", "") or "scratch", run["run"], run["folder"]))
+    _check_one_split_per_group(rows)
     os.makedirs(out_dir, exist_ok=True)
-    _write_csv(rows, join(out_dir, "results.csv"))
-    summary = summarize(rows)
-    info = rows[0]
+    write_csv(rows, join(out_dir, "results.csv"))
+    headline, development = split_case_sets(rows)
+    info = headline[0]
     lines = [f"# Quality, merged: {info['dataset']}, fold {info['fold']}, evaluated on {info['evaluated_on']}", "",
              f"From {', '.join(f'`{f}`' for f in folders)}. Labeled counts carry their schedule (epochs x iterations "
              f"per epoch): rows of different schedules are never averaged or paired. A trainer run at several "
@@ -87,27 +79,41 @@ def merge_results(folders: list[str], out_dir: str) -> list[dict]:
              f"Dice points over {BASELINE_TRAINER} of the same labeled count and schedule (`warm`: runs warm-started "
              f"from its first run, over {CONTROL_TRAINER}, stock nnU-Net continued the same way); training min: the "
              f"run's epochs (selftrain: teacher and students), blank for runs scored before it was recorded.", "",
-             "| labeled · schedule | trainer | deployed | Dice % | gain | Jaccard % | 95HD mm | ASD mm | "
-             "training min |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for (count, trainer), stats in summary.items():
-        gain, seconds = stats.get("gain"), stats["train_seconds"]
-        cells = [f"{stats[m][0]:.2f} ± {stats[m][1]:.2f}" for m in ("dice", "jaccard", "hd95_mm", "asd_mm")]
-        lines.append(f"| {count} | {trainer} | {stats['deployed']} | {cells[0]} | "
-                     f"{'' if gain is None else f'{gain:+.2f}'} | {' | '.join(cells[1:])} | "
-                     f"{'' if seconds is None else f'{seconds / 60:.1f}'} |")
-    lines += ["", *paired_table(rows)]
-    lines += seed_table(rows)
+             case_sets_statement(headline, development), ""]
+    lines += summary_tables(headline, voxel_distances=False)
+    if development:
+        lines += ["", "## Development cases", ""] + summary_tables(development, voxel_distances=False)
     lines += member_tables(pairs)
     lines += ["", "Provenance of every run.", "",
-              "| labeled · schedule | trainer | repeat | commit | device | date | seed | ramp | run | folder |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| labeled · schedule | trainer | repeat | commit | device | date | seed | ramp | order | split | "
+              "start | "
+              "run | folder |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {' | '.join(str(v) for v in entry)} |" for entry in sorted(provenance, key=str)]
     lines += ["", *_missing_cells(rows)]
     with open(join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    plot_results(first_runs(rows), summary, join(out_dir, "results.png"))
+    plot_results(headline, join(out_dir, "results.png"))
     return rows
+
+
+def _known(row: dict, key: str) -> str:
+    """A run's identity field, or "unknown" where its folder predates the field (never guessed)."""
+    return str(row.get(key) or "unknown")
+
+
+def _check_one_split_per_group(rows: list[dict]) -> None:
+    """Runs paired in one table group must share their split: a one-line error naming the two splits where the
+    known split hashes of a group differ (older runs, whose split is unknown, are not refused)."""
+    splits = {}
+    for r in rows:
+        if r.get("split"):
+            splits.setdefault(r["num_labeled"], {}).setdefault(r["split"], r["source"])
+    for group, found in splits.items():
+        if len(found) > 1:
+            raise SemiInputError(f"the runs of {group} were trained on different splits ("
+                                 + ", ".join(f"{split} in {folder}" for split, folder in found.items())
+                                 + "): they cannot be paired; report them from separate folders.")
 
 
 def _variant(row: dict) -> tuple[str, str]:
@@ -135,7 +141,7 @@ def _missing_cells(rows: list[dict]) -> list[str]:
                if (count, trainer) not in present and not count.startswith("all")
                and not (count.endswith("· warm") and trainer == BASELINE_TRAINER)]
     unrepeated = [count for count in counts
-                  if not any(r["num_labeled"] == count and r["trainer"] == baseline(count) and _repeat(r) > 0
+                  if not any(r["num_labeled"] == count and r["trainer"] == baseline(count) and repeat_of(r) > 0
                              for r in rows)]
     lines = ["Cells still missing: " + (", ".join(missing) if missing else "none") + "."]
     if unrepeated:

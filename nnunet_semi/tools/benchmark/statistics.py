@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from nnunet_semi.tools.benchmark.common import BASELINE_TRAINER, CONTROL_TRAINER
+
 BOOTSTRAP_RESAMPLES = 10_000
 
 
@@ -53,3 +55,54 @@ def wilcoxon_p(diffs: np.ndarray) -> float:
     if not np.any(diffs != 0):
         return 1.0
     return float(wilcoxon(diffs).pvalue)
+
+
+def repeat_of(row: dict) -> int:
+    return int(row.get("repeat") or 0)  # results written before repeats existed have no column
+
+
+def first_runs(rows: list[dict]) -> list[dict]:
+    """The rows of every trainer's first run (stock's repeats left out)."""
+    return [r for r in rows if repeat_of(r) == 0]
+
+
+def dice_by_case(rows: list[dict]) -> dict:
+    """case -> Dice in % of one run's rows, the mean over the case's foreground classes: the paired statistics take
+    one sample per case (a case's classes are not independent samples)."""
+    per_case = {}
+    for r in rows:
+        per_case.setdefault(r["case"], []).append(100 * float(r["dice"]))
+    return {case: float(np.mean(values)) for case, values in per_case.items()}
+
+
+def seed_average(runs) -> dict:
+    """(case, class) -> Dice in %, averaged over several runs (seeds) of one trainer; the cases all share."""
+    per_run = [dice_by_case(run) for run in runs]
+    shared = set.intersection(*(set(d) for d in per_run))
+    return {key: float(np.mean([d[key] for d in per_run])) for key in sorted(shared)}
+
+
+def table_group(row: dict, label: str | None = None) -> str:
+    """The group a row is tabulated and paired in: its labeled count (or ``label``), marked ``· warm`` for a run
+    warm-started from a checkpoint: warm runs are never averaged or paired with runs from scratch."""
+    return (label or str(row["num_labeled"])) + (" · warm" if row.get("warm_start_from") else "")
+
+
+def baseline_of(group_rows: list[dict]) -> str:
+    """The trainer a group's runs are paired against: the warm-start control where the group has it, else stock."""
+    return CONTROL_TRAINER if any(r["trainer"] == CONTROL_TRAINER for r in group_rows) else BASELINE_TRAINER
+
+
+def seed_verdict(seeds: list[float], baseline_seeds: list[float]) -> str:
+    """"beats" where every seed's mean Dice is above every baseline seed's (it beats the baseline's own spread),
+    "loses" where every one is below, "within the spread" otherwise; "single seed" / "baseline single seed" where
+    a side has one run (no spread measured: no claim)."""
+    if len(seeds) < 2:
+        return "single seed"
+    if len(baseline_seeds) < 2:
+        return "baseline single seed"
+    if min(seeds) > max(baseline_seeds):
+        return "beats"
+    if max(seeds) < min(baseline_seeds):
+        return "loses"
+    return "within the spread"

@@ -29,7 +29,7 @@ METHODS = ("SGRS", "MeanTeacher", "CPS", "NPCal", "CIFP", "DualCCE", "BCP")
 LA_NUM_VAL = 16
 # GPU quality cells: one schedule for every trainer and cell. 1 000 iterations is what the heaviest methods reach
 # beside two stock runs in the ~6 minutes of training a 9-minute command leaves (stock alone: ~15 it/s per run with
-# three side by side on an H100, gpu.md); the papers' 6 000 do not fit. Provisional until the speed cell measures it.
+# three side by side on an H100); the papers' 6 000 do not fit. Provisional until the speed cell measures it.
 GPU_EPOCHS, GPU_ITERATIONS = 4, 250
 # CPU cells: the coarse mode's schedule (15 x 100 at 2.5 mm, a 16-128-feature U-Net), as in the committed CPU cells
 CPU_EPOCHS, CPU_ITERATIONS = 15, 100
@@ -177,14 +177,14 @@ def run_cell(name: str, out_dir: str, deadline_s: float | None = None, data: str
         run_speed_benchmark(dataset, list(cell.trainers), results, configuration, plans, steps=cell.speed_steps,
                             stop_at=None if stop_at is None else stop_at - cell.reserve_s)
     else:
-        from nnunet_semi.tools.benchmark.quality import run_quality_benchmark
+        from nnunet_semi.tools.benchmark.quality import QualitySettings, run_quality_benchmark
 
-        run_quality_benchmark(dataset, [cell.num_labeled], list(cell.trainers), cell.epochs, cell.iterations,
-                              results, configuration, cell.fold, plans, test_labels, num_val=cell.num_val,
-                              repeats=cell.repeats, rampup_iterations=rampup, predict_test=test_labels is None,
-                              checkpoint_every=checkpoint_every, extra_columns=extra, score_members=True,
-                              jobs=cell.jobs, stop_training_at=None if stop_at is None else stop_at - cell.reserve_s,
-                              stop_at=stop_at, on_results_written=publish)
+        run_quality_benchmark(QualitySettings(
+            dataset, [cell.num_labeled], list(cell.trainers), cell.epochs, cell.iterations, results, configuration,
+            cell.fold, plans, test_labels, num_val=cell.num_val, repeats=cell.repeats, rampup_iterations=rampup,
+            predict_test=test_labels is None, checkpoint_every=checkpoint_every, extra_columns=extra,
+            score_members=True, jobs=cell.jobs, stop_training_at=None if stop_at is None else stop_at - cell.reserve_s,
+            stop_at=stop_at, on_results_written=publish))
     publish()
     print(f"cell {name}: done in {time.time() - started:.0f} s; results in {out_dir}, all of them in {archive}")
     return archive
@@ -196,13 +196,13 @@ def _processes() -> int:
 
 def _copy_dataset(dataset_name: str, data: str | None) -> str:
     """Copy the raw dataset into nnUNet_raw (once); images are read with nibabel where SimpleITK is missing (an
-    offline GPU machine: see nnunet_semi.tools.offline). Returns the dataset name."""
+    offline GPU machine: see semi_lab.offline). Returns the dataset name."""
     from nnunet_semi.data.dataset_io import load_json, require_env_folder, save_json_atomic
 
     source = abspath(data or join(dirname(dirname(nnunet_semi.__file__)), "data", dataset_name))  # the checkout's
     if not isfile(join(source, "dataset.json")):
         raise SemiInputError(f"dataset folder {source} has no dataset.json: copy {dataset_name} there (nnU-Net raw "
-                             f"format, e.g. from ../shared/datasets) or pass --data.")
+                             f"format) or pass --data.")
     if basename(source.rstrip("/")) != dataset_name:
         raise SemiInputError(f"--data {source}: the cell trains {dataset_name}; give that dataset's folder.")
     target = join(require_env_folder("nnUNet_raw"), dataset_name)

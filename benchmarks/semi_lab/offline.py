@@ -2,7 +2,7 @@
 
 ``build``: on a machine with a package index and the project installed, download (binary) or build (source-only)
 a wheel of every distribution the project needs, at the versions installed here, except those a torch machine
-already has (``scripts/torch_machine_packages.txt``), SimpleITK (50 MB; nnU-Net reads images with nibabel
+already has (``benchmarks/scripts/torch_machine_packages.txt``), SimpleITK (50 MB; nnU-Net reads images with nibabel
 instead, see ``install``) and imagecodecs (26 MB, never imported by nnU-Net). Binary wheels are fetched for each
 ``--python`` version, pure-Python ones once.
 
@@ -12,7 +12,7 @@ distribution is missing here (a preinstalled package is never shadowed: torch's 
 theirs, is installed at a version that satisfies it; a missing one is named with what needs it.
 
 This file uses the standard library only (and pip's vendored ``packaging``), so it runs as
-``python3 nnunet_semi/tools/offline.py install WHEELS SITE`` before the project's dependencies exist.
+``python3 benchmarks/semi_lab/offline.py install WHEELS SITE`` before the project's dependencies exist.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import subprocess
 import sys
 from os.path import abspath, dirname, isdir, join
 
-PROJECT_ROOT = dirname(dirname(dirname(abspath(__file__))))  # nnunet_semi/tools/offline.py: run as a script too
+PROJECT_ROOT = dirname(dirname(dirname(abspath(__file__))))  # benchmarks/semi_lab/offline.py: run as a script too
 # SimpleITK (50 MB): replaced by nnU-Net's NibabelIO on the offline machine (see install); imagecodecs (26 MB): a
 # requirement of nnunetv2 that it never imports (TIFF codecs); argparse (a Python 2 backport that unittest2 asks for):
 # on PYTHONPATH it would shadow the standard library's argparse
 NOT_CARRIED = {"simpleitk", "imagecodecs", "argparse"}
-TORCH_MACHINE_PACKAGES = join(PROJECT_ROOT, "scripts", "torch_machine_packages.txt")
+TORCH_MACHINE_PACKAGES = join(PROJECT_ROOT, "benchmarks", "scripts", "torch_machine_packages.txt")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64")
 

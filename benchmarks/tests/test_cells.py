@@ -1,10 +1,12 @@
-"""Benchmark cells (``nnUNetv2_semi_benchmark cell`` / ``scripts/run_cell.sh``) and the offline wheel install."""
+"""The lab's benchmark cells (``python -m semi_lab cell`` / ``benchmarks/scripts/run_cell.sh``; the old
+``nnUNetv2_semi_benchmark cell`` forwards to it) and the offline wheel install."""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -14,28 +16,33 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_semi.cli import benchmark_entry as main
 from nnunet_semi.errors import SemiInputError
-from nnunet_semi.tools import offline
-from nnunet_semi.tools.benchmark import cells
 from nnunet_semi.tools.benchmark.common import resolve_trainer
+from semi_lab import cells, offline
+from semi_lab.__main__ import main as lab_main
 
 
 def test_unknown_cell_is_one_line_listing_the_known_ones(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["cell", "la4-sgr", "-o", str(tmp_path / "out")])
+        lab_main(["cell", "la4-sgr", "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown cell 'la4-sgr'" in err and "la4-sgrs" in err and "cpu-dryrun" in err
     assert not (tmp_path / "out").exists()
 
 
-def test_run_cell_sh_reaches_the_cell_command_of_the_checkout():
-    """scripts/run_cell.sh runs ``python -m nnunet_semi.cli benchmark cell`` on the checkout, without an install."""
+def test_run_cell_sh_reaches_the_lab_of_the_checkout_and_the_old_command_name_forwards_to_it():
+    """benchmarks/scripts/run_cell.sh runs ``python -m semi_lab cell`` on the checkout, without an install; the old
+    ``nnUNetv2_semi_benchmark cell`` keeps working in a clone, with a one-line notice."""
     root = Path(__file__).resolve().parents[2]
-    assert "python3 -m nnunet_semi.cli benchmark cell" in (root / "scripts" / "run_cell.sh").read_text()
-    listed = subprocess.run([sys.executable, "-m", "nnunet_semi.cli", "benchmark", "cell", "--list"], cwd=root,
-                            capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(root)})
+    assert "python3 -m semi_lab cell" in (root / "benchmarks" / "scripts" / "run_cell.sh").read_text()
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(root), str(root / "benchmarks")])}
+    listed = subprocess.run([sys.executable, "-m", "semi_lab", "cell", "--list"], cwd=root, capture_output=True,
+                            text=True, env=env)
     assert listed.returncode == 0 and "cpu-la4-sgrs" in listed.stdout
+    forwarded = subprocess.run([sys.executable, "-m", "nnunet_semi.cli", "benchmark", "cell", "--list"], cwd=root,
+                               capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(root)})
+    assert forwarded.returncode == 0 and forwarded.stdout == listed.stdout
+    assert forwarded.stderr.count("\n") == 1 and "moved to the project's lab" in forwarded.stderr
     unknown = subprocess.run([sys.executable, "-m", "nnunet_semi.cli", "nonsense"], cwd=root, capture_output=True,
                              text=True, env=os.environ | {"PYTHONPATH": str(root)})
     assert unknown.returncode == 2 and "benchmark" in unknown.stderr
@@ -43,7 +50,7 @@ def test_run_cell_sh_reaches_the_cell_command_of_the_checkout():
 
 def test_deadline_too_short_to_train_is_refused_before_anything_is_written(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["cell", "la4-sgrs", "-o", str(tmp_path / "out"), "--deadline", "100", "--work", str(tmp_path / "w")])
+        lab_main(["cell", "la4-sgrs", "-o", str(tmp_path / "out"), "--deadline", "100", "--work", str(tmp_path / "w")])
     err = capsys.readouterr().err
     assert "--deadline 100: too short to train anything" in err and "give at least 210" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "w").exists()
@@ -148,9 +155,11 @@ def test_tiny_cell_trains_scores_and_packs_everything_into_the_output_folder(tmp
     assert "nnUNetTrainerMeanTeacher" in (out / "results.md").read_text()
     with tarfile.open(archive) as tar:
         names = tar.getnames()
-    for run in ("nnUNetTrainer__bench_2lab_1x4", "nnUNetTrainerMeanTeacher__bench_2lab_1x4"):
+    data = next(m.group(1) for n in names  # the hash of the runs' data identity in their names
+                if (m := re.fullmatch(r"runs/nnUNetTrainer__bench_2lab_1x4_([0-9a-f]{6})/scores.csv", n)))
+    for run in (f"nnUNetTrainer__bench_2lab_1x4_{data}", f"nnUNetTrainerMeanTeacher__bench_2lab_1x4_{data}"):
         assert f"runs/{run}/scores.csv" in names and f"runs/{run}/curves.csv" in names
-    assert "runs/nnUNetTrainerMeanTeacher__bench_2lab_1x4/ema_pair_scores.csv" in names
+    assert f"runs/nnUNetTrainerMeanTeacher__bench_2lab_1x4_{data}/ema_pair_scores.csv" in names
     assert "cell.json" in names and not any(n.startswith("predictions") for n in names)
 
 
@@ -185,8 +194,8 @@ def test_cell_deadline_stops_training_cleanly_and_returns_the_logs_so_far(tmp_pa
     with tarfile.open(out / "tiny-long.tar.gz") as tar:
         names = tar.getnames()
     for run in ("nnUNetTrainer__bench_2lab_10000x4", "nnUNetTrainerMeanTeacher__bench_2lab_10000x4"):
-        assert any(n.startswith(f"unfinished/{run}/training_log") for n in names), names
-        assert f"runs/{run}/scores.csv" not in names
+        assert any(re.match(rf"unfinished/{run}_[0-9a-f]{{6}}/training_log", n) for n in names), names
+        assert not any(n.startswith(f"runs/{run}_") and n.endswith("scores.csv") for n in names)
     time.sleep(1)
     assert _processes_with_env(str(cell_work)) == []  # the runs' processes and their loaders are gone
     results = cell_work / "tiny_dataset" / "nnUNet_results"
