@@ -248,7 +248,7 @@ def test_progress_lines_per_epoch_logs_per_run_and_a_failed_run_reported_while_t
         for epoch in (1, 2):
             assert f"run {run}/3 {label}, 2 labeled | epoch {epoch}/2 | last epoch " in printed, (run, epoch)
     assert "all runs' training left" in printed
-    assert "run 3/3 nnUNetTrainerMeanTeacher, 2 labeled | predicting 2 held-out cases, about " in printed
+    assert "run 3/3 nnUNetTrainerMeanTeacher, 2 labeled | predicting 2 development cases, about " in printed
     logs = out / "logs"
     stock = bench_run(out, "nnUNetTrainer__bench_2lab_2x3")
     broken = stock.replace("nnUNetTrainer__", "nnUNetTrainerBroken__")  # the same data, the same hash

@@ -35,7 +35,8 @@ def _without_the_plugin(env: dict, tmp_path: Path) -> dict:
     (blocker / "__init__.py").write_text("raise ImportError('nnunet_semi is not installed here')\n")
     vanilla = {k: v for k, v in env.items() if k not in ("nnUNet_extTrainer", "PYTHONPATH")}
     vanilla["PYTHONPATH"] = str(blocker.parent)
-    probe = subprocess.run([sys.executable, "-c", "import nnunet_semi"], env=vanilla, capture_output=True, text=True)
+    probe = subprocess.run([sys.executable, "-c", "import nnunet_semi"], env=vanilla, capture_output=True, text=True,
+                           cwd=tmp_path)  # not the checkout's folder, whose package `python -c` would find first
     assert probe.returncode != 0 and "not installed here" in probe.stderr
     return vanilla
 
@@ -77,7 +78,8 @@ def test_train_resume_and_predict_through_nnunet_commands(TRAINER, command_env, 
         assert (fold / name).is_file(), name
     log = next(fold.glob("training_log_*.txt")).read_text()
     assert "Unlabeled cases: 5, unlabeled batch size: 2" in log
-    assert log.count("Semi-supervised: loss_sup:") == 2
+    first_term = getattr(nnunet_semi.methods, TRAINER.removesuffix("Tiny")).loss_terms[0]
+    assert log.count(f"Semi-supervised: loss_{first_term}:") == 2  # one line per epoch
 
     checkpoint = torch.load(fold / "checkpoint_final.pth", weights_only=False)
     assert checkpoint["trainer_name"] == TRAINER

@@ -225,7 +225,7 @@ def test_selftrain_runs_the_recipe_with_nnunets_commands_and_resumes_at_every_st
     assert f"round 2: pseudo labels of {semi_dataset.results / rounds[0] / finetuned}" in again.stdout
     assert [c.split()[1:3] for c in _commands(again)] == [
         ["nnUNetv2_extract_fingerprint", "-d"], ["nnUNetv2_move_plans_between_datasets", "-s"],
-        ["nnUNetv2_preprocess", "-d"], ["nnUNetv2_train", "996"], ["-m", "nnunet_semi.tools.warm_train"]]
+        ["nnUNetv2_preprocess", "-d"], ["nnUNetv2_train", "996"], [sys.executable, "-m"]]
     verify_dataset_integrity(str(semi_dataset.raw / rounds[1]), num_processes=1)
     assert not (semi_dataset.raw / f".{rounds[1]}.incomplete").exists()
 
