@@ -44,7 +44,7 @@ def score_members(trainer_cls: type, run_row: dict, run_dir: str, cases: dict, o
             predictions = deployed_predictions  # the run's own predictions are this member's: not predicted twice
         else:
             predict(trainer_cls, output_folder, plans, configuration, dataset_json, cases, predictions, device,
-                     weights, announce=announcer(progress, position, f"held-out cases with the run's {member}"))
+                     weights, announce=announcer(progress, position, f"scored cases with the run's {member}"))
         common = {k: v for k, v in run_row.items() if k not in ("case", "class", *METRICS)} | {"scored_model": member}
         rows += as_written(score_run(cases, predictions, dataset_json, labels, common))
     if rows:

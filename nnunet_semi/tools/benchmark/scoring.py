@@ -57,7 +57,7 @@ def held_out_cases(raw: str, dataset_json: dict, split: dict, test_labels: str |
         images = [join(folder, f"{case}_{c:04d}{ending}") for c in range(channels)]
         missing = [f for f in images + [join(label_folder, case + ending)] if not isfile(f)]
         if missing:
-            raise SemiInputError(f"held-out case {case}: missing {missing}. Check --test_labels and imagesTs.")
+            raise SemiInputError(f"scored case {case}: missing {missing}. Check --test_labels and imagesTs.")
         cases[case] = (images, join(label_folder, case + ending))
     return cases
 

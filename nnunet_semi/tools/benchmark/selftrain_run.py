@@ -117,7 +117,7 @@ def self_training_run(dataset_name: str, count: str, teacher_schedule: tuple, ro
             model_folder, model_folds, model_cls = os.path.dirname(student_folder), (0,), student_cls
         predictions = join(out_dir, "predictions", run_name)
         predict(student_cls, student_folder, student_plans, configuration, student_json, cases, predictions,
-                 device, announce=announcer(progress, index[(SELFTRAIN, count, rounds)], "held-out cases"))
+                 device, announce=announcer(progress, index[(SELFTRAIN, count, rounds)], "scored cases"))
         common = {"trainer": SELFTRAIN, "num_labeled": count, "repeat": 0, "deployed": f"student of round {rounds}",
                   "dataset": dataset_name, "configuration": configuration, "plans": plans_identifier, "fold": fold,
                   "epochs": epochs, "iterations_per_epoch": iterations, "seed": seed, "selftrain_rounds": rounds,
