@@ -92,6 +92,14 @@ def test_quality_tiny(tmp_path, monkeypatch, capsys):
     main(["quality", "--tiny", "-o", str(tmp_path), "-tr", "nnUNetTrainer"])
     assert "| 2 | nnUNetTrainerMeanTeacher |" in (tmp_path / "results.md").read_text()
     assert len(_rows(tmp_path / "results.csv")) == len(every_row)
+    # one run left to train (Mean Teacher's second seed): the time left counts no run an earlier command trained
+    main(["quality", "--tiny", "-o", str(tmp_path), "-tr", "nnUNetTrainerMeanTeacher", "--method_repeats", "2"])
+    estimates = [line.split(" | ")[-1] for line in capsys.readouterr().out.splitlines()
+                 if "all runs' training left" in line]
+    assert estimates and all(estimate.startswith("run left ") for estimate in estimates)
+    for estimate in estimates:  # "run left 0m02s, all runs' training left 0m02s"
+        run_left, command_left = estimate.removeprefix("run left ").split(", all runs' training left ")
+        assert run_left == command_left, estimate
     # a folder whose recorded identity differs is refused, never reused
     identity["epochs"] = 7
     (mean_teacher_run / "semi_benchmark_identity.json").write_text(json.dumps(identity))

@@ -47,10 +47,10 @@ from nnunet_semi.tools.benchmark.records import (
 from nnunet_semi.tools.benchmark.scoring import (
     announcer,
     deployed_model,
-    held_out_cases,
     pack_test_predictions,
     predict,
     score_run,
+    scored_cases,
     training_seconds,
 )
 from nnunet_semi.tools.benchmark.selftrain_run import self_training_run, selftrain_run_name
@@ -231,12 +231,13 @@ class QualityBenchmark:
 
     # ------------------------------------------------------------------------------------------------- running
     def run(self) -> list[dict]:
+        self._skip_trained_runs()
         for count, runs in self.planned.items():
             save_json_atomic(self.splits[count], join(self.workspace, SPLITS_FILE))  # the copy, not the dataset's
             split = self.splits[count][self.s.fold]
-            cases = held_out_cases(self.raw, self.dataset_json, split, self.s.test_labels)
+            cases = scored_cases(self.raw, self.dataset_json, split, self.s.test_labels)
             # with test labels, the fold's validation cases are scored too, apart: the development cases
-            development = held_out_cases(self.raw, self.dataset_json, split, None) if self.s.test_labels else None
+            development = scored_cases(self.raw, self.dataset_json, split, None) if self.s.test_labels else None
             stopped, failed = self._train(runs)
             for run in runs:
                 self._score(run, cases, development, stopped, failed)
@@ -257,12 +258,30 @@ class QualityBenchmark:
     def run_log(self, name: str) -> str | None:
         return None if self.s.verbose else join(self.s.out_dir, "logs", f"{name}.txt")
 
+    def _skip_trained_runs(self) -> None:
+        """Runs an earlier command trained (self-training: scored) count as done in the time left from the start."""
+        s = self.s
+        for count, runs in self.planned.items():
+            for run in runs:
+                if not self._needs_training(run):
+                    self.progress.skip(self.index[self.name_of(run)])
+            if SELFTRAIN in s.trainers and count != "all":
+                teacher = next(run for run in runs if run.trainer == BASELINE_TRAINER and run.repeat == 0)
+                name = selftrain_run_name(teacher.schedule[3], s.selftrain_rounds, s.warm_start)
+                if isfile(join(s.out_dir, "runs", name, "scores.csv")):
+                    for r in range(1, s.selftrain_rounds + 1):
+                        self.progress.skip(self.index[(SELFTRAIN, count, r)])
+
+    def _needs_training(self, run: Run) -> bool:
+        """Neither scored by an earlier command nor trained (its final checkpoint)."""
+        return not isfile(join(self.s.out_dir, "runs", self.name_of(run), "scores.csv")) and \
+            not isfile(self.checkpoint_of(run.trainer, run.schedule))
+
     def _train(self, runs: list[Run]) -> tuple[list[str], set[str]]:
         """Train the count's unfinished runs in worker processes, which read the benchmark's split; the runs others
         start from first. Returns the runs stopped by the deadline and the failed ones."""
         s = self.s
-        pending = [run for run in runs if not isfile(join(s.out_dir, "runs", self.name_of(run), "scores.csv"))
-                   and not isfile(self.checkpoint_of(run.trainer, run.schedule))]
+        pending = [run for run in runs if self._needs_training(run)]
         for run in pending:  # recorded where the run trains
             check_identity(os.path.dirname(self.checkpoint_of(run.trainer, run.schedule)), self.identity_of(run),
                            "the nnUNet_results folder")

@@ -43,8 +43,9 @@ def case_metrics(prediction: np.ndarray, reference: np.ndarray, spacing: tuple[f
     return result
 
 
-def held_out_cases(raw: str, dataset_json: dict, split: dict, test_labels: str | None) -> dict[str, tuple]:
-    """case id -> (image files, reference label file)."""
+def scored_cases(raw: str, dataset_json: dict, split: dict, test_labels: str | None) -> dict[str, tuple]:
+    """The cases a run is scored on, case id -> (image files, reference label file): the test cases (imagesTs with
+    ``test_labels``) or, without them, the fold's validation cases (the development cases)."""
     ending = dataset_json["file_ending"]
     channels = len(dataset_json["channel_names"])
     if test_labels is not None:
