@@ -194,6 +194,11 @@ def test_report_pairs_warm_runs_against_the_control_apart_from_the_runs_from_scr
     for repeat, dice in enumerate(([0.88, 0.89, 0.90, 0.91], [0.87, 0.89, 0.90, 0.90])):
         _write_run(folder, f"nnUNetTrainerCPS__bench_4lab_15x100_warm_r{repeat}", "nnUNetTrainerCPS", dice, "bbbb",
                    repeat=repeat, warm=start)
+    # a start trainer (from scratch only) and a warm-only variant: never missing in the other mode
+    _write_run(folder, "nnUNetTrainer_BCPPretrain__bench_4lab_15x100", "nnUNetTrainer_BCPPretrain",
+               [0.81, 0.83, 0.85, 0.87], "bbbb")
+    _write_run(folder, "nnUNetTrainerBCP_stepLR__bench_4lab_15x100_warm", "nnUNetTrainerBCP_stepLR",
+               [0.85, 0.86, 0.87, 0.88], "bbbb", warm=start)
     main(["report", str(folder), "-o", str(tmp_path / "merged")])
     md = (tmp_path / "merged" / "results.md").read_text()
     assert "| 4 · 15x100 · warm | nnUNetTrainerCPS | network | 89.50 ± 1.12 | +4.00 |" in md  # over the control
@@ -202,6 +207,9 @@ def test_report_pairs_warm_runs_against_the_control_apart_from_the_runs_from_scr
     assert "| 89.50, 89.00 |" in seeds and seeds.endswith("| beats |")
     missing = next(line for line in md.splitlines() if line.startswith("Cells still missing: "))
     assert "`nnUNetTrainerSGRS` at 4 · 15x100 · warm" in missing and "`nnUNetTrainer` at" not in missing
+    assert "`nnUNetTrainerCPS` at 4 · 15x100," in missing  # a registered method: listed in every group
+    assert "`selftrain` at 4 · 15x100 · warm" in missing  # self-training too
+    assert "`nnUNetTrainer_BCPPretrain` at" not in missing and "`nnUNetTrainerBCP_stepLR` at" not in missing
 
 
 def test_multi_class_runs_are_paired_per_case_with_per_class_tables_beside(tmp_path):

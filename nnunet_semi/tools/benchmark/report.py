@@ -7,7 +7,7 @@ import os
 from os.path import isdir, join
 
 from nnunet_semi.errors import SemiInputError
-from nnunet_semi.tools.benchmark.common import BASELINE_TRAINER, CONTROL_TRAINER, semi_trainers
+from nnunet_semi.tools.benchmark.common import BASELINE_TRAINER, CONTROL_TRAINER, SELFTRAIN, semi_trainers
 from nnunet_semi.tools.benchmark.plots import plot_results
 from nnunet_semi.tools.benchmark.records import PROTOCOL, SCHEDULE, scored_runs, write_csv
 from nnunet_semi.tools.benchmark.statistics import repeat_of, table_group
@@ -127,19 +127,26 @@ def _schedule(row: dict) -> tuple:
 
 def _missing_cells(rows: list[dict]) -> list[str]:
     """Markdown lines: the (labeled · schedule, trainer) cells without a run, over every count seen and every
-    trainer seen or registered (stock and each method, so a method never run is named too), and the counts where
-    stock has no second run (its spread unmeasured)."""
+    trainer registered (stock, each method and self-training, so a method never run is named too) or seen (a variant or a start
+    trainer: only in the mode, warm or from scratch, it ran in), and the counts where stock has no second run (its
+    spread unmeasured)."""
     counts = list(dict.fromkeys(r["num_labeled"] for r in rows))
-    seen = [r["trainer"].split(" @")[0] for r in rows if r["trainer"].split(" @")[0] != CONTROL_TRAINER]
+
+    def warm(count: str) -> bool:
+        return count.endswith("· warm")
 
     def baseline(count: str) -> str:  # a warm group's baseline is the control, never stock from scratch
-        return CONTROL_TRAINER if count.endswith("· warm") else BASELINE_TRAINER
+        return CONTROL_TRAINER if warm(count) else BASELINE_TRAINER
 
+    modes: dict[str, set[bool]] = {}  # a trainer seen -> the modes it ran in
+    for row in rows:
+        modes.setdefault(row["trainer"].split(" @")[0], set()).add(warm(row["num_labeled"]))
+    registered = [*semi_trainers(), SELFTRAIN]
     present = {(r["num_labeled"], r["trainer"].split(" @")[0]) for r in rows}
     missing = [f"`{trainer}` at {count}" for count in counts
-               for trainer in dict.fromkeys([baseline(count), *semi_trainers(), *seen])
+               for trainer in dict.fromkeys([baseline(count), *registered, *modes])
                if (count, trainer) not in present and not count.startswith("all")
-               and not (count.endswith("· warm") and trainer == BASELINE_TRAINER)]
+               and (trainer in registered or trainer == baseline(count) or warm(count) in modes.get(trainer, ()))]
     unrepeated = [count for count in counts
                   if not any(r["num_labeled"] == count and r["trainer"] == baseline(count) and repeat_of(r) > 0
                              for r in rows)]
