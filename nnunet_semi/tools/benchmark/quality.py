@@ -265,12 +265,10 @@ class QualityBenchmark:
             for run in runs:
                 if not self._needs_training(run):
                     self.progress.skip(self.index[self.name_of(run)])
-            if SELFTRAIN in s.trainers and count != "all":
-                teacher = next(run for run in runs if run.trainer == BASELINE_TRAINER and run.repeat == 0)
-                name = selftrain_run_name(teacher.schedule[3], s.selftrain_rounds, s.warm_start)
-                if isfile(join(s.out_dir, "runs", name, "scores.csv")):
-                    for r in range(1, s.selftrain_rounds + 1):
-                        self.progress.skip(self.index[(SELFTRAIN, count, r)])
+            if SELFTRAIN in s.trainers and count != "all" and \
+                    isfile(join(s.out_dir, "runs", self._selftrain_teacher(runs)[1], "scores.csv")):
+                for r in range(1, s.selftrain_rounds + 1):
+                    self.progress.skip(self.index[(SELFTRAIN, count, r)])
 
     def _needs_training(self, run: Run) -> bool:
         """Neither scored by an earlier command nor trained (its final checkpoint)."""
@@ -384,10 +382,14 @@ class QualityBenchmark:
         write_csv(run_rows, join(run_dir, "scores.csv"))
         return run_rows
 
+    def _selftrain_teacher(self, runs: list[Run]) -> tuple[Run, str]:
+        """A count's self-training teacher (stock's first run) and the self-training run's name."""
+        teacher = next(run for run in runs if run.trainer == BASELINE_TRAINER and run.repeat == 0)
+        return teacher, selftrain_run_name(teacher.schedule[3], self.s.selftrain_rounds, self.s.warm_start)
+
     def _selftrain(self, count: str, runs: list[Run], cases: dict, development: dict | None) -> None:
         s = self.s
-        teacher = next(run for run in runs if run.trainer == BASELINE_TRAINER and run.repeat == 0)
-        name = selftrain_run_name(teacher.schedule[3], s.selftrain_rounds, s.warm_start)
+        teacher, name = self._selftrain_teacher(runs)
         columns = {"num_val": len(cases) if s.test_labels is None else "", "rampup_iterations": "",
                    "evaluated_on": "imagesTs" if s.test_labels else f"fold {s.fold} val", **self.data_columns[count],
                    "case_set": "test" if s.test_labels else "development", **s.extra_columns, **self.info}

@@ -127,9 +127,9 @@ def _schedule(row: dict) -> tuple:
 
 def _missing_cells(rows: list[dict]) -> list[str]:
     """Markdown lines: the (labeled · schedule, trainer) cells without a run, over every count seen and every
-    trainer registered (stock, each method and self-training, so a method never run is named too) or seen (a variant or a start
-    trainer: only in the mode, warm or from scratch, it ran in), and the counts where stock has no second run (its
-    spread unmeasured)."""
+    trainer registered (stock, each method and self-training, so a method never run is named too) or seen (a
+    variant or a start trainer: only in the mode, warm or from scratch, it ran in), and the counts where stock has
+    no second run (its spread unmeasured)."""
     counts = list(dict.fromkeys(r["num_labeled"] for r in rows))
 
     def warm(count: str) -> bool:
