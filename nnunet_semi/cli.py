@@ -467,7 +467,7 @@ def _quality_command(args, dataset, plans: str, trainers: list[str], tiny_raw: s
                  "features": "-".join(map(str, coarse["features"]))}
         print(f"coarse plans {plans}: spacing {extra['spacing_mm']} mm, patch {extra['patch_size']}, batch "
               f"{coarse['batch_size']}, U-Net features {extra['features']}; {epochs} x {iterations} iterations, "
-              f"unsupervised ramp over {rampup} iterations for every method")
+              f"unsupervised ramp over {rampup} iterations")
     counts = ["2", "all"] if tiny_raw else args.num_labeled
     test_labels = join(tiny_raw, "labelsTs") if tiny_raw else args.test_labels
     try:

@@ -202,17 +202,20 @@ class SemiSupervisedTrainerBase(UnlabeledData, EpochLogs, ValidationAndDeploymen
         """Steps taken so far, derived from the epoch (restored by ``--c``) and the step within the epoch."""
         return self.current_epoch * self.num_iterations_per_epoch + self._iteration_in_epoch
 
-    def unsupervised_terms(self) -> tuple[str, ...]:
-        return tuple(t for t in self.loss_terms if t not in self.supervised_terms)
+    # class methods: the loss declarations are class attributes, so the benchmark can describe a trainer unbuilt
+    @classmethod
+    def unsupervised_terms(cls) -> tuple[str, ...]:
+        return tuple(t for t in cls.loss_terms if t not in cls.supervised_terms)
 
-    def ramped_unsupervised_terms(self) -> tuple[str, ...]:
-        if self.ramped_terms is None:
-            return self.unsupervised_terms()
-        unknown = set(self.ramped_terms) - set(self.unsupervised_terms())
+    @classmethod
+    def ramped_unsupervised_terms(cls) -> tuple[str, ...]:
+        if cls.ramped_terms is None:
+            return cls.unsupervised_terms()
+        unknown = set(cls.ramped_terms) - set(cls.unsupervised_terms())
         if unknown:
-            raise ValueError(f"{self.__class__.__name__}.ramped_terms names {sorted(unknown)}, which are not "
-                             f"unsupervised terms of loss_terms {self.loss_terms}")
-        return tuple(self.ramped_terms)
+            raise ValueError(f"{cls.__name__}.ramped_terms names {sorted(unknown)}, which are not "
+                             f"unsupervised terms of loss_terms {cls.loss_terms}")
+        return tuple(cls.ramped_terms)
 
     def check_loss_declarations(self) -> None:
         """``supervised_terms``, ``ramped_terms`` and ``term_weights`` name terms of ``loss_terms``, and every
@@ -246,11 +249,14 @@ class SemiSupervisedTrainerBase(UnlabeledData, EpochLogs, ValidationAndDeploymen
             return 1.0 if term in self.supervised_terms else ramp if term in ramped else self.unsup_weight
         return {term: schedule(term) * self.term_weight(term) for term in self.loss_terms}
 
-    def _describe_ramp(self) -> str:
-        ramped = self.ramped_unsupervised_terms()
-        constant = [t for t in self.unsupervised_terms() if t not in ramped]
-        text = f"sigmoid ramp over {self.unsup_rampup_iterations} iterations for {', '.join(ramped)}" if ramped \
-            else "no ramp"
+    @classmethod
+    def describe_ramp(cls, rampup_iterations: int | None = None) -> str:
+        """Which unsupervised terms the sigmoid ramp multiplies and which enter from the first step, e.g.
+        "sigmoid ramp over 600 iterations for consistency" (``rampup_iterations``: None, the class's own)."""
+        ramped = cls.ramped_unsupervised_terms()
+        constant = [t for t in cls.unsupervised_terms() if t not in ramped]
+        length = cls.unsup_rampup_iterations if rampup_iterations is None else rampup_iterations
+        text = f"sigmoid ramp over {length} iterations for {', '.join(ramped)}" if ramped else "no ramp"
         return text + (f"; from the first step for {', '.join(constant)}" if constant and ramped else "")
 
     def unsupervised_ramp(self) -> float:

@@ -83,7 +83,7 @@ class UnlabeledData(nnUNetTrainer):
             strong, mask_for_norm, self.unlabeled_views)
         self.print_to_log_file(
             f"Unlabeled cases: {len(self.unlabeled_pool)}, unlabeled batch size: {loader.batch_size}, "
-            f"unsupervised weight: {self.unsup_weight} ({self._describe_ramp()}), "
+            f"unsupervised weight: {self.unsup_weight} ({self.describe_ramp(self.unsup_rampup_iterations)}), "
             f"teacher momentum: {self.teacher_momentum}")
         if num_workers == 0:
             return SingleThreadedAugmenter(loader, None)

@@ -106,7 +106,8 @@ def test_coarse_quality_end_to_end(planned_dataset, monkeypatch, capsys):
             "-tr", "nnUNetTrainerMeanTeacher", "-o", str(out)]
     main(argv)
     printed = capsys.readouterr().out
-    assert "unsupervised ramp over 2 iterations for every method" in printed  # 40 % of 2 x 2
+    assert "unsupervised ramp over 2 iterations" in printed  # 40 % of 2 x 2
+    assert "  nnUNetTrainerMeanTeacher: sigmoid ramp over 2 iterations for consistency\n" in printed
 
     plans = json.loads((planned_dataset.preprocessed_dataset / f"{COARSE_PLANS}.json").read_text())
     configuration = plans["configurations"]["3d_fullres"]

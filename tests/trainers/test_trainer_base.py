@@ -273,7 +273,7 @@ def test_each_method_declares_its_papers_ramp_and_only_the_declared_terms_ramp()
         nnUNetTrainerSGRS,
     )
 
-    declared = {cls: (cls.unsup_weight, cls.unsup_rampup_iterations, _bare(cls).ramped_unsupervised_terms())
+    declared = {cls: (cls.unsup_weight, cls.unsup_rampup_iterations, cls.ramped_unsupervised_terms())
                 for cls in (nnUNetTrainerMeanTeacher, nnUNetTrainerSGRS, nnUNetTrainerCPS, nnUNetTrainerCIFP,
                             nnUNetTrainerNPCal, nnUNetTrainerDualCCE)}
     assert declared == {nnUNetTrainerMeanTeacher: (0.1, 6000, ("consistency",)),
@@ -291,6 +291,11 @@ def test_each_method_declares_its_papers_ramp_and_only_the_declared_terms_ramp()
     assert float(_bare(nnUNetTrainerDualCCE).combine_losses(dual_terms, 0.01)) == pytest.approx(2.5 + 3 + 0.001)
     with pytest.raises(ValueError, match="not unsupervised terms"):
         _bare(nnUNetTrainerMeanTeacher, ramped_terms=("sup", "nonsense")).ramped_unsupervised_terms()
+    # what the training log and the benchmark print, from the class alone
+    assert nnUNetTrainerCPS.describe_ramp(600) == "no ramp"
+    assert nnUNetTrainerSGRS.describe_ramp() == "sigmoid ramp over 6000 iterations for pseudo_ce, pseudo_dice"
+    assert nnUNetTrainerDualCCE.describe_ramp(600) == ("sigmoid ramp over 600 iterations for prototype; from the "
+                                                      "first step for entropy_filtered, kl_weighted, output_cosine")
 
 
 def test_missing_unlabeled_preprocessing_is_reported(planned_dataset, monkeypatch):
