@@ -10,7 +10,7 @@ from nnunet_semi.errors import SemiInputError
 from nnunet_semi.tools.benchmark.common import BASELINE_TRAINER, CONTROL_TRAINER, SELFTRAIN, semi_trainers
 from nnunet_semi.tools.benchmark.plots import plot_results
 from nnunet_semi.tools.benchmark.records import PROTOCOL, SCHEDULE, scored_runs, write_csv
-from nnunet_semi.tools.benchmark.statistics import repeat_of, table_group
+from nnunet_semi.tools.benchmark.statistics import WARM_GROUP_SUFFIX, repeat_of, table_group
 from nnunet_semi.tools.benchmark.tables import case_sets_statement, member_tables, split_case_sets, summary_tables
 
 
@@ -133,7 +133,7 @@ def _missing_cells(rows: list[dict]) -> list[str]:
     counts = list(dict.fromkeys(r["num_labeled"] for r in rows))
 
     def warm(count: str) -> bool:
-        return count.endswith("· warm")
+        return count.endswith(WARM_GROUP_SUFFIX)
 
     def baseline(count: str) -> str:  # a warm group's baseline is the control, never stock from scratch
         return CONTROL_TRAINER if warm(count) else BASELINE_TRAINER

@@ -82,10 +82,13 @@ def seed_average(runs) -> dict:
     return {key: float(np.mean([d[key] for d in per_run])) for key in sorted(shared)}
 
 
+WARM_GROUP_SUFFIX = " · warm"
+
+
 def table_group(row: dict, label: str | None = None) -> str:
     """The group a row is tabulated and paired in: its labeled count (or ``label``), marked ``· warm`` for a run
     warm-started from a checkpoint: warm runs are never averaged or paired with runs from scratch."""
-    return (label or str(row["num_labeled"])) + (" · warm" if row.get("warm_start_from") else "")
+    return (label or str(row["num_labeled"])) + (WARM_GROUP_SUFFIX if row.get("warm_start_from") else "")
 
 
 def baseline_of(group_rows: list[dict]) -> str:
