@@ -420,9 +420,7 @@ class QualityBenchmark:
         """This command's run names: their rows are recomputed, the other scored runs of the folder merged."""
         own = {key for key in self.index if isinstance(key, str)}
         if SELFTRAIN in self.s.trainers:
-            own |= {selftrain_run_name(run.schedule[3], self.s.selftrain_rounds, self.s.warm_start)
-                    for runs in self.planned.values() for run in runs
-                    if run.trainer == BASELINE_TRAINER and run.repeat == 0}
+            own |= {self._selftrain_teacher(runs)[1] for runs in self.planned.values()}
         return own
 
     def _write_tables(self) -> None:
