@@ -17,6 +17,7 @@ from nnunet_semi.components.feature_perturbation import ChannelDropoutOnOutputs,
 from nnunet_semi.components.losses import masked_soft_dice_loss, voxel_cross_entropy
 from nnunet_semi.components.masks import synergy_regions
 from nnunet_semi.components.mixing import clipped_gaussian_noise, mixup_targets, mixup_with_labeled_partners
+from nnunet_semi.components.pseudo_labels import largest_component_per_class
 from nnunet_semi.methods.mean_teacher import nnUNetTrainerMeanTeacher
 from nnunet_semi.trainer.deployment import BEST_VALIDATED
 from nnunet_semi.trainer.outputs import full_resolution, take_samples
@@ -53,6 +54,9 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
             dropout, so without it the teacher is the student's average and agrees with it on 99.5 % of voxels).
         pseudo_label_confidence: the regional loss only where the teacher's maximum probability reaches this
             (None: everywhere, as the paper).
+        pseudo_label_largest_component: each foreground class of the teacher's hard labels reduced to its largest
+            connected component before the losses (BCP's filter; a wrongly segmented structure beside the target
+            is no longer taught).
     The regional loss uses the full-resolution output only (``unsup_uses_deep_supervision = False``); the supervised
     loss is nnU-Net's deep-supervised Dice + CE.
     """
@@ -75,6 +79,7 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
     mixed_target_includes_label: bool = False
     teacher_dropout: float = 0.0
     pseudo_label_confidence: float | None = None
+    pseudo_label_largest_component: bool = False
     unsup_weight = 1.0
     unsup_rampup_iterations = 6000  # the release: 40 x 150 iterations, of 15 000
     deployed_model = "student"  # the release's test_3d.py loads the student
@@ -84,7 +89,8 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
     # L_pseudo = 0.5 * (mean of the Dice terms + mean of the CE terms); compute_losses returns the two means
     term_weights = {"sup": "supervised_weight", "pseudo_ce": 0.5, "pseudo_dice": 0.5}
     statistics = ("confident_fraction", "teacher_student_agreement", "agree_certain_fraction",
-                  "disagree_certain_fraction", "ambiguous_fraction", "pseudo_label_kept_fraction")
+                  "disagree_certain_fraction", "ambiguous_fraction", "pseudo_label_kept_fraction",
+                  "largest_component_share")
 
     def build_strong_transforms(self, nnunet_photometric: ComposeTransforms) -> ComposeTransforms:
         return nnunet_photometric if self.student_uses_strong_view else ComposeTransforms([])
@@ -116,6 +122,10 @@ class nnUNetTrainerSGRS(nnUNetTrainerMeanTeacher):
         noisy_l = clipped_gaussian_noise(x_l, self.noise_std, self.noise_clip, on_device)
         teacher = self.labeling_teacher_probabilities(noisy_u, on_device)
         pseudo = teacher.argmax(1, keepdim=True)  # (B_u, 1, *spatial)
+        share = 1.0  # of the teacher's foreground voxels kept
+        if self.pseudo_label_largest_component:
+            pseudo, share = largest_component_per_class(pseudo, teacher.shape[1])
+        self.log_step_statistic("largest_component_share", share)
         mixed, lambdas, partners = mixup_with_labeled_partners(noisy_u, noisy_l, self.mixup_alpha, on_cpu)
         targets = {"plain": pseudo, "mixed": pseudo}
         if self.mixed_target_includes_label:
@@ -224,6 +234,10 @@ class nnUNetTrainerSGRS_teacherDropout(nnUNetTrainerSGRS):
 
 class nnUNetTrainerSGRS_confidentPseudoLabels(nnUNetTrainerSGRS):
     pseudo_label_confidence = 0.95
+
+
+class nnUNetTrainerSGRS_largestComponentPseudoLabels(nnUNetTrainerSGRS):
+    pseudo_label_largest_component = True
 
 
 class nnUNetTrainerSGRS_deployBestValidated(nnUNetTrainerSGRS):

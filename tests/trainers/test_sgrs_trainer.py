@@ -154,3 +154,37 @@ def test_confident_pseudo_labels_drop_the_regional_loss_where_the_teacher_is_uns
     else:  # no probability reaches 1.01: no voxel is supervised
         assert out["stat_pseudo_label_kept_fraction"] == 0.0
         assert out["loss_pseudo_ce"] == 0 and out["loss_pseudo_dice"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_largest_component_pseudo_labels_filter_the_teachers_labels_before_every_loss(semi_dataset, monkeypatch):
+    """``_largestComponentPseudoLabels``: the teacher's hard labels pass through ``largest_component_per_class``
+    before the regional losses; erasing them there changes the losses, and the share kept is logged (1 without)."""
+    import nnunet_semi.methods.sgrs as sgrs
+    from helpers import random_streams_rewinder
+    from nnunet_semi.methods import nnUNetTrainerSGRS_largestComponentPseudoLabels
+
+    trainer = make_trainer(semi_dataset, type("TinySGRSLCC", (_Tiny, nnUNetTrainerSGRS_largestComponentPseudoLabels),
+                                              {}))
+    labeled, unlabeled = next_batches(trainer)
+    rewind = random_streams_rewinder(trainer)
+    seen = []
+    real = sgrs.largest_component_per_class
+
+    def recording(labels, num_classes):
+        seen.append(labels.clone())
+        return real(labels, num_classes)
+
+    monkeypatch.setattr(sgrs, "largest_component_per_class", recording)
+    filtered = trainer.compute_losses(labeled, unlabeled)
+    assert len(seen) == 1 and seen[0].shape == (unlabeled["data_weak"].shape[0], 1, *labeled["data"].shape[2:])
+    assert (seen[0] > 0).any()  # the teacher labels some foreground: the filter has something to keep
+    assert 0 < trainer._step_statistics["largest_component_share"] <= 1
+    rewind()
+    monkeypatch.setattr(sgrs, "largest_component_per_class", lambda labels, c: (torch.zeros_like(labels), 0.0))
+    erased = trainer.compute_losses(labeled, unlabeled)
+    assert not torch.equal(erased["pseudo_ce"], filtered["pseudo_ce"])
+    assert trainer._step_statistics["largest_component_share"] == 0.0
+    rewind()
+    trainer.pseudo_label_largest_component = False
+    trainer.compute_losses(labeled, unlabeled)
+    assert len(seen) == 1 and trainer._step_statistics["largest_component_share"] == 1.0
