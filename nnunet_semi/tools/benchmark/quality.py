@@ -112,16 +112,6 @@ class QualityBenchmark:
         s = self.s
         self.methods = [t for t in s.trainers if t not in (BASELINE_TRAINER, CONTROL_TRAINER, SELFTRAIN)]
         self.classes = {t: resolve_trainer(t) for t in [BASELINE_TRAINER, *self.methods]}
-
-    def _print_ramps(self) -> None:
-        """The one ramp length set for every method, and per trainer which terms it multiplies: a method may enter
-        some or all of its unsupervised terms from the first step (BCP, CIFP), and the length then changes nothing."""
-        s = self.s
-        print(f"unsupervised ramp: sigmoid over {s.rampup_iterations} iterations (of {s.epochs * s.iterations}) "
-              f"for every method's ramped terms")
-        for name in self.methods:
-            if hasattr(self.classes[name], "describe_ramp"):
-                print(f"  {name}: {self.classes[name].describe_ramp(s.rampup_iterations)}")
         # warm-start mode: the labeled-only runs the methods' peers start from (stock: its second seed), and the
         # ones a method starts from instead of stock's (BCP's copy-paste pre-training)
         self.peer_sources = {t: getattr(self.classes[t], "peer_labeled_only_trainer", None)
@@ -132,6 +122,16 @@ class QualityBenchmark:
             self.classes[source] = resolve_trainer(source)
         if s.warm_start:
             self.classes[CONTROL_TRAINER] = resolve_trainer(CONTROL_TRAINER)
+
+    def _print_ramps(self) -> None:
+        """The one ramp length set for every method, and per trainer which terms it multiplies: a method may enter
+        some or all of its unsupervised terms from the first step (BCP, CIFP), and the length then changes nothing."""
+        s = self.s
+        print(f"unsupervised ramp: sigmoid over {s.rampup_iterations} iterations (of {s.epochs * s.iterations}) "
+              f"for every method's ramped terms")
+        for name in self.methods:
+            if hasattr(self.classes[name], "describe_ramp"):
+                print(f"  {name}: {self.classes[name].describe_ramp(s.rampup_iterations)}")
 
     def _draw_splits(self, preprocessed: str) -> None:
         """Every count's split (into the workspace), the data identities and the identity columns of the rows."""
