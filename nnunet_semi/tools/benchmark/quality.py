@@ -275,13 +275,17 @@ class QualityBenchmark:
                 if not self._needs_training(run):
                     self.progress.skip(self.index[self.name_of(run)])
             if SELFTRAIN in s.trainers and count != "all" and \
-                    isfile(join(s.out_dir, "runs", self._selftrain_teacher(runs)[1], "scores.csv")):
+                    isfile(self._scores_file(self._selftrain_teacher(runs)[1])):
                 for r in range(1, s.selftrain_rounds + 1):
                     self.progress.skip(self.index[(SELFTRAIN, count, r)])
 
+    def _scores_file(self, name: str) -> str:
+        """A run's scores, written last: where it exists, the run is done."""
+        return join(self.s.out_dir, "runs", name, "scores.csv")
+
     def _needs_training(self, run: Run) -> bool:
         """Neither scored by an earlier command nor trained (its final checkpoint)."""
-        return not isfile(join(self.s.out_dir, "runs", self.name_of(run), "scores.csv")) and \
+        return not isfile(self._scores_file(self.name_of(run))) and \
             not isfile(self.checkpoint_of(run.trainer, run.schedule))
 
     def _train(self, runs: list[Run]) -> tuple[list[str], set[str]]:
@@ -323,7 +327,7 @@ class QualityBenchmark:
         """Predict and score one trained run (or read its earlier scores), its members too with score_members."""
         s, trainer_cls, name = self.s, self.trainer_class(run), self.name_of(run)
         run_dir = join(s.out_dir, "runs", name)
-        scores_file, archive = join(run_dir, "scores.csv"), join(run_dir, "test_predictions.tar.gz")
+        scores_file, archive = self._scores_file(name), join(run_dir, "test_predictions.tar.gz")
         if name in failed:  # reported already
             return
         if name in stopped:
