@@ -283,6 +283,10 @@ class QualityBenchmark:
         """A run's scores, written last: where it exists, the run is done."""
         return join(self.s.out_dir, "runs", name, "scores.csv")
 
+    def _test_archive(self, name: str) -> str:
+        """A run's packed test-set predictions (with ``predict_test``)."""
+        return join(self.s.out_dir, "runs", name, "test_predictions.tar.gz")
+
     def _needs_training(self, run: Run) -> bool:
         """Neither scored by an earlier command nor trained (its final checkpoint)."""
         return not isfile(self._scores_file(self.name_of(run))) and \
@@ -327,7 +331,7 @@ class QualityBenchmark:
         """Predict and score one trained run (or read its earlier scores), its members too with score_members."""
         s, trainer_cls, name = self.s, self.trainer_class(run), self.name_of(run)
         run_dir = join(s.out_dir, "runs", name)
-        scores_file, archive = self._scores_file(name), join(run_dir, "test_predictions.tar.gz")
+        scores_file, archive = self._scores_file(name), self._test_archive(name)
         if name in failed:  # reported already
             return
         if name in stopped:
@@ -391,8 +395,8 @@ class QualityBenchmark:
         if s.predict_test:
             pack_test_predictions(trainer_cls, output_folder, self.plans, s.configuration, self.dataset_json,
                                   self.raw, join(s.out_dir, "test_predictions", trainer_cls.__name__),
-                                  join(run_dir, "test_predictions.tar.gz"), self.device, self.progress, position)
-        write_csv(run_rows, join(run_dir, "scores.csv"))
+                                  self._test_archive(trainer_cls.__name__), self.device, self.progress, position)
+        write_csv(run_rows, self._scores_file(trainer_cls.__name__))
         return run_rows
 
     def _selftrain_teacher(self, runs: list[Run]) -> tuple[Run, str]:
