@@ -219,6 +219,12 @@ class nnUNetTrainerSGRS_unsupWeight0p1(nnUNetTrainerSGRS):
     unsup_weight = 0.1
 
 
+# control of issue #37 item 4: the regional terms computed and logged but weighted 0, so the student trains on the
+# labeled loss alone through SGRS's own step; what separates it from stock nnU-Net is not the unlabeled data's
+class nnUNetTrainerSGRS_unsupWeight0(nnUNetTrainerSGRS):
+    unsup_weight = 0.0
+
+
 class nnUNetTrainerSGRS_plainViewLossOnly(nnUNetTrainerSGRS):
     pseudo_label_views = ("plain",)
 

@@ -8,7 +8,7 @@ import torch
 
 from helpers import make_trainer, next_batches
 from nnunet_semi.components.ema import ema_momentum
-from nnunet_semi.methods import nnUNetTrainerSGRS, nnUNetTrainerSGRS_doubleEMA
+from nnunet_semi.methods import nnUNetTrainerSGRS, nnUNetTrainerSGRS_doubleEMA, nnUNetTrainerSGRS_unsupWeight0
 
 
 class _Tiny:
@@ -66,6 +66,14 @@ def test_the_total_is_the_papers_weighting_of_the_unweighted_terms(semi_dataset,
         assert float(out[f"weighted_{term}"]) == pytest.approx(weight * float(out[f"loss_{term}"]), rel=1e-6)
     assert float(out["loss"]) == pytest.approx(sum(float(out[f"weighted_{t}"]) for t in expected), rel=1e-5)
     assert 0 < float(out["loss_pseudo_dice"]) <= 1  # a mean of soft Dice losses, not a sum over views
+
+
+def test_the_zero_weight_control_trains_the_labeled_loss_alone(semi_dataset):
+    trainer = make_trainer(semi_dataset, type("TinySGRSZero", (_Tiny, nnUNetTrainerSGRS_unsupWeight0), {}))
+    out = trainer.train_step(next(trainer.dataloader_train))
+    assert float(out["loss_pseudo_ce"]) > 0 and float(out["loss_pseudo_dice"]) > 0  # computed and logged raw
+    assert float(out["weighted_pseudo_ce"]) == 0 and float(out["weighted_pseudo_dice"]) == 0
+    assert float(out["loss"]) == pytest.approx(float(out["loss_sup"]), rel=1e-6)
 
 
 @pytest.mark.parametrize("views", [("plain", "mixed"), ("plain",)])
