@@ -217,7 +217,7 @@ class QualityBenchmark:
         for runs in self.planned.values():
             for run in runs:
                 results = os.path.dirname(self.checkpoint_of(run.trainer, run.schedule))
-                for folder, what in ((join(self.s.out_dir, "runs", self.name_of(run)), "the run folder"),
+                for folder, what in ((self._run_dir(self.name_of(run)), "the run folder"),
                                      (results, "the nnUNet_results folder")):
                     if isdir(folder):
                         check_identity(folder, self.identity_of(run), what)
@@ -279,13 +279,17 @@ class QualityBenchmark:
                 for r in range(1, s.selftrain_rounds + 1):
                     self.progress.skip(self.index[(SELFTRAIN, count, r)])
 
+    def _run_dir(self, name: str) -> str:
+        """A run's folder in the results: its scores, record, identity and packed test predictions."""
+        return join(self.s.out_dir, "runs", name)
+
     def _scores_file(self, name: str) -> str:
         """A run's scores, written last: where it exists, the run is done."""
-        return join(self.s.out_dir, "runs", name, "scores.csv")
+        return join(self._run_dir(name), "scores.csv")
 
     def _test_archive(self, name: str) -> str:
         """A run's packed test-set predictions (with ``predict_test``)."""
-        return join(self.s.out_dir, "runs", name, "test_predictions.tar.gz")
+        return join(self._run_dir(name), "test_predictions.tar.gz")
 
     def _needs_training(self, run: Run) -> bool:
         """Neither scored by an earlier command nor trained (its final checkpoint)."""
@@ -330,7 +334,7 @@ class QualityBenchmark:
     def _score(self, run: Run, cases: dict, development: dict | None, stopped: list[str], failed: set[str]) -> None:
         """Predict and score one trained run (or read its earlier scores), its members too with score_members."""
         s, trainer_cls, name = self.s, self.trainer_class(run), self.name_of(run)
-        run_dir = join(s.out_dir, "runs", name)
+        run_dir = self._run_dir(name)
         scores_file, archive = self._scores_file(name), self._test_archive(name)
         if name in failed:  # reported already
             return
@@ -377,7 +381,7 @@ class QualityBenchmark:
         s = self.s
         output_folder = watched_train(trainer_cls, self.plans, s.configuration, s.fold, self.dataset_json,
                                       self.device, self.progress, position)
-        run_dir = join(s.out_dir, "runs", trainer_cls.__name__)
+        run_dir = self._run_dir(trainer_cls.__name__)
         common = common | {"deployed": deployed_model(output_folder),
                            "train_seconds": round(training_seconds(output_folder), 1)}
         run_rows = []
